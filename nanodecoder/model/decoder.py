@@ -1,0 +1,91 @@
+"""The decoder-only transformer: embeddings, a stack of blocks, a norm and an output head.
+
+Everything architectural lives in the components; this file only composes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..components.attention import LayerKVCache
+from .block import Block
+from .spec import ModelSpec
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None        # training objective: ce_loss + aux_loss
+    ce_loss: torch.Tensor | None = None     # cross-entropy only (what we report)
+    aux_loss: torch.Tensor | None = None    # weighted auxiliary losses summed over layers
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # "layer3.load", "layer3.lb_loss", ...
+
+
+class KVCache(list):
+    """One ``LayerKVCache`` per block; ``pos`` is the number of positions cached."""
+
+    @property
+    def pos(self) -> int:
+        return self[0].pos
+
+
+class Decoder(nn.Module):
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.wte = nn.Embedding(spec.vocab_size, spec.d_model)
+        self.pos = spec.positional.build()
+        self.drop = nn.Dropout(spec.dropout)
+        self.blocks = nn.ModuleList(Block(b) for b in spec.blocks)
+        self.norm = spec.final_norm.build()
+        self.head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
+        if spec.tie_embeddings:
+            self.head.weight = self.wte.weight
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: KVCache | None = None) -> ModelOutput:
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.spec.context_length:
+            raise ValueError(f"sequence of {start + T} tokens exceeds context_length {self.spec.context_length}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.wte(idx)
+        add = self.pos.embed(pos)
+        if add is not None:
+            x = x + add
+        x = self.drop(x)
+        rotary = self.pos.rotary(pos)
+        aux_loss = None
+        stats: dict[str, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            x, aux = block(x, rotary, cache[i] if cache is not None else None)
+            for name, value in aux.items():
+                if name == "loss":
+                    aux_loss = value if aux_loss is None else aux_loss + value
+                else:
+                    stats[f"layer{i}.{name}"] = value
+        x = self.norm(x)
+        if targets is None:
+            return ModelOutput(logits=self.head(x[:, -1:, :]), aux_loss=aux_loss, stats=stats)
+        logits = self.head(x)
+        ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        loss = ce if aux_loss is None else ce + aux_loss
+        return ModelOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux_loss, stats=stats)
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """Empty per-layer caches for incremental decoding of up to ``max_len`` positions."""
+        max_len = max_len or self.spec.context_length
+        p = self.wte.weight
+        return KVCache(LayerKVCache(batch_size, b.attn.spec.n_kv_heads, max_len, b.attn.spec.head_dim,
+                                    p.device, p.dtype) for b in self.blocks)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Let components update non-gradient state once per optimizer step (MoE bias balancing)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "after_optimizer_step"):
+                module.after_optimizer_step()

@@ -1,0 +1,124 @@
+"""Parameter and FLOP accounting: the one place these numbers come from.
+
+* ``total``: every distinct parameter (a tied head counts once).
+* ``active``: parameters used per token: routed experts count k of n
+  (each MoE module reports its ``inactive_params_per_token``).
+* ``embedding``: token embedding + learned positions (+ an untied output
+  head is listed as its own row and counted as non-embedding, as it is a
+  real matmul per token).
+* ``flops_per_token``: 6 x (active non-embedding params + d_model x vocab for
+  the output head when tied) + 12 x n_layers x d_model x context (the
+  attention scores and weighted sum, fwd+bwd, causal mask not discounted,
+  as in the PaLM paper's appendix B).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Row:
+    name: str
+    count: int
+    active: float
+
+
+@dataclass
+class ParamReport:
+    total: int
+    active: int
+    embedding: int
+    rows: list[Row] = field(default_factory=list)
+
+    @property
+    def non_embedding(self) -> int:
+        return self.total - self.embedding
+
+    @property
+    def active_non_embedding(self) -> int:
+        return self.active - self.embedding
+
+    def as_dict(self) -> dict:
+        return {"total": self.total, "active": self.active, "embedding": self.embedding,
+                "non_embedding": self.non_embedding, "active_non_embedding": self.active_non_embedding,
+                "components": [{"name": r.name, "params": r.count, "active": int(round(r.active))}
+                               for r in self.rows]}
+
+    def table(self) -> str:
+        w = max([len(r.name) for r in self.rows] + [26])
+        lines = [f"{'component':<{w}} {'params':>14} {'active/token':>14}", "-" * (w + 30)]
+        for r in self.rows:
+            lines.append(f"{r.name:<{w}} {r.count:>14,} {int(round(r.active)):>14,}")
+        lines.append("-" * (w + 30))
+        lines.append(f"{'total':<{w}} {self.total:>14,} {self.active:>14,}")
+        lines.append(f"{'  embedding':<{w}} {self.embedding:>14,}")
+        lines.append(f"{'  non-embedding':<{w}} {self.non_embedding:>14,} {self.active_non_embedding:>14,}")
+        return "\n".join(lines)
+
+
+def _numel(module: nn.Module, seen: set[int]) -> int:
+    n = 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
+
+
+def _inactive(module: nn.Module) -> float:
+    return sum(m.inactive_params_per_token() for m in module.modules() if hasattr(m, "inactive_params_per_token"))
+
+
+def count_params(model: nn.Module) -> ParamReport:
+    """Count a built model (any device, ``meta`` included) by component."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    seen: set[int] = set()
+    groups: "OrderedDict[str, list[float]]" = OrderedDict()
+
+    def add(name: str, module: nn.Module) -> int:
+        n = _numel(module, seen)
+        g = groups.setdefault(name, [0, 0.0])
+        g[0] += n
+        g[1] += n - _inactive(module)
+        return n
+
+    embedding = add("token embedding", model.wte)
+    embedding += add(f"positional ({model.spec.positional.kind})", model.pos)
+    for block, bspec in zip(model.blocks, model.spec.blocks):
+        add(f"norm ({bspec.norm.kind})", block.norm1)
+        add(f"norm ({bspec.norm.kind})", block.norm2)
+        add(f"attention ({bspec.attention.kind})", block.attn)
+        add(f"mlp ({bspec.mlp.kind})", block.mlp)
+    add(f"final norm ({model.spec.final_norm.kind})", model.norm)
+    add("output head (untied)" if not model.spec.tie_embeddings else "output head (tied)", model.head)
+    rows = [Row(name, int(c), a) for name, (c, a) in groups.items() if c or name.startswith("output head")]
+    total = sum(r.count for r in rows)
+    active = int(round(sum(r.active for r in rows)))
+    return ParamReport(total=total, active=active, embedding=embedding, rows=rows)
+
+
+def flops_per_token(spec_or_model, context_length: int | None = None) -> float:
+    """Training FLOPs (forward + backward) per token; see the module docstring."""
+    if isinstance(spec_or_model, nn.Module):
+        model = spec_or_model
+    else:
+        from .model import build_model
+        model = build_model(spec_or_model, device="meta")
+    model = getattr(getattr(model, "_orig_mod", model), "module", getattr(model, "_orig_mod", model))
+    s = model.spec
+    report = count_params(model)
+    head = s.d_model * s.vocab_size if s.tie_embeddings else 0   # untied head is already non-embedding
+    T = context_length or s.context_length
+    return 6.0 * (report.active_non_embedding + head) + 12.0 * s.n_layers * s.d_model * T
+
+
+def count_blueprint(model_spec) -> ParamReport:
+    """Count a model spec by building it on the meta device (no memory used)."""
+    from .model import build_model
+    with torch.device("meta"):
+        return count_params(build_model(model_spec, device="meta"))
