@@ -105,17 +105,9 @@ def load_plugins(regs: dict[str, Registry]) -> list[str]:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         hook = ep.load()
         before = {c: set(r.names()) for c, r in regs.items()}
-        hook(_PluginView(regs, origin=f"plug-in '{ep.name}' ({ep.value})"))
+        hook(regs)
         loaded.append(ep.name)
         for c, r in regs.items():
             for n in set(r.names()) - before[c]:
                 r._origin[n] = f"plug-in '{ep.name}'"
     return loaded
-
-
-class _PluginView(dict):
-    """The registries as handed to a plug-in: same objects, origin recorded."""
-
-    def __init__(self, regs: dict[str, Registry], origin: str):
-        super().__init__(regs)
-        self.origin = origin

@@ -1,0 +1,186 @@
+"""Tokenizers built on ``tiktoken.Encoding``: ``bpe`` (trained here with
+rustbpe) and ``tiktoken`` (a named encoding such as ``gpt2``).
+
+Both save ``ranks.tiktoken`` in tiktoken's format, one ``base64(token bytes)
+rank`` per line, beside ``tokenizer.json`` (split pattern, special tokens), so
+either loads offline.  The ``tiktoken.Encoding`` fields ``_pat_str``,
+``_mergeable_ranks`` and ``_special_tokens`` are read to save one; tiktoken
+itself uses them to pickle an encoding.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DataError
+from .sources import Corpus
+from .tokenizers import META_FILE, Tokenizer
+
+RANKS_FILE = "ranks.tiktoken"
+EOT_TEXT = "<|endoftext|>"
+
+
+class RanksTokenizer(Tokenizer):
+    """A ``tiktoken.Encoding`` (byte-level BPE ranks + split pattern + special tokens)."""
+
+    def __init__(self, encoding):
+        self.encoding = encoding
+        self.vocab_size = encoding.n_vocab
+        self.eot_id = encoding._special_tokens.get(EOT_TEXT)
+
+    @classmethod
+    def from_saved(cls, meta, directory) -> "RanksTokenizer":
+        import tiktoken
+
+        ranks = read_ranks(Path(directory) / RANKS_FILE)
+        enc = tiktoken.Encoding(meta.get("name") or cls.kind, pat_str=meta["pattern"],
+                                mergeable_ranks=ranks, special_tokens=meta["special_tokens"])
+        tok = cls(enc)
+        if tok.vocab_size != meta["vocab_size"]:
+            raise DataError(f"{directory}: tokenizer has {tok.vocab_size} tokens, {META_FILE} says "
+                            f"{meta['vocab_size']}; the folder is damaged, prepare the data again")
+        return tok
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.encoding.encode_ordinary(text), dtype=np.int64)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def encode_many(self, texts: list[str]) -> list[np.ndarray]:
+        out = self.encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+        return [np.asarray(ids, dtype=np.int64) for ids in out]
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        try:
+            return self.encoding.decode(ids)
+        except (KeyError, ValueError, OverflowError):
+            raise self._bad_ids(ids) from None
+
+    def meta(self) -> dict[str, Any]:
+        return {"pattern": self.encoding._pat_str, "special_tokens": dict(self.encoding._special_tokens)}
+
+    def save(self, directory: str | Path) -> Path:
+        directory = super().save(directory)
+        write_ranks(directory / RANKS_FILE, self.encoding._mergeable_ranks)
+        return directory
+
+
+def write_ranks(path: Path, ranks: dict[bytes, int]) -> None:
+    lines = (base64.b64encode(tok).decode("ascii") + f" {rank}\n"
+             for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
+    Path(path).write_text("".join(lines), encoding="ascii")
+
+
+def read_ranks(path: Path) -> dict[bytes, int]:
+    ranks = {}
+    try:
+        lines = Path(path).read_text(encoding="ascii").splitlines()
+        for line in lines:
+            if line:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+    except (OSError, ValueError, binascii.Error) as e:
+        raise DataError(f"{path}: unreadable tokenizer ranks ({e}); prepare the data again") from None
+    return ranks
+
+
+class BpeTokenizer(RanksTokenizer):
+    """Byte-level BPE trained with rustbpe (GPT-4 split pattern) on the train split.
+
+    ``vocab_size`` counts the end-of-text token (the last id).  A corpus too
+    small to learn that many merges gives a smaller vocabulary, never a larger.
+    """
+
+    kind = "bpe"
+
+    @dataclass(frozen=True)
+    class Spec:
+        kind: str = "bpe"
+        vocab_size: int = 4096
+
+        def __post_init__(self):
+            if not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool) \
+                    or not 257 <= self.vocab_size <= 2 ** 20:
+                raise DataError(f"data.tokenizer.vocab_size: {self.vocab_size!r} must be an integer "
+                                "from 257 to 1048576")
+
+    @classmethod
+    def known_vocab_size(cls, spec) -> int:
+        return spec.vocab_size
+
+    @classmethod
+    def cache_salt(cls, spec) -> dict[str, Any]:
+        try:
+            return {"rustbpe": version("rustbpe")}
+        except PackageNotFoundError:
+            return {}
+
+    @classmethod
+    def build(cls, spec, corpus: Corpus) -> "BpeTokenizer":
+        import rustbpe
+        import tiktoken
+
+        trainer = rustbpe.Tokenizer()
+        trainer.train_from_iterator(iter(corpus.train), spec.vocab_size - 1)
+        ranks = {bytes(tok): rank for tok, rank in trainer.get_mergeable_ranks()}
+        enc = tiktoken.Encoding("bpe", pat_str=trainer.get_pattern(), mergeable_ranks=ranks,
+                                special_tokens={EOT_TEXT: len(ranks)})
+        return cls(enc)
+
+
+class TiktokenTokenizer(RanksTokenizer):
+    """A named tiktoken encoding (``gpt2``, ``cl100k_base``, ``o200k_base``, ...).
+
+    Its ranks are copied into the saved folder, so a run loads offline.
+    """
+
+    kind = "tiktoken"
+
+    @dataclass(frozen=True)
+    class Spec:
+        kind: str = "tiktoken"
+        name: str = ""
+
+        def __post_init__(self):
+            if not self.name:
+                raise DataError("data.tokenizer.name: required, a tiktoken encoding such as gpt2 or cl100k_base")
+
+    @classmethod
+    def known_vocab_size(cls, spec) -> int:
+        return get_named_encoding(spec.name).n_vocab
+
+    @classmethod
+    def build(cls, spec, corpus: Corpus) -> "TiktokenTokenizer":
+        return cls(get_named_encoding(spec.name))
+
+    def meta(self) -> dict[str, Any]:
+        return {"name": self.encoding.name, **super().meta()}
+
+
+def get_named_encoding(name: str):
+    """``tiktoken.get_encoding(name)`` with one-line errors for unknown or unreachable encodings."""
+    import tiktoken
+
+    from ..registry import suggest
+
+    known = tiktoken.list_encoding_names()
+    if name not in known:
+        raise DataError(f"data.tokenizer.name: unknown tiktoken encoding '{name}'{suggest(name, known)} "
+                        f"(available: {', '.join(known)})")
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as e:  # tiktoken fetches with requests; any failure here means "not cached"
+        where = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or "its default cache"
+        raise DataError(
+            f"tiktoken encoding '{name}' is not in tiktoken's cache ({where}) and could not be fetched "
+            f"({type(e).__name__}); run once with internet access to cache it, or set TIKTOKEN_CACHE_DIR "
+            "to a folder holding the cached file copied from a machine that has it") from None
