@@ -13,16 +13,21 @@ def fail(err: Exception, code: int = 2) -> int:
     return code
 
 
-def blueprint_vocab(bp: Blueprint) -> int | None:
-    """The vocabulary size of the blueprint's tokenizer when it is known without the corpus."""
+def blueprint_vocab(bp: Blueprint, prepare: bool = True) -> int | None:
+    """The vocabulary size of the blueprint's tokenizer.
+
+    Known without the corpus for byte, bpe and tiktoken; a char vocabulary
+    needs the corpus, which is prepared (and cached) when ``prepare`` is true.
+    """
+    from .data import DataSpec, prepare_data, tokenizer_vocab_size
     data = bp.raw.get("data")
     if data is None:
         return None
-    try:
-        from .data import DataSpec, tokenizer_vocab_size
-    except ImportError:
-        return None
-    return tokenizer_vocab_size(DataSpec.from_dict(data))
+    spec = DataSpec.from_dict(data)
+    vocab = tokenizer_vocab_size(spec)
+    if vocab is None and prepare:
+        vocab = prepare_data(spec, base_dir=bp.path.parent).tokenizer.vocab_size
+    return vocab
 
 
 def blueprint_model_spec(path: str | Path, overrides: list[str] | None = None, vocab_size: int | None = None):
@@ -31,10 +36,9 @@ def blueprint_model_spec(path: str | Path, overrides: list[str] | None = None, v
     bp = load_blueprint(path, overrides)
     if vocab_size is None and bp.raw["model"].get("vocab_size", "auto") == "auto":
         vocab_size = blueprint_vocab(bp)
-        if vocab_size is None:
+        if vocab_size is None:  # no data section to take it from
             file, line = bp.lines.get(("model",), (str(path), None))
             raise BlueprintError([Problem(file, "model.vocab_size", line,
-                                          "vocab_size is 'auto' and the tokenizer's vocabulary is only known after "
-                                          "the data is prepared (char tokenizer); set model.vocab_size or run "
-                                          "python -m nanodecoder.run BLUEPRINT --dry-run, which prepares the data")])
+                                          "vocab_size is 'auto' but the blueprint has no data section to take "
+                                          "the tokenizer from; set model.vocab_size or add a data section")])
     return bp, build_model_spec(bp.raw["model"], vocab_size)

@@ -16,21 +16,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run from a c
 
 from nanodecoder.cli_common import blueprint_model_spec, fail  # noqa: E402
 from nanodecoder.config import BlueprintError  # noqa: E402
+from nanodecoder.data import DataError  # noqa: E402
 from nanodecoder.params import count_blueprint, flops_per_token  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("blueprints", nargs="+", help="blueprint files or shipped names")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a blueprint value (repeatable), e.g. --set model.n_layers=2")
+    ap.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="override blueprint values, e.g. --set model.n_layers=2 train.lr=3.0e-4")
     ap.add_argument("--json", action="store_true", help="print one JSON object per blueprint")
     args = ap.parse_args(argv)
     results = {}
     for path in args.blueprints:
         try:
             bp, spec = blueprint_model_spec(path, args.overrides)
-        except BlueprintError as e:
+        except (BlueprintError, DataError) as e:
             return fail(e)
         report = count_blueprint(spec)
         flops = flops_per_token(spec)

@@ -32,7 +32,7 @@ class Component(nn.Module):
     Subclasses define ``Spec`` (a frozen dataclass) and may override
     ``make_spec``.  Plug-ins also set ``PARAMS_SCHEMA`` (a JSON Schema for
     their YAML parameters, without ``kind``); built-ins keep theirs in
-    ``schemas/components.schema.json``.
+    ``schemas/*.schema.json`` as ``$defs["<category>.<kind>"]``.
     """
 
     Spec: ClassVar[type]

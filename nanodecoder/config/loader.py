@@ -1,12 +1,13 @@
-"""Blueprint loading: YAML -> raw dict with a line map, ``extends`` and ``--set`` applied.
+"""Blueprint files -> raw dict + line map, with ``extends`` resolved.
 
-* ``yaml.SafeLoader`` only; a duplicated key is an error (PyYAML silently keeps
-  the last one).
-* Every key path maps to ``(file, line)`` so later errors can point at the YAML.
-* ``extends: other.yaml`` (relative to the file) deep-merges the child over its
-  base (mappings merge, everything else replaces); cycles are an error.
-* ``--set a.b.c=value`` overrides are parsed as YAML and applied before
-  validation, so they get exactly the same checks.
+* ``yaml.SafeLoader`` only; every duplicated key is an error (PyYAML would
+  silently keep the last one).  YAML merge keys (``<<: *anchor``) work.
+* Every key path maps to ``(file shown to the user, 1-based line)`` so later
+  errors can point at the YAML; paths are tuples of keys and list indices.
+* ``extends: other.yaml`` (relative to the file) deep-merges the child over
+  its base: mappings merge key by key, lists and scalars replace, and a
+  component block whose ``kind`` changes is replaced whole.  Inherited keys
+  keep the base file's locations.  Cycles are an error.
 """
 from __future__ import annotations
 
@@ -17,179 +18,226 @@ import yaml
 
 from .errors import BlueprintError, Problem
 
-Location = tuple[str, int | None]   # (file shown to the user, 1-based line)
+Location = tuple[str, "int | None"]     # (file shown to the user, 1-based line)
+LineMap = dict[tuple, Location]
 
 
 def dotted(path: tuple) -> str:
+    """``("model", "overrides", 0, "mlp")`` -> ``model.overrides[0].mlp``."""
     out = ""
     for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        out += f"[{part}]" if isinstance(part, int) and not isinstance(part, bool) else \
+            (f".{_key(part)}" if out else _key(part))
     return out
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys."""
+def _key(k: Any) -> str:
+    return ("true" if k else "false") if isinstance(k, bool) else "null" if k is None else str(k)
 
 
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False):
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        line = key_node.start_mark.line + 1
-        if key in seen:
-            raise _DuplicateKey(key, line, seen[key])
-        seen[key] = line
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+def locate(lines: LineMap, path: tuple, default_file: str) -> Location:
+    """The location of ``path``, or of its closest ancestor that has one."""
+    p = tuple(path)
+    while p not in lines:
+        if not p:
+            return (default_file, None)
+        p = p[:-1]
+    return lines[p]
 
 
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+class YamlProblem(Exception):
+    """A YAML text could not be read: ``(path, line, what is wrong, how to fix it)`` items."""
+
+    def __init__(self, items: list[tuple[tuple, int | None, str, str]]):
+        super().__init__(items)
+        self.items = items
 
 
-class _DuplicateKey(Exception):
-    def __init__(self, key, line, first):
-        self.key, self.line, self.first = key, line, first
+def _syntax_problem(e: yaml.MarkedYAMLError) -> tuple[str, str]:
+    what = (e.problem or e.context or "invalid YAML").strip()
+    if "\\t" in what or "\t" in what:
+        return "YAML syntax error: a tab character", "indent with spaces, YAML does not allow tabs"
+    if "single document" in f"{e.context} {e.problem}":
+        return "YAML syntax error: more than one document", "a blueprint is one YAML document, remove the extra '---'"
+    if e.context and e.context_mark and e.problem_mark and e.context_mark.line != e.problem_mark.line:
+        what += f" ({e.context} started on line {e.context_mark.line + 1})"
+    return f"YAML syntax error: {what}", "check the indentation, the space after each ':' and closing brackets/quotes"
 
 
-def _line_map(node: yaml.Node, file: str, path: tuple, out: dict[tuple, Location]) -> None:
-    out[path] = (file, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            key = k.value
-            out[path + (key,)] = (file, k.start_mark.line + 1)
-            _line_map(v, file, path + (key,), out)
-            out[path + (key,)] = (file, k.start_mark.line + 1)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            _line_map(v, file, path + (i,), out)
+MAX_VALUES = 100_000     # YAML aliases can make a small file expand enormously ("billion laughs")
 
 
-def parse_yaml(text: str, file: str) -> tuple[Any, dict[tuple, Location]]:
-    """Parse one YAML document; return (data, line map).  Raises BlueprintError."""
-    loader = _Loader(text)
+def read_yaml(text: str) -> tuple[Any, dict[tuple, int]]:
+    """Parse one YAML document into ``(data, {path: line})``; raises YamlProblem.
+
+    ``data`` is None for an empty document.
+    """
+    loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
-            raise BlueprintError([Problem(file, "", None, "the file is empty; a blueprint needs at least a "
-                                          "'model' section (see blueprints/dense_gpt.yaml)")])
-        data = loader.construct_document(node)
-    except _DuplicateKey as e:
-        raise BlueprintError([Problem(file, str(e.key), e.line,
-                                      f"duplicate key '{e.key}' (first defined on line {e.first}); "
-                                      "YAML would silently keep only the last one - remove one of them")]) from None
+            return None, {}
+        walk = _Walk(loader)
+        walk.node(node, ())
+        if walk.problems:
+            raise YamlProblem(walk.problems)
+        return loader.construct_document(node), walk.lines
+    except yaml.constructor.ConstructorError as e:
+        mark = e.problem_mark or e.context_mark
+        what = (e.problem or "").split(" for the tag ")[-1].strip()
+        raise YamlProblem([((), mark.line + 1 if mark else None, f"YAML tag {what or 'here'} is not allowed",
+                            "a blueprint holds plain data only: mappings, lists, strings, numbers, booleans")]) \
+            from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark else None
-        what = e.problem or str(e)
-        raise BlueprintError([Problem(file, "", line, f"YAML syntax error: {what}; fix the YAML syntax "
-                                      "(indentation, ':' after keys, matching brackets and quotes)")]) from None
+        raise YamlProblem([((), mark.line + 1 if mark else None, *_syntax_problem(e))]) from None
     except yaml.YAMLError as e:
-        raise BlueprintError([Problem(file, "", None, f"YAML error: {e}")]) from None
+        raise YamlProblem([((), None, f"YAML error: {str(e).splitlines()[0]}", "fix the YAML")]) from None
     finally:
         loader.dispose()
-    lines: dict[tuple, Location] = {}
-    _line_map(node, file, (), lines)
-    return data, lines
 
 
-def _merge(base: Any, child: Any, base_lines: dict, child_lines: dict, path: tuple, out_lines: dict) -> Any:
-    if isinstance(base, dict) and isinstance(child, dict):
-        merged = {}
-        for k in list(base) + [k for k in child if k not in base]:
-            if k in child and k in base:
-                merged[k] = _merge(base[k], child[k], base_lines, child_lines, path + (k,), out_lines)
-            elif k in child:
-                merged[k] = child[k]
-                _copy_lines(child_lines, path + (k,), out_lines)
-            else:
-                merged[k] = base[k]
-                _copy_lines(base_lines, path + (k,), out_lines)
-        if path in child_lines:
-            out_lines[path] = child_lines[path]
-        return merged
-    _copy_lines(child_lines, path, out_lines)
-    return child
+class _Walk:
+    """Records the line of every key and list item; collects duplicate keys and other problems."""
+
+    def __init__(self, loader: yaml.SafeLoader):
+        self.loader, self.lines, self.problems = loader, {}, []
+        self.ancestors: set[int] = set()
+        self.count = 0
+
+    def node(self, node: yaml.Node, path: tuple) -> None:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        self.count += 1
+        line = node.start_mark.line + 1
+        if id(node) in self.ancestors:
+            self.problems.append((path, line, "a YAML alias that contains itself", "remove the recursive alias"))
+            return
+        if self.count > MAX_VALUES:
+            if self.count == MAX_VALUES + 1:
+                self.problems.append(((), None, f"the blueprint expands to more than {MAX_VALUES:,} values "
+                                               "(through YAML aliases?)", "write it out without nested aliases"))
+            return
+        self.ancestors.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.node(item, path + (i,))
+        elif isinstance(node, yaml.MappingNode):
+            self.mapping(node, path)
+        self.ancestors.discard(id(node))
+
+    def mapping(self, node: yaml.MappingNode, path: tuple) -> None:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            line = key_node.start_mark.line + 1
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                self.problems.append((path, line, "a key must be a plain name, not a list or a mapping",
+                                      "fix the key"))
+                continue
+            key = self.loader.construct_object(key_node)
+            if key in seen:
+                self.problems.append((path + (key,), line, f"duplicate key '{_key(key)}' (first on line {seen[key]})",
+                                      "YAML would silently keep only the last one; remove one of them"))
+            seen[key] = line
+        self.loader.flatten_mapping(node)       # resolve ``<<`` merge keys; explicit keys come last and win
+        for key_node, value in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = self.loader.construct_object(key_node)
+                self.lines[path + (key,)] = key_node.start_mark.line + 1
+                self.node(value, path + (key,))
 
 
-def _copy_lines(src: dict, prefix: tuple, dst: dict) -> None:
-    n = len(prefix)
-    for p, loc in src.items():
-        if p[:n] == prefix:
-            dst[p] = loc
-
-
-def _display(path: Path) -> str:
+def parse_yaml(text: str, file: str) -> tuple[Any, LineMap]:
+    """Parse a blueprint's text; return ``(data, line map)``.  Raises BlueprintError."""
     try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
+        data, lines = read_yaml(text)
+    except YamlProblem as e:
+        raise BlueprintError([Problem(file, dotted(p), line, f"{what}; {fix}") for p, line, what, fix in e.items]) \
+            from None
+    if data is None:
+        raise BlueprintError([Problem(file, "", None, "the file is empty; a blueprint needs at least a "
+                                                      "'model:' section")])
+    return data, {p: (file, line) for p, line in lines.items()}
+
+
+def display(path: Path) -> str:
+    """How a file is shown in messages: relative to the current directory when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
         return str(path)
 
 
-def load_file(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[tuple, Location]]:
+def _read(path: Path, shown: str) -> str:
+    if not path.is_file():
+        raise BlueprintError([Problem(shown, "", None, "file not found; give the path of a blueprint YAML "
+                                                       "file (or a shipped name such as gpt2_124m)")])
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise BlueprintError([Problem(shown, "", None, f"not UTF-8 text (byte {e.start}); save the "
+                                                       "blueprint as UTF-8")]) from None
+    except OSError as e:
+        raise BlueprintError([Problem(shown, "", None, f"cannot read the file: {e.strerror}")]) from None
+
+
+_KINDS = {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+
+
+def load_file(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, LineMap]:
     """Load one blueprint file and, recursively, what it ``extends``."""
     path = Path(path)
-    shown = _display(path)
-    real = path.resolve()
-    if real in chain:
-        cycle = " -> ".join(_display(p) for p in chain + (real,))
-        raise BlueprintError([Problem(shown, "extends", None,
-                                      f"'extends' cycle: {cycle}; a blueprint cannot extend itself")])
-    if not path.is_file():
-        raise BlueprintError([Problem(shown, "", None, "file not found; give the path of a blueprint "
-                                      "YAML file (or a shipped name such as dense_gpt)")])
-    data, lines = parse_yaml(path.read_text(encoding="utf-8"), shown)
+    shown = display(path)
+    data, lines = parse_yaml(_read(path, shown), shown)
     if not isinstance(data, dict):
-        raise BlueprintError([Problem(shown, "", 1, f"a blueprint must be a mapping of sections, "
-                                      f"got {type(data).__name__}; start with 'model:'")])
-    parent = data.pop("extends", None)
-    if parent is None:
+        raise BlueprintError([Problem(shown, "", lines[()][1], "a blueprint must be a mapping of sections "
+                                      f"(model:, train:, ...), got {_KINDS.get(type(data), type(data).__name__)}")])
+    if "extends" not in data:
         return data, lines
-    line = lines.get(("extends",), (shown, None))[1]
-    if not isinstance(parent, str) or not parent:
-        raise BlueprintError([Problem(shown, "extends", line,
-                                      "expected the file name of another blueprint, e.g. 'extends: dense_gpt.yaml'")])
+    parent = data.pop("extends")
+    line = lines.pop(("extends",))[1]
+    if not isinstance(parent, str) or not parent.strip():
+        raise BlueprintError([Problem(shown, "extends", line, "expected the file name of another blueprint, "
+                                                              "e.g. 'extends: gpt2_124m.yaml'")])
     base_path = path.parent / parent
+    here = path.resolve()
+    if base_path.resolve() in chain + (here,):
+        cycle = " -> ".join(display(p) for p in chain + (here, base_path.resolve()))
+        raise BlueprintError([Problem(shown, "extends", line, f"'extends' cycle: {cycle}; "
+                                                              "remove the 'extends' that closes the loop")])
     if not base_path.is_file():
-        raise BlueprintError([Problem(shown, "extends", line,
-                                      f"extended blueprint '{parent}' not found (looked for {_display(base_path)}); "
-                                      "the path is relative to this file")])
-    base, base_lines = load_file(base_path, chain + (real,))
-    out_lines: dict[tuple, Location] = {}
-    merged = _merge(base, data, base_lines, lines, (), out_lines)
-    return merged, out_lines
+        looked = f" (looked for {display(base_path)})" if display(base_path) != parent else ""
+        raise BlueprintError([Problem(shown, "extends", line, f"extended blueprint '{parent}' not found{looked}; "
+                                                              "the path is relative to this file")])
+    base, base_lines = load_file(base_path, chain + (here,))
+    out_lines: LineMap = {}
+    return merge(base, data, base_lines, lines, (), out_lines), out_lines
 
 
-def apply_overrides(data: dict, lines: dict, overrides: list[str]) -> None:
-    """Apply ``a.b.c=value`` strings in place; problems are collected."""
-    problems = []
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key or any(not part for part in key.split(".")):
-            problems.append(Problem("--set", key or item, None,
-                                    f"'{item}' is not of the form dotted.key=value, e.g. --set train.lr=3.0e-4"))
-            continue
-        try:
-            value = yaml.load(text, Loader=_Loader) if text.strip() else None
-        except yaml.YAMLError as e:
-            problems.append(Problem("--set", key, None, f"value '{text}' is not valid YAML: {e}"))
-            continue
-        parts = key.split(".")
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                problems.append(Problem("--set", key, None,
-                                        f"cannot set '{key}': '{'.'.join(parts[:i + 1])}' is a "
-                                        f"{type(child).__name__}, not a section"))
-                break
-            node = child
+def merge(base: Any, child: Any, base_lines: LineMap, child_lines: LineMap, path: tuple, out: LineMap) -> Any:
+    """Deep-merge ``child`` over ``base`` (mappings merge, the rest replaces); fill ``out`` with locations.
+
+    A component block whose ``kind`` changes is replaced whole: the base's
+    parameters belong to the other kind (``mlp: {kind: moe, ...}`` over
+    ``mlp: {kind: gelu, hidden_size: 768}`` must not inherit ``hidden_size``).
+    """
+    kind_changed = (isinstance(base, dict) and isinstance(child, dict)
+                    and "kind" in child and child.get("kind") != base.get("kind"))
+    if kind_changed or not (isinstance(base, dict) and isinstance(child, dict)):
+        _copy_lines(child_lines, path, out)
+        return child
+    out[path] = child_lines.get(path) or base_lines[path]
+    merged = {}
+    for k in list(base) + [k for k in child if k not in base]:
+        if k in child and k in base:
+            merged[k] = merge(base[k], child[k], base_lines, child_lines, path + (k,), out)
         else:
-            node[parts[-1]] = value
-            _copy_lines({}, tuple(parts), lines)
-            for p in [p for p in lines if p[:len(parts)] == tuple(parts)]:
-                del lines[p]
-            lines[tuple(parts)] = ("--set", None)
-    if problems:
-        raise BlueprintError(problems)
+            merged[k] = child[k] if k in child else base[k]
+            _copy_lines(child_lines if k in child else base_lines, path + (k,), out)
+    return merged
+
+
+def _copy_lines(src: LineMap, prefix: tuple, dst: LineMap) -> None:
+    n = len(prefix)
+    dst.update({p: loc for p, loc in src.items() if p[:n] == prefix})

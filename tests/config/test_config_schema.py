@@ -1,0 +1,110 @@
+"""Schema handling behind the messages: missing schemas, plug-in kinds, anyOf/oneOf, shipped blueprints."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nanodecoder.config import load_blueprint
+from nanodecoder.config.messages import explain
+from nanodecoder.config.schema import compile_files, schema_files, with_plugins
+from nanodecoder.config.validate import without_follow_ons
+from nanodecoder.registry import Registry
+
+BLUEPRINTS = sorted((Path(__file__).resolve().parents[2] / "blueprints").glob("*.yaml"))
+MODEL = {"context_length": 8, "d_model": 16, "n_layers": 2, "vocab_size": 32,
+         "block": {"attention": {"kind": "causal", "n_heads": 2}, "mlp": {"kind": "gelu"}}}
+
+
+def messages(files: dict, instance: dict, root: str = "blueprint.schema.json") -> list[str]:
+    validator = compile_files(files, root)
+    return [f"{'.'.join(map(str, path))}: {m}"
+            for err in without_follow_ons(list(validator.iter_errors(instance)))
+            for path, m in explain(err, files)]
+
+
+def test_a_missing_schema_file_is_a_problem_not_a_crash():
+    files = schema_files()
+    del files["moe.schema.json"]
+    block = {**MODEL["block"], "mlp": {"kind": "moe", "n_experts": 4, "top_k": 2}}
+    got = messages(files, {"model": {**MODEL, "block": block}})
+    assert got == ["model.block.mlp: cannot be checked: the schema moe.schema.json#/$defs/mlp.moe is missing "
+                   "from this installation; update or reinstall nanodecoder"]
+    assert messages(files, {"model": MODEL}) == []         # blueprints without MoE are unaffected
+
+
+class ScaleNorm:
+    PARAMS_SCHEMA = {"type": "object", "properties": {"eps": {"type": "number", "description": "Epsilon."}}}
+
+
+def test_plug_in_kinds_are_checked_against_their_own_schema():
+    regs = {"norm": Registry("norm")}
+    regs["norm"].add("scalenorm", ScaleNorm, origin="plug-in 'x'")
+    files = with_plugins(schema_files(), regs)
+    block = {**MODEL["block"], "norm": {"kind": "scalenorm", "epz": 1.0}}
+    assert messages(files, {"model": {**MODEL, "block": block}}) == [
+        "model.block.norm.epz: unknown key 'epz' for norm kind 'scalenorm'; did you mean 'eps'? "
+        "(allowed here: eps, kind)"]
+    block["norm"] = {"kind": "scalenrm"}
+    assert messages(files, {"model": {**MODEL, "block": block}}) == [
+        "model.block.norm.kind: unknown norm kind 'scalenrm'; did you mean 'scalenorm'? "
+        "(expected one of: layernorm, rmsnorm, scalenorm)"]
+
+
+def test_any_of_reports_the_best_branch_without_dumping_the_schema():
+    files = {"s.json": {"type": "object", "properties": {"size": {
+        "anyOf": [{"type": "integer", "minimum": 1}, {"enum": ["auto"]}], "description": "A size."}}}}
+    assert messages(files, {"size": 0}, root="s.json") == ["size: 0 is out of range; expected a value >= 1"]
+    (got,) = messages(files, {"size": {"a": [1, 2, 3]}}, root="s.json")
+    assert "{" not in got and "[" not in got
+
+
+def test_integers_are_strict_but_whole_floats_get_a_hint():
+    got = messages(schema_files(), {"model": {**MODEL, "n_layers": 2.0}})
+    assert got == ["model.n_layers: expected an integer, got the number 2.0; write 2"]
+
+
+@pytest.mark.parametrize("path", BLUEPRINTS, ids=lambda p: p.stem)
+def test_every_shipped_blueprint_validates(path):
+    bp = load_blueprint(path)
+    assert bp.raw["model"] and bp.lines[("model",)][1] >= 1
+
+
+def _properties(node, where=""):
+    if isinstance(node, dict):
+        for key, sub in node.get("properties", {}).items():
+            yield f"{where}/properties/{key}", sub
+        for key, sub in node.items():
+            if key != "if":                       # the kind test inside "if" needs no description
+                yield from _properties(sub, f"{where}/{key}")
+    elif isinstance(node, list):
+        for i, sub in enumerate(node):
+            yield from _properties(sub, f"{where}/{i}")
+
+
+def test_every_schema_property_has_a_description():
+    missing = [f"{name}{where}" for name, schema in schema_files().items()
+               for where, sub in _properties(schema) if isinstance(sub, dict) and not sub.get("description")]
+    assert not missing
+
+
+def kind_blocks():
+    for fname, schema in schema_files().items():
+        for key, block in schema.get("$defs", {}).items():
+            if "." not in key and "allOf" in block and "enum" in block.get("properties", {}).get("kind", {}):
+                yield fname, key, block
+
+
+@pytest.mark.parametrize("fname,category,block", list(kind_blocks()), ids=lambda v: v if isinstance(v, str) else "")
+def test_each_kind_has_its_own_closed_parameter_schema(fname, category, block):
+    """What "checked against the schema of the chosen kind only" relies on."""
+    files = schema_files()
+    assert block.get("required") == ["kind"]
+    kinds = block["properties"]["kind"]["enum"]
+    branches = {entry["if"]["properties"]["kind"]["const"]: entry["then"]["$ref"] for entry in block["allOf"]}
+    assert sorted(branches) == sorted(kinds)
+    for kind, ref in branches.items():
+        target_file, _, pointer = ref.partition("#")
+        assert pointer == f"/$defs/{category}.{kind}"
+        params = files[target_file or fname]["$defs"][f"{category}.{kind}"]
+        assert params["additionalProperties"] is False and params["properties"]["kind"]["const"] == kind
