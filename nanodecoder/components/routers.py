@@ -1,0 +1,319 @@
+"""MoE routers: ``topk``, ``switch``, ``sigmoid`` and ``noisy_topk``.
+
+A router maps flattened tokens ``x: [N, D]`` to a :class:`RouterOutput`:
+the ``k`` chosen experts per token, their combine weights, the clean logits
+(for the z-loss) and per-token probabilities over all experts (for the
+load-balancing loss and the entropy statistic).
+
+Router maths always runs in float32 (float64 if the input is float64), with
+autocast disabled, so a bf16 run picks the same experts as an fp32 run
+(``F.linear(x.float(), w.float())``).
+
+Weight conventions, per router (``k`` = ``top_k``):
+
+``topk``        softmax over all expert logits, top-k; ``renormalize: true``
+                divides the k weights by their sum (Mixtral), ``false`` keeps
+                the full-softmax probabilities (OLMoE).
+``switch``      top-1 (Switch Transformer); weight = full-softmax probability.
+                Optional multiplicative jitter ``x * U(1-eps, 1+eps)`` on the
+                router input, training only.
+``sigmoid``     DeepSeek-V3: affinities ``s = sigmoid(logits)``; experts chosen
+                by ``s + bias`` (a per-expert balancing bias, a persistent fp32
+                buffer updated by :meth:`SigmoidRouter.update_bias`, never by
+                the optimizer); weights = selected ``s`` (without bias)
+                normalised to sum 1, times ``routed_scaling_factor``.
+``noisy_topk``  Shazeer et al. 2017: in training, logits + softplus(x W_noise)
+                * N(0, 1); top-k of the noisy logits; weights = softmax over
+                the k selected noisy logits.  Never noisy in eval.
+
+At ``k = 1`` no router normalises its single weight (it would be the constant
+1 and the router would get no gradient from the task loss): ``topk`` ignores
+``renormalize``, ``noisy_topk`` uses the full-softmax probability of its noisy
+logits (Switch style) and ``sigmoid`` uses the raw affinity.
+
+``probs`` (the P_i of the load-balancing loss) is the softmax of the clean
+logits, or for ``sigmoid`` the affinities normalised per token to sum 1.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.init import InitSpec, init_tensor
+from .base import Component, ModelContext
+
+
+class RouterOutput(NamedTuple):
+    indices: torch.Tensor  # [N, k] int64: chosen experts (order: descending score)
+    weights: torch.Tensor  # [N, k] float32+: combine weights of the chosen experts
+    logits: torch.Tensor   # [N, E] float32+: clean router logits (z-loss)
+    probs: torch.Tensor    # [N, E] float32+: per-token probabilities, sum 1 (lb loss, entropy)
+
+
+def router_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32, or float64 when the input is float64 (for reference checks)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def no_autocast(x: torch.Tensor):
+    """Disable autocast for the router maths (keeps the router in fp32 under bf16 autocast)."""
+    if x.device.type in ("cpu", "cuda", "xpu", "mps"):
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class Router(Component):
+    """Base router: a bias-free linear map ``[D] -> [E]`` (weight ``[E, D]``, fp32).
+
+    Subclasses extend ``Spec`` (which always carries ``dim``, ``n_experts``
+    and ``top_k``, filled in by the MoE layer) and implement ``route``.
+    """
+
+    @dataclass(frozen=True)
+    class Spec:
+        dim: int
+        n_experts: int
+        top_k: int
+
+    @classmethod
+    def make_spec(cls, params: dict[str, Any], ctx: ModelContext):
+        fields = {f.name for f in dataclasses.fields(cls.Spec)}
+        values = {k: v for k, v in params.items() if k != "kind"}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"router '{params.get('kind', cls.__name__)}': unknown parameter(s) "
+                             f"{', '.join(unknown)} (allowed: {', '.join(sorted(fields - {'dim', 'n_experts', 'top_k'}))})")
+        values.setdefault("dim", ctx.d_model)
+        spec = cls.Spec(**values)
+        if not 1 <= spec.top_k <= spec.n_experts:
+            raise ValueError(f"top_k: {spec.top_k} must be between 1 and n_experts ({spec.n_experts})")
+        return spec
+
+    def __init__(self, spec):
+        super().__init__()
+        self.spec = spec
+        self.weight = nn.Parameter(torch.empty(spec.n_experts, spec.dim, dtype=torch.float32))
+        self.initialize(InitSpec())
+
+    @torch.no_grad()
+    def initialize(self, init: InitSpec) -> None:
+        """Called by ``MoE.init_weights``: gpt2 normal(0, std) or switch fan_in = d_model."""
+        init_tensor(self.weight, init, self.spec.dim)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.weight if weight is None else weight
+        dt = router_dtype(x)
+        return F.linear(x.to(dt), w.to(dt))
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        with no_autocast(x):
+            return self.route(x)
+
+    def route(self, x: torch.Tensor) -> RouterOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class TopKRouter(Router):
+    """Softmax top-k; ``renormalize`` the k weights to sum 1 (Mixtral) or not (OLMoE); k=1: never."""
+
+    @dataclass(frozen=True)
+    class Spec(Router.Spec):
+        renormalize: bool = True
+
+    def route(self, x):
+        logits = self.linear(x)
+        probs = logits.softmax(dim=-1)
+        weights, indices = probs.topk(self.spec.top_k, dim=-1)
+        if self.spec.renormalize and self.spec.top_k > 1:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return RouterOutput(indices, weights, logits, probs)
+
+
+class SwitchRouter(Router):
+    """Switch Transformer top-1: weight = full-softmax probability; optional input jitter."""
+
+    @dataclass(frozen=True)
+    class Spec(Router.Spec):
+        jitter: float = 0.0
+
+    @classmethod
+    def make_spec(cls, params, ctx):
+        spec = super().make_spec(params, ctx)
+        if spec.top_k != 1:
+            raise ValueError(f"router 'switch' routes each token to one expert: top_k must be 1 (got {spec.top_k}); "
+                             "for k > 1 use router kind 'topk' with renormalize: false")
+        if not 0.0 <= spec.jitter < 1.0:
+            raise ValueError(f"router.jitter: {spec.jitter} must be in [0, 1)")
+        return spec
+
+    def route(self, x):
+        eps = self.spec.jitter
+        xr = x.to(router_dtype(x))
+        if self.training and eps > 0:
+            xr = xr * torch.empty_like(xr).uniform_(1.0 - eps, 1.0 + eps)
+        logits = self.linear(xr)
+        probs = logits.softmax(dim=-1)
+        weights, indices = probs.topk(1, dim=-1)
+        return RouterOutput(indices, weights, logits, probs)
+
+
+class SigmoidRouter(Router):
+    """DeepSeek-V3 sigmoid router with an auxiliary-loss-free balancing bias.
+
+    The bias (``expert_bias``, persistent fp32 buffer) only changes which
+    experts are chosen, never the weights.  In training mode each forward adds
+    the chosen experts' counts to ``load_counts`` (non-persistent, so gradient
+    accumulation micro-steps add up); :meth:`update_bias` applies them once
+    per optimizer step.
+    """
+
+    @dataclass(frozen=True)
+    class Spec(Router.Spec):
+        routed_scaling_factor: float = 1.0
+        bias_update_speed: float = 0.001
+
+    @classmethod
+    def make_spec(cls, params, ctx):
+        spec = super().make_spec(params, ctx)
+        if spec.routed_scaling_factor <= 0:
+            raise ValueError(f"router.routed_scaling_factor: {spec.routed_scaling_factor} must be > 0")
+        if spec.bias_update_speed < 0:
+            raise ValueError(f"router.bias_update_speed: {spec.bias_update_speed} must be >= 0")
+        return spec
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.register_buffer("expert_bias", torch.zeros(spec.n_experts, dtype=torch.float32), persistent=True)
+        self.register_buffer("load_counts", torch.zeros(spec.n_experts, dtype=torch.int64), persistent=False)
+
+    @torch.no_grad()
+    def initialize(self, init: InitSpec) -> None:
+        """Router weight as usual; bias and counts zero (also after ``to_empty``)."""
+        super().initialize(init)
+        if hasattr(self, "expert_bias"):
+            self.expert_bias.zero_()
+            self.load_counts.zero_()
+
+    def route(self, x):
+        logits = self.linear(x)
+        scores = logits.sigmoid()
+        _, indices = (scores + self.expert_bias.to(scores.dtype)).topk(self.spec.top_k, dim=-1)
+        weights = scores.gather(-1, indices)
+        if self.spec.top_k > 1:
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+        weights = weights * self.spec.routed_scaling_factor
+        if self.training:
+            with torch.no_grad():
+                flat = indices.reshape(-1)
+                self.load_counts.scatter_add_(0, flat, torch.ones_like(flat))
+        probs = scores / scores.sum(dim=-1, keepdim=True)
+        return RouterOutput(indices, weights, logits, probs)
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """bias += γ·sign(mean_load - load), centred; counts all-reduced first; counts reset.
+
+        Every rank must call this (it all-reduces when torch.distributed is
+        initialised), so the bias stays identical on all ranks.  A step with
+        no routed tokens since the last call leaves the bias unchanged.
+        """
+        counts = self.load_counts.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        self.load_counts.zero_()
+        total = int(counts.sum())
+        if total == 0 or self.spec.bias_update_speed == 0:
+            return
+        load = counts.double() / total
+        delta = self.spec.bias_update_speed * torch.sign(1.0 / self.spec.n_experts - load)
+        delta = delta - delta.mean()
+        self.expert_bias.add_(delta.to(self.expert_bias.dtype))
+
+
+class NoisyTopKRouter(Router):
+    """Noisy top-k gating (Shazeer et al. 2017); noise only in training mode.
+
+    ``noise_weight`` starts at zero as in the paper, so the initial noise std
+    is softplus(0) = ln 2 for every expert (zero noise weights do NOT mean
+    zero noise); in eval the router equals ``topk`` (renormalised for k >= 2,
+    full-softmax weight for k = 1).
+    """
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.noise_weight = nn.Parameter(torch.zeros(spec.n_experts, spec.dim, dtype=torch.float32))
+
+    @torch.no_grad()
+    def initialize(self, init: InitSpec) -> None:
+        super().initialize(init)
+        if hasattr(self, "noise_weight"):
+            self.noise_weight.zero_()
+
+    def sample_noise(self, like: torch.Tensor) -> torch.Tensor:
+        """Standard-normal noise, one draw per (token, expert) (tests may override)."""
+        return torch.randn_like(like)
+
+    def route(self, x):
+        logits = self.linear(x)
+        noisy = logits
+        if self.training:
+            noise_std = F.softplus(self.linear(x, self.noise_weight))
+            noisy = logits + noise_std * self.sample_noise(logits)
+        k = self.spec.top_k
+        top, indices = noisy.topk(k, dim=-1)
+        if k > 1:
+            weights = top.softmax(dim=-1)
+        else:
+            weights = noisy.softmax(dim=-1).gather(-1, indices)
+        return RouterOutput(indices, weights, logits, logits.softmax(dim=-1))
+
+
+ROUTERS: dict[str, type[Router]] = {
+    "topk": TopKRouter,
+    "switch": SwitchRouter,
+    "sigmoid": SigmoidRouter,
+    "noisy_topk": NoisyTopKRouter,
+}
+
+
+def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, n_experts: int,
+                        n_groups: int = 1) -> torch.Tensor:
+    """Switch load-balancing loss ``E * sum_i f_i * P_i``, equal to 1 at perfect balance.
+
+    ``f_i``: fraction of routed assignments (all k choices, before capacity
+    dropping) that went to expert i; ``P_i``: mean of ``probs[:, i]``.  With
+    ``n_groups = B`` the tokens are split into B sequences (rows in order),
+    f and P are computed per sequence and the losses averaged (the
+    sequence-wise loss of DeepSeek-V3).  ``f`` carries no gradient.
+    """
+    n, k = indices.shape
+    if n % n_groups:
+        raise ValueError(f"{n} tokens cannot be split into {n_groups} sequences")
+    idx = indices.reshape(n_groups, (n // n_groups) * k)
+    counts = torch.zeros(n_groups, n_experts, dtype=probs.dtype, device=probs.device)
+    counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=probs.dtype))
+    f = counts / idx.shape[1]
+    p = probs.reshape(n_groups, n // n_groups, n_experts).mean(dim=1)
+    return n_experts * (f * p).sum(dim=-1).mean()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2 (in the router's fp32+)."""
+    return torch.logsumexp(logits.to(router_dtype(logits)), dim=-1).square().mean()
+
+
+def mean_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the entropy (nats) of each token's router distribution."""
+    return torch.special.entr(probs).sum(dim=-1).mean()
+
+
+def max_entropy(n_experts: int) -> float:
+    """Entropy of the uniform router, for reading ``router_entropy``."""
+    return math.log(n_experts)
