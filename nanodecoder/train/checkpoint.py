@@ -1,0 +1,263 @@
+"""Checkpoints: safetensors + JSON, hashed, written atomically, never pickled.
+
+Layout of ``<run_dir>/ckpt/``::
+
+    step_000100/           one complete checkpoint
+        model.safetensors  model weights (uncompiled names, tied weights once)
+        state.safetensors  tensors of the training state (optimizer moments, RNG states)
+        state.json         the rest of the training state, tensors referenced by key
+        manifest.json      format version, step, model fingerprint, sha256 of each file
+    latest                 name of the newest complete checkpoint (replaced atomically)
+    best                   name of the checkpoint with the best validation loss
+
+A checkpoint is written into ``.tmp-step_000100-<pid>/``, every file fsynced,
+then renamed into place; only then is ``latest`` updated, and only then are old
+checkpoints pruned.  A crash at any point leaves the previous checkpoint loadable;
+leftover ``.tmp-*`` folders are ignored and removed by the next save.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .state_io import flatten, unflatten
+
+FORMAT_VERSION = 1
+MODEL_FILE, STATE_FILE, STATE_JSON, MANIFEST = "model.safetensors", "state.safetensors", "state.json", "manifest.json"
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, corrupt, or does not match the model."""
+
+
+def clean_name(name: str) -> str:
+    """Strip torch.compile (``_orig_mod.``) and DDP (``module.``) prefixes, wherever they occur."""
+    parts = [p for p in name.split(".") if p not in ("_orig_mod", "module")]
+    return ".".join(parts)
+
+
+def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Uncompiled state dict with each shared tensor once, and ``{alias: stored name}``."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for raw_name, t in model.state_dict(keep_vars=False).items():
+        name = clean_name(raw_name)
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
+            if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        tensors[name] = t.detach().cpu().contiguous()
+    return tensors, aliases
+
+
+def fingerprint(tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> str:
+    """Hash of names, shapes and dtypes: equal for the same architecture."""
+    desc = sorted((n, list(t.shape), str(t.dtype)) for n, t in tensors.items())
+    return hashlib.sha256(json.dumps([desc, sorted(aliases.items())]).encode()).hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def save_checkpoint(path: Path, model: nn.Module, state: dict[str, Any]) -> Path:
+    """Write a complete checkpoint folder at ``path`` atomically (see the module docstring)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    tensors, aliases = model_tensors(model)
+    save_file(tensors, tmp / MODEL_FILE, metadata={"format": "nanodecoder", "aliases": json.dumps(aliases)})
+    doc, state_tensors = flatten(state)
+    save_file(state_tensors, tmp / STATE_FILE, metadata={"format": "nanodecoder"})
+    (tmp / STATE_JSON).write_text(json.dumps(doc))
+    files = {}
+    for name in (MODEL_FILE, STATE_FILE, STATE_JSON):
+        _fsync(tmp / name)
+        files[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+    manifest = {"format_version": FORMAT_VERSION, "step": state.get("step"), "created": time.time(),
+                "model_fingerprint": fingerprint(tensors, aliases), "files": files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    _fsync(tmp / MANIFEST)
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+    return path
+
+
+def read_manifest(path: Path) -> dict:
+    mf = Path(path) / MANIFEST
+    if not mf.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST})")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{mf} is corrupt: {e}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {manifest.get('format_version')} is not supported "
+                              f"(this nanodecoder reads format {FORMAT_VERSION})")
+    return manifest
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Check every file against the manifest's sha256; return the manifest."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    for name, info in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        digest = _sha256(f)
+        if digest != info["sha256"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} has sha256 {digest[:12]}..., "
+                                  f"the manifest says {info['sha256'][:12]}...; resume from another checkpoint "
+                                  f"in {path.parent}")
+    return manifest
+
+
+def _load_safetensors(f: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(f), framework="pt") as sf:
+            meta = sf.metadata() or {}
+        return load_file(str(f)), meta
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {f}: {e}") from None
+
+
+def load_model_weights(model: nn.Module, path: Path, *, verify: bool = True) -> dict:
+    """Load a checkpoint's weights into ``model`` (an unwrapped module); explain any mismatch."""
+    path = Path(path)
+    manifest = verify_checkpoint(path) if verify else read_manifest(path)
+    tensors, meta = _load_safetensors(path / MODEL_FILE)
+    aliases = json.loads(meta.get("aliases", "{}"))
+    expected = model.state_dict()
+    full = dict(tensors)
+    full.update({alias: tensors[src] for alias, src in aliases.items() if src in tensors})
+    missing = sorted(set(expected) - set(full))
+    unexpected = sorted(set(full) - set(expected))
+    shapes = sorted(f"{n}: checkpoint {tuple(full[n].shape)} vs model {tuple(expected[n].shape)}"
+                    for n in set(tensors) & set(expected) if full[n].shape != expected[n].shape)
+    if missing or unexpected or shapes:
+        lines = [f"checkpoint {path} does not match this model's architecture:"]
+        for label, items in (("missing in checkpoint", missing), ("not in model", unexpected),
+                             ("shape mismatch", shapes)):
+            if items:
+                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                lines.append(f"  {label}: {', '.join(items[:5])}{more}")
+        lines.append("  (was the blueprint's model section changed since the run started?)")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(full, strict=True)
+    return manifest
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """The training state saved beside the weights (call after verification)."""
+    path = Path(path)
+    tensors, _ = _load_safetensors(path / STATE_FILE)
+    try:
+        doc = json.loads((path / STATE_JSON).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path / STATE_JSON}: {e}") from None
+    return unflatten(doc, tensors)
+
+
+class CheckpointManager:
+    """Step checkpoints under one folder, with ``latest``/``best`` pointers and pruning."""
+
+    def __init__(self, root: Path, keep: int = 2):
+        self.root = Path(root)
+        self.keep = max(1, keep)
+
+    @staticmethod
+    def name(step: int) -> str:
+        return f"step_{step:06d}"
+
+    def _pointer(self, which: str) -> Path | None:
+        f = self.root / which
+        if not f.is_file():
+            return None
+        target = self.root / f.read_text().strip()
+        return target if (target / MANIFEST).is_file() else None
+
+    def latest(self) -> Path | None:
+        return self._pointer("latest")
+
+    def best(self) -> Path | None:
+        return self._pointer("best")
+
+    def resolve(self, which: str) -> Path:
+        """``latest``, ``best`` or a checkpoint folder name -> its complete folder."""
+        target = self._pointer(which) if which in ("latest", "best") else self.root / which
+        if target is None or not (target / MANIFEST).is_file():
+            have = ", ".join(p.name for p in self.complete()) or "none"
+            raise CheckpointError(f"no '{which}' checkpoint in {self.root} (complete checkpoints: {have})")
+        return target
+
+    def complete(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.glob("step_*") if (p / MANIFEST).is_file())
+
+    def save(self, step: int, model: nn.Module, state: dict[str, Any], *, best: bool = False) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        path = self.root / self.name(step)
+        if not (path / MANIFEST).is_file():  # the same step of the same run holds the same state
+            if path.exists():
+                shutil.rmtree(path)
+            save_checkpoint(path, model, state)
+        write_atomic_text(self.root / "latest", path.name)
+        if best:
+            write_atomic_text(self.root / "best", path.name)
+        self.prune()
+        return path
+
+    def prune(self) -> None:
+        keep = set(p.name for p in self.complete()[-self.keep:])
+        for pointer in (self.latest(), self.best()):
+            if pointer is not None:
+                keep.add(pointer.name)
+        for p in self.complete():
+            if p.name not in keep:
+                shutil.rmtree(p, ignore_errors=True)

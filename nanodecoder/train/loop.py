@@ -1,0 +1,212 @@
+"""A training run: drive a :class:`Trainer` and keep its run directory up to date.
+
+``run_training`` logs metrics rows, evaluates, plots, saves checkpoints (and the
+best one), stops cleanly on Ctrl-C / SIGTERM after saving a checkpoint, stops
+on a non-finite loss naming the step, writes the final sample, and prints the
+start and end summaries.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .checkpoint import load_model_weights, load_state
+from .metrics import MetricsLog, MoEMonitor
+from .rundir import RunDir
+from .summary import end_summary, start_summary
+from .trainer import NonFiniteLoss, Trainer
+
+EXIT_OK, EXIT_NONFINITE = 0, 3
+
+
+@dataclass
+class RunResult:
+    status: str                 # "completed" | "interrupted" | "non-finite"
+    step: int
+    best_val_loss: float
+    best_step: int | None
+    last_eval: dict | None
+    run_dir: Path
+    wall_s: float
+    exit_code: int
+
+
+class GracefulStop:
+    """Turn the first SIGINT/SIGTERM into a stop request (checked between steps); a second SIGINT aborts."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def _handler(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def resume_trainer(trainer: Trainer, run: RunDir) -> Path:
+    """Load the run's latest checkpoint into the trainer's model and state."""
+    path = run.checkpoints.resolve("latest")
+    load_model_weights(trainer.raw_model, path)
+    trainer.load_state_dict(load_state(path))
+    return path
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int, initial: int):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def echo(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def update(self, n: int = 1, **postfix) -> None:
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_training(trainer: Trainer, run: RunDir, *, logging, sample, name: str, params, tokenizer,
+                 wandb_run=None, resumed_from: Path | None = None, train_tokens: int = 0,
+                 out: Callable[[str], None] = print) -> RunResult:
+    spec = trainer.spec
+    metrics = MetricsLog(run / RunDir.METRICS, wandb_run)
+    metrics.truncate_after(trainer.step_count)
+    out(start_summary(name=name, run_dir=run, params=params, trainer=trainer, runtime=trainer.runtime,
+                      train_tokens=train_tokens, resumed_from=str(resumed_from) if resumed_from else None))
+    progress = _Progress(logging.progress and trainer.runtime.is_main, spec.steps, trainer.step_count)
+    moe = MoEMonitor(logging.empty_expert_warn_after, warn=progress.echo)
+    t_start = time.perf_counter()
+    elapsed0 = trainer.elapsed_s
+    last_eval: dict | None = None
+    status, code = "completed", EXIT_OK
+
+    def save(best: bool = False) -> Path:
+        trainer.elapsed_s = elapsed0 + time.perf_counter() - t_start
+        return run.checkpoints.save(trainer.step_count, trainer.raw_model, trainer.state_dict(), best=best)
+
+    try:
+        with GracefulStop() as stop:
+            t_log, steps_since_log = time.perf_counter(), 0
+            while trainer.step_count < spec.steps:
+                result = trainer.step()
+                step = trainer.step_count
+                steps_since_log += 1
+                progress.update(1)
+                paused = False
+                if spec.is_log_step(step):
+                    trainer.check_deferred()
+                    now = time.perf_counter()
+                    row = train_row(trainer, result, moe, steps_since_log, now - t_log, elapsed0 + now - t_start)
+                    metrics.write(row)
+                    progress.update(0, loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:,.0f}")
+                    t_log, steps_since_log = now, 0
+                best = False
+                if spec.is_eval_step(step):
+                    last_eval = trainer.evaluate()
+                    best = last_eval["val_loss"] < trainer.best_val_loss
+                    if best:
+                        trainer.best_val_loss, trainer.best_step = last_eval["val_loss"], step
+                    metrics.write({"kind": "eval", "step": step, "tokens": trainer.tokens_seen, **last_eval,
+                                   "best_val_loss": trainer.best_val_loss})
+                    progress.echo(f"step {step}: val loss {last_eval['val_loss']:.4f}"
+                                  + (f", {last_eval['val_bpb']:.4f} bpb" if last_eval["val_bpb"] else "")
+                                  + (" (best)" if best else ""))
+                    if logging.plots:
+                        _plots(run, metrics.rows, moe, name, step)
+                    paused = True
+                if spec.is_checkpoint_step(step) or (best and spec.keep_best) or stop.signum is not None:
+                    save(best=best and spec.keep_best)
+                    paused = True
+                if stop.signum is not None:
+                    status = "interrupted"
+                    code = 128 + stop.signum
+                    progress.echo(f"{signal.Signals(stop.signum).name} received: checkpoint saved at step {step}; "
+                                  f"continue with: python -m nanodecoder.run --resume {run}")
+                    break
+                if paused:  # eval/checkpoint time is not training throughput
+                    t_log, steps_since_log = time.perf_counter(), 0
+    except NonFiniteLoss as e:
+        status, code = "non-finite", EXIT_NONFINITE
+        progress.echo(f"error: {e}")
+    finally:
+        progress.close()
+        metrics.close()
+    wall = elapsed0 + time.perf_counter() - t_start
+    if status == "completed" and sample.enabled:
+        _write_samples(trainer, tokenizer, sample, run)
+    files = [f for f in (RunDir.METRICS, RunDir.LOSS_PLOT, RunDir.LOAD_PLOT, RunDir.SAMPLES, "ckpt/")
+             if (run / f.rstrip("/")).exists()]
+    out(end_summary(status=status, trainer=trainer, run_dir=run, wall_s=wall, last_eval=last_eval, files=files))
+    run.update_meta(status=status, step=trainer.step_count, best_val_loss=_finite(trainer.best_val_loss),
+                    best_step=trainer.best_step, wall_s=wall)
+    if wandb_run is not None:
+        wandb_run.summary.update({"best_val_loss": _finite(trainer.best_val_loss), "status": status})
+        wandb_run.finish(exit_code=code)
+    return RunResult(status, trainer.step_count, trainer.best_val_loss, trainer.best_step, last_eval,
+                     run.path, wall, code)
+
+
+def train_row(trainer: Trainer, result, moe: MoEMonitor, steps: int, seconds: float, elapsed: float) -> dict:
+    """The metrics row of a log step (the only place the step's loss is synced from the device)."""
+    seconds = max(seconds, 1e-9)
+    row = {"kind": "train", "step": trainer.step_count, "tokens": trainer.tokens_seen,
+           "loss": result.loss.item(), "lr": result.lr,
+           "tokens_per_s": steps * trainer.tokens_per_step / seconds, "ms_per_step": 1000 * seconds / steps,
+           "elapsed_s": elapsed}
+    if result.grad_norm is not None:
+        row["grad_norm"] = result.grad_norm.item()
+    if result.aux_loss is not None:
+        row["aux_loss"] = result.aux_loss.item()
+    if trainer.skipped:
+        row["skipped_steps"] = trainer.skipped
+    row.update(moe.metrics(result.stats, trainer.step_count))
+    return row
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _plots(run: RunDir, rows, moe: MoEMonitor, name: str, step: int) -> None:
+    from .plots import plot_expert_load, plot_losses
+    plot_losses(rows, run / RunDir.LOSS_PLOT, title=name)
+    if moe.load:
+        plot_expert_load(moe.load, run / RunDir.LOAD_PLOT, step)
+
+
+def _write_samples(trainer: Trainer, tokenizer, sample, run: RunDir) -> None:
+    from ..sample import sample_text
+    texts = sample_text(trainer.raw_model, tokenizer, sample.prompt, max_new_tokens=sample.max_new_tokens,
+                        temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p,
+                        seed=sample.seed, num_samples=sample.num_samples, device=trainer.runtime.device)
+    header = (f"# step {trainer.step_count}, temperature {sample.temperature}, top_k {sample.top_k}, "
+              f"top_p {sample.top_p}, seed {sample.seed}\n")
+    (run / RunDir.SAMPLES).write_text(header + "\n\n---\n\n".join(texts) + "\n")

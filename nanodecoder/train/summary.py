@@ -1,0 +1,64 @@
+"""The one-screen summaries printed at the start and at the end of a run."""
+from __future__ import annotations
+
+import math
+
+
+def human(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _params(choice) -> str:
+    return "(" + ", ".join(f"{k}={v}" for k, v in choice.params.items()) + ")"
+
+
+def start_summary(*, name: str, run_dir, params, trainer, runtime, train_tokens: int,
+                  resumed_from: str | None = None) -> str:
+    spec = trainer.spec
+    total_tokens = spec.steps * trainer.tokens_per_step
+    epochs = total_tokens / train_tokens if train_tokens else math.nan
+    lines = [
+        f"== nanodecoder run: {name} ==",
+        f"  run dir        {run_dir}",
+        f"  params         {human(params.total)} total, {human(params.active)} active per token "
+        f"({human(params.non_embedding)} non-embedding)",
+        f"  device         {runtime.describe()}",
+        f"  batch          {spec.batch_size} x {trainer.context_length} tokens x {spec.grad_accum} accum"
+        f"{f' x {runtime.world_size} ranks' if runtime.world_size > 1 else ''} = "
+        f"{trainer.tokens_per_step:,} tokens/step",
+        f"  steps          {spec.steps:,} -> {human(total_tokens)} tokens ({epochs:.2f} epochs of "
+        f"{human(train_tokens)} train tokens)",
+        f"  optimizer      {spec.optimizer.kind} {_params(spec.optimizer)}, lr {spec.lr:g}, "
+        f"schedule {spec.schedule.kind} {_params(spec.schedule)}",
+        f"  eval           every {spec.eval_every or spec.steps} steps on {spec.eval_steps} batches; "
+        f"checkpoint every {spec.checkpoint_every or spec.steps}",
+    ]
+    if resumed_from:
+        lines.append(f"  resumed from   {resumed_from} (step {trainer.step_count})")
+    return "\n".join(lines)
+
+
+def end_summary(*, status: str, trainer, run_dir, wall_s: float, last_eval: dict | None,
+                files: list[str]) -> str:
+    best = trainer.best_val_loss
+    lines = [f"== {status} at step {trainer.step_count:,} of {trainer.spec.steps:,} "
+             f"({human(trainer.tokens_seen)} tokens, wall time {duration(wall_s)}) =="]
+    if math.isfinite(best):
+        lines.append(f"  best val loss  {best:.4f} at step {trainer.best_step}")
+    if last_eval:
+        bpb = last_eval.get("val_bpb")
+        lines.append(f"  last val loss  {last_eval['val_loss']:.4f}" + (f", {bpb:.4f} bits per byte" if bpb else ""))
+    if trainer.skipped:
+        lines.append(f"  skipped steps  {trainer.skipped} (non-finite loss)")
+    lines.append(f"  files          {run_dir}/  " + ", ".join(files))
+    return "\n".join(lines)

@@ -1,0 +1,225 @@
+"""The mechanics of training: one optimizer step, one evaluation, the full state.
+
+:class:`Trainer` owns the optimizer, the schedule and the training batch
+sampler of one model.  It knows nothing about run directories, logging or
+checkpoint files (``loop.py`` drives it; ``tools/bench.py`` times its steps).
+The step is lean: no host-device sync except the non-finite check on the CPU
+(where it is free) or with ``nan_policy: skip`` (where it is needed); gradients
+are freed with ``set_to_none``.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .optim import AdamW, build_optimizer, param_names
+from .schedule import build_schedule, set_lr
+from .spec import TrainSpec
+
+
+class NonFiniteLoss(Exception):
+    """The loss or gradient norm became NaN/inf (``nan_policy: stop``, or too many skips)."""
+
+    def __init__(self, step: int, detail: str = ""):
+        self.step = step
+        super().__init__(f"non-finite loss (NaN or inf) at step {step}{detail}; the run was stopped. "
+                         "Lower train.lr, raise warm-up, check the data, or set train.nan_policy: skip")
+
+
+class StateMismatch(Exception):
+    """A saved training state does not fit this trainer (other parameters or optimizer)."""
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor                      # mean cross-entropy of the step's micro-batches (detached)
+    lr: float
+    aux_loss: torch.Tensor | None = None    # mean weighted auxiliary loss (MoE), detached
+    grad_norm: torch.Tensor | None = None   # global norm before clipping
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # model stats of the last micro-batch
+    skipped: bool = False
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Optimizer + schedule + batches for ``model``; ``step()`` runs one optimizer step."""
+
+    def __init__(self, model: nn.Module, spec: TrainSpec, runtime, prep, *, context_length: int,
+                 sampling: str = "random"):
+        from ..data import BatchSampler
+        self.model = model.train()
+        self.raw_model = runtime.unwrap(model)
+        self.spec = spec
+        self.runtime = runtime
+        self.prep = prep
+        self.context_length = context_length
+        self.BatchSampler = BatchSampler
+        self.optimizer = build_optimizer(spec.optimizer, self.raw_model, spec.lr, runtime.device)
+        self._kernel_flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in self.optimizer.param_groups]
+        self.schedule = build_schedule(spec.schedule, spec.steps, spec.lr)
+        self.sampler = BatchSampler(prep.train, spec.batch_size, context_length, mode=sampling, seed=spec.seed,
+                                    rank=runtime.rank, world_size=runtime.world_size)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.tokens_per_step = spec.tokens_per_step(context_length, runtime.world_size)
+        self.check_each_step = spec.nan_policy == "skip" or not runtime.is_cuda
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=runtime.device)
+        self.step_count = 0           # completed optimizer steps
+        self.skipped = 0
+        self.best_val_loss = float("inf")
+        self.best_step: int | None = None
+        self.elapsed_s = 0.0          # wall time of earlier sessions of this run (resume)
+        self._has_hook = callable(getattr(self.raw_model, "after_optimizer_step", None))
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.step_count * self.tokens_per_step
+
+    def _to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = (torch.as_tensor(t) for t in batch)
+        if self.runtime.is_cuda:
+            x, y = x.pin_memory().to(self.runtime.device, non_blocking=True), \
+                y.pin_memory().to(self.runtime.device, non_blocking=True)
+        return x, y
+
+    def step(self) -> StepOutput:
+        """One optimizer step over ``grad_accum`` micro-batches."""
+        spec, model = self.spec, self.model
+        lr = self.schedule(self.step_count)
+        set_lr(self.optimizer, lr)
+        ce_sum = obj_sum = aux_sum = None
+        out = None
+        for _ in range(spec.grad_accum):
+            x, y = self._to_device(self.sampler.next_batch())
+            with self.runtime.autocast():
+                out = model(x, y)
+            (out.loss / spec.grad_accum).backward()
+            ce, obj = out.ce_loss.detach(), out.loss.detach()
+            ce_sum = ce if ce_sum is None else ce_sum + ce
+            obj_sum = obj if obj_sum is None else obj_sum + obj
+            if out.aux_loss is not None:
+                aux = out.aux_loss.detach()
+                aux_sum = aux if aux_sum is None else aux_sum + aux
+        grad_norm = None
+        if spec.clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, spec.clip)
+        check = obj_sum if grad_norm is None else obj_sum + grad_norm
+        result = StepOutput(loss=ce_sum / spec.grad_accum, lr=lr, grad_norm=grad_norm, stats=out.stats,
+                            aux_loss=None if aux_sum is None else aux_sum / spec.grad_accum)
+        if self.check_each_step:
+            if not bool(torch.isfinite(check)):
+                return self._non_finite(result)
+        else:  # record the first bad step on the device; check_deferred() raises at the next log step
+            bad = ~torch.isfinite(check) & (self._first_bad < 0)
+            self._first_bad = torch.where(bad, self.step_count + 1, self._first_bad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._has_hook:
+            self.raw_model.after_optimizer_step()
+        self.step_count += 1
+        return result
+
+    def _non_finite(self, result: StepOutput) -> StepOutput:
+        step = self.step_count + 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.spec.nan_policy != "skip":
+            raise NonFiniteLoss(step)
+        self.skipped += 1
+        if self.skipped > self.spec.max_skipped_steps:
+            raise NonFiniteLoss(step, f" ({self.skipped} steps skipped, more than "
+                                      f"train.max_skipped_steps = {self.spec.max_skipped_steps})")
+        self.step_count += 1
+        result.skipped = True
+        return result
+
+    def check_deferred(self) -> None:
+        """Raise for a non-finite step recorded on the device since the last check (CUDA, policy stop)."""
+        if not self.check_each_step:
+            bad = int(self._first_bad)
+            if bad >= 0:
+                raise NonFiniteLoss(bad)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation cross-entropy over ``eval_steps`` batches (the same batches every time)."""
+        from ..data import bits_per_byte
+        spec = self.spec
+        sampler = self.BatchSampler(self.prep.val, spec.batch_size, self.context_length, mode="random",
+                                    seed=spec.seed, rank=self.runtime.rank, world_size=self.runtime.world_size)
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float32, device=self.runtime.device)
+        try:
+            for _ in range(spec.eval_steps):
+                x, y = self._to_device(sampler.next_batch())
+                with self.runtime.autocast():
+                    total += self.model(x, y).ce_loss.float()
+        finally:
+            self.model.train()
+        val_loss = total.item() / spec.eval_steps
+        n_tokens, n_bytes = split_size(self.prep, "val")
+        bpb = bits_per_byte(val_loss, n_tokens, n_bytes) if n_tokens and n_bytes else None
+        return {"val_loss": val_loss, "val_bpb": bpb}
+
+    # ---- state -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step_count, "tokens": self.tokens_seen, "skipped": self.skipped,
+                "best_val_loss": self.best_val_loss, "best_step": self.best_step, "elapsed_s": self.elapsed_s,
+                "optimizer": self.optimizer.state_dict(),
+                "optimizer_params": param_names(self.raw_model, self.optimizer),
+                "schedule": {"kind": self.spec.schedule.kind, "step": self.step_count},
+                "sampler": self.sampler.state_dict(), "rng": rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        names = param_names(self.raw_model, self.optimizer)
+        if state["optimizer_params"] != names:
+            raise StateMismatch("the checkpoint's optimizer state is for other parameters than this model's "
+                                f"({len(state['optimizer_params'])} saved, {len(names)} here)")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise StateMismatch(f"cannot restore the optimizer state: {e} "
+                                "(was train.optimizer changed since the run started?)") from None
+        for group, flags in zip(self.optimizer.param_groups, self._kernel_flags):
+            group.update(flags)  # kernels follow this machine, not the saved one
+            if isinstance(group.get("betas"), list):
+                group["betas"] = tuple(group["betas"])
+        self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        self.step_count = int(state["step"])
+        self.skipped = int(state["skipped"])
+        self.best_val_loss = float(state["best_val_loss"])
+        self.best_step = state["best_step"]
+        self.elapsed_s = float(state["elapsed_s"])
+
+
+def split_size(prep, split: str) -> tuple[int | None, int | None]:
+    """(tokens, bytes) of a split from the prepared data's manifest, None where unknown."""
+    manifest = getattr(prep, "manifest", None) or {}
+    return (manifest.get("n_tokens", {}).get(split), manifest.get("n_bytes", {}).get(split))
+
+
+__all__ = ["AdamW", "NonFiniteLoss", "StateMismatch", "StepOutput", "Trainer", "seed_everything"]

@@ -1,0 +1,62 @@
+"""The minimal runtime layer and tools/bench.py."""
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from nanodecoder.runtime import Runtime, RuntimeSetupError, RuntimeSpec, setup_runtime
+from trainhelpers import REPO, write_blueprint
+
+
+def test_cpu_runtime_describes_itself_and_is_a_no_op_wrapper():
+    threads = torch.get_num_threads()
+    try:
+        rt = setup_runtime(RuntimeSpec(profile="cpu", threads=1))
+        assert rt.device == torch.device("cpu") and rt.threads == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert rt.is_main and rt.world_size == 1 and rt.precision == "fp32"
+    assert rt.describe() == "cpu (1 threads), fp32"
+    with rt.autocast():
+        assert torch.ones(2).dtype == torch.float32
+    assert rt.peak_memory_bytes() > 0
+    inner = nn.Linear(2, 2)
+    outer = nn.Module()
+    outer.module = nn.Module()
+    outer.module._orig_mod = inner
+    assert rt.unwrap(outer) is inner and rt.unwrap(inner) is inner
+    assert setup_runtime(RuntimeSpec.from_dict({"device": "cpu"})).device.type == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_unavailable_devices_are_clear_errors(monkeypatch):
+    with pytest.raises(RuntimeSetupError, match="CUDA is not available"):
+        setup_runtime(RuntimeSpec(device="cuda"))
+    with pytest.raises(RuntimeSetupError, match="profile 'cpu' cannot run on device 'cuda:1'"):
+        setup_runtime(RuntimeSpec(profile="cpu", device="cuda:1"))
+    assert setup_runtime(RuntimeSpec()).device.type == "cpu"      # auto falls back to the CPU
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeSetupError, match="DDP runtime profile"):
+        setup_runtime(RuntimeSpec())
+
+
+def test_runtime_autocast_for_reduced_precision():
+    rt = Runtime(device=torch.device("cpu"), precision="bf16")
+    with rt.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_bench_reports_speed_and_memory(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench", REPO / "tools" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bp = write_blueprint(tmp_path)
+    assert bench.main([str(bp), "--steps", "3", "--warmup", "1", "--eval"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"steps 3 \(after 1 warm-up\): [\d.]+ ms/step mean, [\d.]+ median, [\d,]+ tokens/s", out)
+    assert "peak memory" in out and "max RSS" in out and "val loss after 4 steps" in out
+    assert bench.main([str(bp), "--set", "train.stepz=1"]) == 2

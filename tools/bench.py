@@ -1,0 +1,79 @@
+"""Time the training step of a blueprint: tokens/s, ms/step (after warm-up), peak memory.
+
+    python tools/bench.py blueprints/nanogpt_cpu_char.yaml --steps 50 [--warmup 5] [--set train.batch_size=16]
+    python tools/bench.py BLUEPRINT --steps 2000 --eval     # also train to the end and report val loss
+
+Runs the real Trainer step (the one ``python -m nanodecoder.run`` uses) with no
+run directory, no logging and no checkpoints.  Peak memory is
+``torch.cuda.max_memory_allocated`` on CUDA and the process's maximum resident
+set (``getrusage``) on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("blueprint")
+    p.add_argument("--steps", type=int, default=50, help="timed optimizer steps (default 50)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+    p.add_argument("--eval", action="store_true", help="evaluate on the validation split after the timed steps")
+    args = p.parse_args(argv)
+
+    from nanodecoder.cli_common import fail
+    from nanodecoder.model import build_model
+    from nanodecoder.params import count_params, flops_per_token
+    from nanodecoder.run import load, prepare, user_errors
+    from nanodecoder.runtime import setup_runtime
+    from nanodecoder.train.trainer import Trainer, seed_everything
+    try:
+        ns = argparse.Namespace(blueprint=args.blueprint, overrides=args.overrides, resume=None)
+        bp, _, base_dir = load(ns)
+        prep, spec = prepare(bp, base_dir)
+        runtime = setup_runtime(spec.runtime)
+    except user_errors() as e:
+        return fail(e)
+    seed_everything(spec.train.seed)
+    model = runtime.prepare_model(build_model(spec.model, device=runtime.device, seed=spec.train.seed))
+    trainer = Trainer(model, spec.train, runtime, prep, context_length=spec.model.context_length,
+                      sampling=spec.data.sampling)
+    report = count_params(trainer.raw_model)
+    print(f"{bp.name}: {report.total:,} params ({report.active:,} active), {trainer.tokens_per_step:,} tokens/step, "
+          f"{runtime.describe()}")
+    for _ in range(args.warmup):
+        trainer.step()
+    runtime.synchronize()
+    times = []
+    out = None
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        out = trainer.step()
+        if not trainer.check_each_step:
+            runtime.synchronize()
+        times.append(time.perf_counter() - t0)
+    loss = out.loss.item() if out is not None else float("nan")
+    total = sum(times)
+    tok_s = args.steps * trainer.tokens_per_step / total if total else float("nan")
+    mem = runtime.peak_memory_bytes() / 2**20
+    print(f"steps {args.steps} (after {args.warmup} warm-up): {1000 * total / args.steps:.2f} ms/step mean, "
+          f"{1000 * statistics.median(times):.2f} median, {tok_s:,.0f} tokens/s, "
+          f"{flops_per_token(spec.model) * tok_s / 1e9:.2f} GFLOP/s, "
+          f"peak memory {mem:,.0f} MiB ({'max allocated' if runtime.is_cuda else 'max RSS'}), "
+          f"last train loss {loss:.4f}")
+    if args.eval:
+        ev = trainer.evaluate()
+        bpb = f", {ev['val_bpb']:.4f} bpb" if ev["val_bpb"] else ""
+        print(f"val loss after {trainer.step_count} steps: {ev['val_loss']:.4f}{bpb}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
