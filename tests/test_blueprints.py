@@ -76,3 +76,34 @@ def test_param_count_cli(tmp_path):
     data = json.loads(out.stdout)
     (entry,) = data.values()
     assert entry["active"] < entry["total"]
+
+
+REDUCED = {
+    # the original design's default MoE, shrunk: 2 layers (MoE in layer 0), 64 wide, byte tokens
+    "seed_moe_gpt.yaml": ["model.n_layers=2", "model.d_model=64", "model.context_length=32",
+                          "model.vocab_size=auto", "model.block.attention={kind: causal, n_heads: 4, bias: true}",
+                          "model.overrides[0].mlp.expert_hidden=128"],
+    "moe_gpt.yaml": ["model.n_layers=2", "model.d_model=64", "model.context_length=32",
+                     "model.block.attention={kind: causal, n_heads: 4}", "model.block.mlp.expert_hidden=64"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(REDUCED))
+def test_moe_blueprint_trains_20_steps_at_reduced_size(name, tmp_path, monkeypatch):
+    import json
+
+    from nanodecoder.run import main
+    monkeypatch.setenv("NANODECODER_CACHE", str(tmp_path / "cache"))
+    over = REDUCED[name] + [
+        "data.source={kind: python_stdlib, max_bytes: 300000}", "data.tokenizer={kind: byte}",
+        "train.steps=20", "train.batch_size=4", "train.grad_accum=1", "train.eval_every=10", "train.eval_steps=2",
+        "train.log_every=5", "train.checkpoint_every=20", "train.schedule={kind: cosine, warmup_steps: 2}",
+        f"logging.runs_dir={tmp_path / 'runs'}", "logging.progress=false", "sample.max_new_tokens=8"]
+    over = [o.replace("overrides[0]", "overrides.0") for o in over]
+    assert main([str(blueprints_dir() / name), "--set", *over]) == 0
+    (run,) = (tmp_path / "runs").glob("*/*")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert train[-1]["step"] == 20
+    assert "moe/layer0/load" in train[-1] and "moe/layer0/dropped_frac" in train[-1], "MoE statistics are logged"
+    assert (run / "expert_load.png").is_file()

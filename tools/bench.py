@@ -19,6 +19,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def build_trainer(blueprint: str, overrides: list[str]):
+    """The blueprint's real Trainer (data prepared, model built and placed), no run directory."""
+    from nanodecoder.model import build_model
+    from nanodecoder.run import load, prepare
+    from nanodecoder.runtime import setup_runtime
+    from nanodecoder.train.trainer import Trainer, seed_everything
+    bp, _, base_dir = load(argparse.Namespace(blueprint=blueprint, overrides=overrides, resume=None))
+    prep, spec = prepare(bp, base_dir)
+    runtime = setup_runtime(spec.runtime)
+    seed_everything(spec.train.seed)
+    model = runtime.prepare_model(build_model(spec.model, device=runtime.device, seed=spec.train.seed))
+    trainer = Trainer(model, spec.train, runtime, prep, context_length=spec.model.context_length,
+                      sampling=spec.data.sampling)
+    return bp, spec, runtime, trainer
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("blueprint")
@@ -29,22 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from nanodecoder.cli_common import fail
-    from nanodecoder.model import build_model
     from nanodecoder.params import count_params, flops_per_token
-    from nanodecoder.run import load, prepare, user_errors
-    from nanodecoder.runtime import setup_runtime
-    from nanodecoder.train.trainer import Trainer, seed_everything
+    from nanodecoder.run import user_errors
     try:
-        ns = argparse.Namespace(blueprint=args.blueprint, overrides=args.overrides, resume=None)
-        bp, _, base_dir = load(ns)
-        prep, spec = prepare(bp, base_dir)
-        runtime = setup_runtime(spec.runtime)
+        bp, spec, runtime, trainer = build_trainer(args.blueprint, args.overrides)
     except user_errors() as e:
         return fail(e)
-    seed_everything(spec.train.seed)
-    model = runtime.prepare_model(build_model(spec.model, device=runtime.device, seed=spec.train.seed))
-    trainer = Trainer(model, spec.train, runtime, prep, context_length=spec.model.context_length,
-                      sampling=spec.data.sampling)
     report = count_params(trainer.raw_model)
     print(f"{bp.name}: {report.total:,} params ({report.active:,} active), {trainer.tokens_per_step:,} tokens/step, "
           f"{runtime.describe()}")

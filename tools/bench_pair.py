@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Training throughput of two blueprints measured in one process, as a ratio.
+
+    python tools/bench_pair.py blueprints/dense_gpt.yaml blueprints/moe_gpt.yaml --rounds 6 --steps 5
+
+Both real Trainers are built first; then rounds of ``--steps`` timed steps
+alternate between them, so machine noise hits both alike.  Prints ms/step and
+tokens/s per blueprint (median over rounds) and B/A.  Numbers, never asserts.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import build_trainer  # noqa: E402
+
+
+def timed(trainer, runtime, steps: int) -> float:
+    runtime.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.step()
+    runtime.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("a")
+    ap.add_argument("b")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per round and blueprint")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="overrides applied to both blueprints")
+    args = ap.parse_args(argv)
+    runs = {}
+    for path in (args.a, args.b):
+        bp, spec, runtime, trainer = build_trainer(path, args.overrides)
+        for _ in range(args.warmup):
+            trainer.step()
+        runs[bp.name] = (trainer, runtime, [])
+    for _ in range(args.rounds):
+        for trainer, runtime, times in runs.values():
+            times.append(timed(trainer, runtime, args.steps))
+    rates = {}
+    for name, (trainer, _, times) in runs.items():
+        ms = 1000 * statistics.median(times)
+        rates[name] = trainer.tokens_per_step / (ms / 1000)
+        print(f"{name:<24} {ms:9.1f} ms/step  {rates[name]:>10,.0f} tokens/s  (median of {len(times)} rounds)")
+    (na, ra), (nb, rb) = rates.items()
+    print(f"throughput {nb} / {na} = {rb / ra:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

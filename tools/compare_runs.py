@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Compare finished (or running) runs: validation loss against wall-clock time and tokens.
+
+    python tools/compare_runs.py runs/dense_gpt/<ts> runs/moe_gpt/<ts> --out compare.png
+
+Prints, for each run, the validation loss reached by equal amounts of training
+time (eval pauses excluded: the x axis is the trainer's ``elapsed_s``), and
+draws one PNG with both views.  This is how the MoE-vs-dense claim of the
+README is checked: at equal wall-clock the MoE twin should be lower.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nanodecoder.train.metrics import read_rows  # noqa: E402
+from nanodecoder.train.plots import _pyplot, _save  # noqa: E402
+
+
+def val_curve(run: Path) -> list[dict]:
+    """Eval rows with the training time (``elapsed_s``) of the train row logged at the same step."""
+    rows = read_rows(run / "metrics.jsonl")
+    elapsed, points = {}, []
+    for r in rows:
+        if r.get("kind") == "train":
+            elapsed[r["step"]] = r["elapsed_s"]
+        elif r.get("kind") == "eval" and r.get("val_loss") is not None:
+            t = elapsed.get(r["step"])
+            if t is not None:
+                points.append({"step": r["step"], "tokens": r["tokens"], "elapsed_s": t, "val_loss": r["val_loss"]})
+    return points
+
+
+def loss_at(points: list[dict], seconds: float) -> float | None:
+    """Best validation loss among evals done within ``seconds`` of training."""
+    seen = [p["val_loss"] for p in points if p["elapsed_s"] <= seconds]
+    return min(seen) if seen else None
+
+
+def label(run: Path) -> str:
+    info = run / "run.json"
+    if info.is_file():
+        return json.loads(info.read_text()).get("name", run.parent.name)
+    return run.parent.name
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="run directories")
+    ap.add_argument("--out", type=Path, default=Path("compare.png"), help="PNG to write (default compare.png)")
+    args = ap.parse_args(argv)
+    curves = {label(r): val_curve(r) for r in args.runs}
+    common = min((c[-1]["elapsed_s"] for c in curves.values() if c), default=0.0)
+    marks = [common * f for f in (0.25, 0.5, 0.75, 1.0)]
+    print(f"{'run':<24}" + "".join(f"{f'@{m:.0f}s':>12}" for m in marks) + f"{'steps':>8}{'tok/s':>10}")
+    for name, pts in curves.items():
+        if not pts:
+            print(f"{name:<24} (no evaluations yet)")
+            continue
+        cells = "".join(f"{(loss_at(pts, m) or float('nan')):>12.4f}" for m in marks)
+        print(f"{name:<24}{cells}{pts[-1]['step']:>8}{pts[-1]['tokens'] / pts[-1]['elapsed_s']:>10,.0f}")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, pts in curves.items():
+        for ax, x in zip(axes, ("elapsed_s", "tokens")):
+            ax.plot([p[x] for p in pts], [p["val_loss"] for p in pts], "o-", ms=3, label=name)
+    for ax, x in zip(axes, ("training wall-clock (s)", "tokens")):
+        ax.set_xlabel(x)
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    _save(fig, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
