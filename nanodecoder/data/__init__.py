@@ -13,7 +13,7 @@ tokenizers to the registries given (called from the one built-ins file).
 from __future__ import annotations
 
 from .bpe import BpeTokenizer, TiktokenTokenizer
-from .checks import bits_per_byte, check_fits
+from .checks import bits_per_byte, check_fits, unigram_loss
 from .errors import DataError
 from .prepare import Prepared, cache_root, load_prepared, prepare_data
 from .sampler import BatchSampler
@@ -37,6 +37,6 @@ def register(regs) -> None:
 __all__ = [
     "BatchSampler", "BpeTokenizer", "ByteTokenizer", "CharTokenizer", "Corpus", "DataError", "DataSource",
     "DataSpec", "Prepared", "PythonStdlibSource", "TextSource", "TiktokenTokenizer", "Tokenizer", "UrlSource",
-    "bits_per_byte", "cache_root", "check_fits", "load_prepared", "load_tokenizer", "prepare_data",
+    "bits_per_byte", "cache_root", "check_fits", "unigram_loss", "load_prepared", "load_tokenizer", "prepare_data",
     "register", "tokenizer_vocab_size",
 ]

@@ -1,7 +1,9 @@
-"""Numbers and guard rails that use prepared data: bits per byte, model fit."""
+"""Numbers and guard rails that use prepared data: bits per byte, unigram baseline, model fit."""
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 from .errors import DataError
 from .prepare import SPLITS, Prepared
@@ -31,3 +33,14 @@ def check_fits(prepared: Prepared, context_length: int, vocab_size: int) -> None
             raise DataError(f"the {split} split has {n} tokens, fewer than context_length + 1 = "
                             f"{context_length + 1}; use more data (data.source max_bytes or val_fraction) "
                             "or a shorter context_length")
+
+
+def unigram_loss(prepared: Prepared) -> float:
+    """Cross-entropy (nats/token) of the validation split under the training split's
+    unigram distribution (add-one smoothed): the loss of a model that ignores context.
+    A trained model's validation loss should end well below it."""
+    vocab = prepared.tokenizer.vocab_size
+    counts = np.bincount(np.asarray(prepared.train), minlength=vocab).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    val = np.bincount(np.asarray(prepared.val), minlength=vocab).astype(np.float64)
+    return float(-(val * logp[: len(val)]).sum() / max(val.sum(), 1.0))

@@ -43,6 +43,12 @@ def start_summary(*, name: str, run_dir, params, trainer, runtime, train_tokens:
         f"  eval           every {spec.eval_every or spec.steps} steps on {spec.eval_steps} batches; "
         f"checkpoint every {spec.checkpoint_every or spec.steps}",
     ]
+    prep = getattr(trainer, "prep", None)
+    if prep is not None and getattr(prep, "train", None) is not None and len(prep.val):
+        from ..data import unigram_loss
+        vocab = prep.tokenizer.vocab_size
+        lines.append(f"  baselines      uniform {math.log(vocab):.3f}, unigram {unigram_loss(prep):.3f} "
+                     "nats/token (val loss should end well below both)")
     if resumed_from:
         lines.append(f"  resumed from   {resumed_from} (step {trainer.step_count})")
     return "\n".join(lines)
