@@ -29,7 +29,7 @@ def build_trainer(blueprint: str, overrides: list[str]):
     prep, spec = prepare(bp, base_dir)
     runtime = setup_runtime(spec.runtime)
     seed_everything(spec.train.seed)
-    model = runtime.prepare_model(build_model(spec.model, device=runtime.device, seed=spec.train.seed))
+    model = runtime.prepare_model(build_model(spec.model, device=runtime.build_device, seed=spec.train.seed))
     trainer = Trainer(model, spec.train, runtime, prep, context_length=spec.model.context_length,
                       sampling=spec.data.sampling)
     return bp, spec, runtime, trainer
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from nanodecoder.cli_common import fail
-    from nanodecoder.params import count_params, flops_per_token
+    from nanodecoder.params import count_params
     from nanodecoder.run import user_errors
     try:
         bp, spec, runtime, trainer = build_trainer(args.blueprint, args.overrides)
@@ -54,9 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     report = count_params(trainer.raw_model)
     print(f"{bp.name}: {report.total:,} params ({report.active:,} active), {trainer.tokens_per_step:,} tokens/step, "
           f"{runtime.describe()}")
+    t_warm = time.perf_counter()
     for _ in range(args.warmup):
         trainer.step()
     runtime.synchronize()
+    warm_s = time.perf_counter() - t_warm          # includes torch.compile's compilation
     times = []
     out = None
     for _ in range(args.steps):
@@ -69,11 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(times)
     tok_s = args.steps * trainer.tokens_per_step / total if total else float("nan")
     mem = runtime.peak_memory_bytes() / 2**20
+    flops, mfu = runtime.mfu(tok_s, trainer.flops_per_token)
     print(f"steps {args.steps} (after {args.warmup} warm-up): {1000 * total / args.steps:.2f} ms/step mean, "
           f"{1000 * statistics.median(times):.2f} median, {tok_s:,.0f} tokens/s, "
-          f"{flops_per_token(spec.model) * tok_s / 1e9:.2f} GFLOP/s, "
-          f"peak memory {mem:,.0f} MiB ({'max allocated' if runtime.is_cuda else 'max RSS'}), "
-          f"last train loss {loss:.4f}")
+          f"{flops / 1e9:.2f} GFLOP/s" + (f", MFU {mfu:.1%}" if mfu is not None else "") + ", "
+          f"peak memory {mem:,.0f} MiB ({runtime.memory_label}), last train loss {loss:.4f}")
+    print(f"warm-up {warm_s:.1f} s (includes compilation); peak "
+          + (f"{runtime.peak_flops / 1e9:,.1f} GFLOP/s per device" if runtime.peak_flops else "unknown")
+          + f" ({runtime.peak_source})")
     if args.eval:
         ev = trainer.evaluate()
         bpb = f", {ev['val_bpb']:.4f} bpb" if ev["val_bpb"] else ""

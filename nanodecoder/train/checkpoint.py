@@ -47,13 +47,33 @@ def clean_name(name: str) -> str:
     return ".".join(parts)
 
 
-def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Uncompiled state dict with each shared tensor once, and ``{alias: stored name}``."""
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """``{alias: first name}`` of parameters registered under several names (a tied head)."""
+    first: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied[clean_name(name)] = clean_name(first[id(p)])
+        else:
+            first[id(p)] = name
+    return tied
+
+
+def model_tensors(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Uncompiled state dict with each shared tensor once, and ``{alias: stored name}``.
+
+    ``state_dict``: the model's full state when it is not ``model.state_dict()`` (gathered from
+    shards, where a tied weight arrives as two copies)."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    for raw_name, t in model.state_dict(keep_vars=False).items():
+    tied = tied_names(model) if state_dict is not None else {}
+    for raw_name, t in (model.state_dict(keep_vars=False) if state_dict is None else state_dict).items():
         name = clean_name(raw_name)
+        if tied.get(name) in tensors:
+            aliases[name] = tied[name]
+            continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
             if t.numel() else None
         if key is not None and key in seen:
@@ -98,14 +118,16 @@ def write_atomic_text(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
-def save_checkpoint(path: Path, model: nn.Module, state: dict[str, Any]) -> Path:
-    """Write a complete checkpoint folder at ``path`` atomically (see the module docstring)."""
+def save_checkpoint(path: Path, model: nn.Module, state: dict[str, Any],
+                    model_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a complete checkpoint folder at ``path`` atomically (see the module docstring);
+    ``model_state``: the full weights when they are not ``model.state_dict()`` (FSDP)."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    tensors, aliases = model_tensors(model)
+    tensors, aliases = model_tensors(model, model_state)
     save_file(tensors, tmp / MODEL_FILE, metadata={"format": "nanodecoder", "aliases": json.dumps(aliases)})
     doc, state_tensors = flatten(state)
     save_file(state_tensors, tmp / STATE_FILE, metadata={"format": "nanodecoder"})
@@ -164,8 +186,10 @@ def _load_safetensors(f: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         raise CheckpointError(f"cannot read {f}: {e}") from None
 
 
-def load_model_weights(model: nn.Module, path: Path, *, verify: bool = True) -> dict:
-    """Load a checkpoint's weights into ``model`` (an unwrapped module); explain any mismatch."""
+def load_model_weights(model: nn.Module, path: Path, *, verify: bool = True, load=None) -> dict:
+    """Load a checkpoint's weights into ``model`` (an unwrapped module); explain any mismatch.
+
+    ``load(full_state_dict)`` replaces ``model.load_state_dict(..., strict=True)`` (sharded models)."""
     path = Path(path)
     manifest = verify_checkpoint(path) if verify else read_manifest(path)
     tensors, meta = _load_safetensors(path / MODEL_FILE)
@@ -186,7 +210,10 @@ def load_model_weights(model: nn.Module, path: Path, *, verify: bool = True) -> 
                 lines.append(f"  {label}: {', '.join(items[:5])}{more}")
         lines.append("  (was the blueprint's model section changed since the run started?)")
         raise CheckpointError("\n".join(lines))
-    model.load_state_dict(full, strict=True)
+    if load is None:
+        model.load_state_dict(full, strict=True)
+    else:
+        load(full)
     return manifest
 
 
@@ -238,7 +265,8 @@ class CheckpointManager:
             return []
         return sorted(p for p in self.root.glob("step_*") if (p / MANIFEST).is_file())
 
-    def save(self, step: int, model: nn.Module, state: dict[str, Any], *, best: bool = False) -> Path:
+    def save(self, step: int, model: nn.Module, state: dict[str, Any], *, best: bool = False,
+             model_state: dict[str, torch.Tensor] | None = None) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         for stale in self.root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -246,7 +274,7 @@ class CheckpointManager:
         if not (path / MANIFEST).is_file():  # the same step of the same run holds the same state
             if path.exists():
                 shutil.rmtree(path)
-            save_checkpoint(path, model, state)
+            save_checkpoint(path, model, state, model_state)
         write_atomic_text(self.root / "latest", path.name)
         if best:
             write_atomic_text(self.root / "best", path.name)

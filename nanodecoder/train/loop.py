@@ -64,19 +64,37 @@ class GracefulStop:
 def resume_trainer(trainer: Trainer, run: RunDir) -> Path:
     """Load the run's latest checkpoint into the trainer's model and state."""
     path = run.checkpoints.resolve("latest")
-    load_model_weights(trainer.raw_model, path)
+    load_model_weights(trainer.raw_model, path,
+                       load=lambda full: trainer.runtime.load_model_state(trainer.raw_model, full))
     trainer.load_state_dict(load_state(path))
     return path
 
 
+class _NoMetrics:
+    """Ranks other than 0 write no metrics (they still compute every number)."""
+    rows: list = []
+
+    def write(self, row: dict) -> dict:
+        return row
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class _Progress:
-    def __init__(self, enabled: bool, total: int, initial: int):
+    def __init__(self, enabled: bool, total: int, initial: int, silent: bool = False):
         self.bar = None
+        self.silent = silent        # ranks other than 0 print nothing
         if enabled:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def echo(self, text: str) -> None:
+        if self.silent:
+            return
         if self.bar is not None:
             self.bar.write(text, file=sys.stderr)
         else:
@@ -95,22 +113,32 @@ class _Progress:
 
 def run_training(trainer: Trainer, run: RunDir, *, logging, sample, name: str, params, tokenizer,
                  wandb_run=None, resumed_from: Path | None = None, train_tokens: int = 0,
-                 out: Callable[[str], None] = print) -> RunResult:
+                 out: Callable[[str], None] = print, evals: tuple = ()) -> RunResult:
+    """``evals``: periodic evaluations (``nanodecoder.eval.PeriodicEval``) logged as their own eval rows."""
     spec = trainer.spec
-    metrics = MetricsLog(run / RunDir.METRICS, wandb_run)
+    runtime = trainer.runtime
+    main = runtime.is_main          # only rank 0 writes metrics, plots, checkpoints, samples and prints
+    if not main:
+        out = _quiet
+    metrics = MetricsLog(run / RunDir.METRICS, wandb_run) if main else _NoMetrics()
     metrics.truncate_after(trainer.step_count)
     out(start_summary(name=name, run_dir=run, params=params, trainer=trainer, runtime=trainer.runtime,
                       train_tokens=train_tokens, resumed_from=str(resumed_from) if resumed_from else None))
-    progress = _Progress(logging.progress and trainer.runtime.is_main, spec.steps, trainer.step_count)
+    progress = _Progress(logging.progress and main, spec.steps, trainer.step_count, silent=not main)
     moe = MoEMonitor(logging.empty_expert_warn_after, warn=progress.echo)
     t_start = time.perf_counter()
     elapsed0 = trainer.elapsed_s
     last_eval: dict | None = None
     status, code = "completed", EXIT_OK
 
-    def save(best: bool = False) -> Path:
+    def save(best: bool = False) -> Path | None:
         trainer.elapsed_s = elapsed0 + time.perf_counter() - t_start
-        return run.checkpoints.save(trainer.step_count, trainer.raw_model, trainer.state_dict(), best=best)
+        model_state = runtime.model_state(trainer.raw_model)    # every rank: FSDP gathers the shards
+        state = trainer.state_dict()
+        if not main:
+            return None
+        return run.checkpoints.save(trainer.step_count, trainer.raw_model, state, best=best,
+                                    model_state=model_state)
 
     try:
         with GracefulStop() as stop:
@@ -118,6 +146,7 @@ def run_training(trainer: Trainer, run: RunDir, *, logging, sample, name: str, p
             while trainer.step_count < spec.steps:
                 result = trainer.step()
                 step = trainer.step_count
+                stopping = runtime.any_rank(stop.signum is not None)   # all ranks stop at the same step
                 steps_since_log += 1
                 progress.update(1)
                 paused = False
@@ -126,7 +155,8 @@ def run_training(trainer: Trainer, run: RunDir, *, logging, sample, name: str, p
                     now = time.perf_counter()
                     row = train_row(trainer, result, moe, steps_since_log, now - t_log, elapsed0 + now - t_start)
                     metrics.write(row)
-                    progress.update(0, loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:,.0f}")
+                    progress.update(0, loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:,.0f}",
+                                    **({"mfu": f"{row['mfu']:.1%}"} if row.get("mfu") is not None else {}))
                     t_log, steps_since_log = now, 0
                 best = False
                 if spec.is_eval_step(step):
@@ -138,17 +168,26 @@ def run_training(trainer: Trainer, run: RunDir, *, logging, sample, name: str, p
                                    "best_val_loss": trainer.best_val_loss})
                     progress.echo(f"step {step}: val loss {last_eval['val_loss']:.4f}"
                                   + (f", {last_eval['val_bpb']:.4f} bpb" if last_eval["val_bpb"] else "")
+                                  + "".join(f", {k} {v:.4f}" for k, v in last_eval.items()  # e.g. val_acc
+                                            if k not in ("val_loss", "val_bpb") and isinstance(v, float))
                                   + (" (best)" if best else ""))
-                    if logging.plots:
+                    if logging.plots and main:
                         _plots(run, metrics.rows, moe, name, step)
                     paused = True
-                if spec.is_checkpoint_step(step) or (best and spec.keep_best) or stop.signum is not None:
+                for extra in evals:
+                    if extra.due(step, spec):
+                        row = metrics.write({"kind": "eval", "step": step, "tokens": trainer.tokens_seen,
+                                             **extra(trainer)})
+                        progress.echo(f"step {step}: {extra.line(row)}")
+                        paused = True
+                if spec.is_checkpoint_step(step) or (best and spec.keep_best) or stopping:
                     save(best=best and spec.keep_best)
                     paused = True
-                if stop.signum is not None:
+                if stopping:
+                    signum = stop.signum or signal.SIGTERM      # another rank's signal
                     status = "interrupted"
-                    code = 128 + stop.signum
-                    progress.echo(f"{signal.Signals(stop.signum).name} received: checkpoint saved at step {step}; "
+                    code = 128 + signum
+                    progress.echo(f"{signal.Signals(signum).name} received: checkpoint saved at step {step}; "
                                   f"continue with: python -m nanodecoder.run --resume {run}")
                     break
                 if paused:  # eval/checkpoint time is not training throughput
@@ -165,13 +204,18 @@ def run_training(trainer: Trainer, run: RunDir, *, logging, sample, name: str, p
     files = [f for f in (RunDir.METRICS, RunDir.LOSS_PLOT, RunDir.LOAD_PLOT, RunDir.SAMPLES, "ckpt/")
              if (run / f.rstrip("/")).exists()]
     out(end_summary(status=status, trainer=trainer, run_dir=run, wall_s=wall, last_eval=last_eval, files=files))
-    run.update_meta(status=status, step=trainer.step_count, best_val_loss=_finite(trainer.best_val_loss),
-                    best_step=trainer.best_step, wall_s=wall)
+    if main:
+        run.update_meta(status=status, step=trainer.step_count, best_val_loss=_finite(trainer.best_val_loss),
+                        best_step=trainer.best_step, wall_s=wall)
     if wandb_run is not None:
         wandb_run.summary.update({"best_val_loss": _finite(trainer.best_val_loss), "status": status})
         wandb_run.finish(exit_code=code)
     return RunResult(status, trainer.step_count, trainer.best_val_loss, trainer.best_step, last_eval,
                      run.path, wall, code)
+
+
+def _quiet(text: str) -> None:
+    pass
 
 
 def train_row(trainer: Trainer, result, moe: MoEMonitor, steps: int, seconds: float, elapsed: float) -> dict:
@@ -181,6 +225,7 @@ def train_row(trainer: Trainer, result, moe: MoEMonitor, steps: int, seconds: fl
            "loss": result.loss.item(), "lr": result.lr,
            "tokens_per_s": steps * trainer.tokens_per_step / seconds, "ms_per_step": 1000 * seconds / steps,
            "elapsed_s": elapsed}
+    row["flops_per_s"], row["mfu"] = trainer.runtime.mfu(row["tokens_per_s"], trainer.flops_per_token)
     if result.grad_norm is not None:
         row["grad_norm"] = result.grad_norm.item()
     if result.aux_loss is not None:
@@ -204,9 +249,12 @@ def _plots(run: RunDir, rows, moe: MoEMonitor, name: str, step: int) -> None:
 
 def _write_samples(trainer: Trainer, tokenizer, sample, run: RunDir) -> None:
     from ..sample import sample_text
-    texts = sample_text(trainer.raw_model, tokenizer, sample.prompt, max_new_tokens=sample.max_new_tokens,
-                        temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p,
-                        seed=sample.seed, num_samples=sample.num_samples, device=trainer.runtime.device)
+    with trainer.runtime.eager():   # every rank (FSDP forwards are collective); rank 0 writes
+        texts = sample_text(trainer.raw_model, tokenizer, sample.prompt, max_new_tokens=sample.max_new_tokens,
+                            temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p,
+                            seed=sample.seed, num_samples=sample.num_samples, device=trainer.runtime.device)
+    if not trainer.runtime.is_main:
+        return
     header = (f"# step {trainer.step_count}, temperature {sample.temperature}, top_k {sample.top_k}, "
               f"top_p {sample.top_p}, seed {sample.seed}\n")
     (run / RunDir.SAMPLES).write_text(header + "\n\n---\n\n".join(texts) + "\n")

@@ -70,8 +70,9 @@ class TrainSpec:
         """The gradient-norm clip value, or None when clipping is off."""
         return self.grad_clip if self.grad_clip else None
 
-    def tokens_per_step(self, context_length: int, world_size: int = 1) -> int:
-        return self.batch_size * self.grad_accum * context_length * world_size
+    def tokens_per_step(self, context_length: int) -> int:
+        """Tokens per optimizer step of the whole job (``batch_size`` is the global micro-batch)."""
+        return self.batch_size * self.grad_accum * context_length
 
     def is_eval_step(self, step: int) -> bool:
         """Evaluate after optimizer step ``step`` (1-based)?"""

@@ -33,9 +33,12 @@ def start_summary(*, name: str, run_dir, params, trainer, runtime, train_tokens:
         f"  params         {human(params.total)} total, {human(params.active)} active per token "
         f"({human(params.non_embedding)} non-embedding)",
         f"  device         {runtime.describe()}",
-        f"  batch          {spec.batch_size} x {trainer.context_length} tokens x {spec.grad_accum} accum"
-        f"{f' x {runtime.world_size} ranks' if runtime.world_size > 1 else ''} = "
-        f"{trainer.tokens_per_step:,} tokens/step",
+        f"  FLOPs          {human(trainer.flops_per_token)} per token; peak "
+        + (f"{runtime.peak_flops / 1e12:.3g} TFLOP/s per device ({runtime.peak_source})" if runtime.peak_flops
+           else f"unknown ({runtime.peak_source})"),
+        f"  batch          {spec.batch_size}"
+        f"{f' ({trainer.local_batch} per rank x {runtime.world_size} ranks)' if runtime.world_size > 1 else ''}"
+        f" x {trainer.context_length} tokens x {spec.grad_accum} accum = {trainer.tokens_per_step:,} tokens/step",
         f"  steps          {spec.steps:,} -> {human(total_tokens)} tokens ({epochs:.2f} epochs of "
         f"{human(train_tokens)} train tokens)",
         f"  optimizer      {spec.optimizer.kind} {_params(spec.optimizer)}, lr {spec.lr:g}, "

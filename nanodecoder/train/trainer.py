@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..runtime import rng_state, set_rng_state
+from ..params import flops_per_token
 from .optim import AdamW, build_optimizer, param_names
 from .schedule import build_schedule, set_lr
 from .spec import TrainSpec
@@ -51,26 +53,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Trainer:
     """Optimizer + schedule + batches for ``model``; ``step()`` runs one optimizer step."""
 
     def __init__(self, model: nn.Module, spec: TrainSpec, runtime, prep, *, context_length: int,
-                 sampling: str = "random"):
+                 sampling: str = "random", batches=None, evaluator=None):
+        """``batches`` (a fine-tuning batch source with the BatchSampler interface) replaces the token
+        sampler, ``evaluator(trainer) -> {"val_loss", "val_bpb", ...}`` the validation-loss evaluation."""
         from ..data import BatchSampler
         self.model = model.train()
         self.raw_model = runtime.unwrap(model)
@@ -82,11 +71,15 @@ class Trainer:
         self.optimizer = build_optimizer(spec.optimizer, self.raw_model, spec.lr, runtime.device)
         self._kernel_flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in self.optimizer.param_groups]
         self.schedule = build_schedule(spec.schedule, spec.steps, spec.lr)
-        self.sampler = BatchSampler(prep.train, spec.batch_size, context_length, mode=sampling, seed=spec.seed,
-                                    rank=runtime.rank, world_size=runtime.world_size)
+        self.local_batch = runtime.local_batch(spec.batch_size)   # train.batch_size is the global batch
+        self.sampler = batches if batches is not None else BatchSampler(
+            prep.train, self.local_batch, context_length, mode=sampling, seed=spec.seed,
+            rank=runtime.rank, world_size=runtime.world_size)
+        self.evaluator = evaluator
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.tokens_per_step = spec.tokens_per_step(context_length, runtime.world_size)
-        self.check_each_step = spec.nan_policy == "skip" or not runtime.is_cuda
+        self.tokens_per_step = spec.tokens_per_step(context_length)
+        self.flops_per_token = flops_per_token(self.raw_model, context_length)
+        self.check_each_step = spec.nan_policy == "skip" or runtime.sync_is_free
         self._first_bad = torch.full((), -1, dtype=torch.long, device=runtime.device)
         self.step_count = 0           # completed optimizer steps
         self.skipped = 0
@@ -94,17 +87,14 @@ class Trainer:
         self.best_step: int | None = None
         self.elapsed_s = 0.0          # wall time of earlier sessions of this run (resume)
         self._has_hook = callable(getattr(self.raw_model, "after_optimizer_step", None))
+        runtime.split_rng(spec.seed, 0)   # ranks > 0: own dropout / noise streams after the shared init
 
     @property
     def tokens_seen(self) -> int:
         return self.step_count * self.tokens_per_step
 
     def _to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = (torch.as_tensor(t) for t in batch)
-        if self.runtime.is_cuda:
-            x, y = x.pin_memory().to(self.runtime.device, non_blocking=True), \
-                y.pin_memory().to(self.runtime.device, non_blocking=True)
-        return x, y
+        return self.runtime.to_device(batch)
 
     def step(self) -> StepOutput:
         """One optimizer step over ``grad_accum`` micro-batches."""
@@ -113,11 +103,12 @@ class Trainer:
         set_lr(self.optimizer, lr)
         ce_sum = obj_sum = aux_sum = None
         out = None
-        for _ in range(spec.grad_accum):
+        for micro in range(spec.grad_accum):
             x, y = self._to_device(self.sampler.next_batch())
-            with self.runtime.autocast():
-                out = model(x, y)
-            (out.loss / spec.grad_accum).backward()
+            with self.runtime.grad_sync(model, micro == spec.grad_accum - 1):   # ranks sync on the last
+                with self.runtime.autocast():
+                    out = model(x, y)
+                self.runtime.backward(out.loss / spec.grad_accum)
             ce, obj = out.ce_loss.detach(), out.loss.detach()
             ce_sum = ce if ce_sum is None else ce_sum + ce
             obj_sum = obj if obj_sum is None else obj_sum + obj
@@ -126,8 +117,9 @@ class Trainer:
                 aux_sum = aux if aux_sum is None else aux_sum + aux
         grad_norm = None
         if spec.clip is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, spec.clip)
-        check = obj_sum if grad_norm is None else obj_sum + grad_norm
+            grad_norm = self.runtime.clip_grad_norm(self.optimizer, self.params, spec.clip)
+        ce_sum, obj_sum, aux_sum = self.runtime.mean_over_ranks(ce_sum, obj_sum, aux_sum)  # all ranks agree
+        check = obj_sum if grad_norm is None or self.runtime.scales_loss else obj_sum + grad_norm
         result = StepOutput(loss=ce_sum / spec.grad_accum, lr=lr, grad_norm=grad_norm, stats=out.stats,
                             aux_loss=None if aux_sum is None else aux_sum / spec.grad_accum)
         if self.check_each_step:
@@ -136,7 +128,7 @@ class Trainer:
         else:  # record the first bad step on the device; check_deferred() raises at the next log step
             bad = ~torch.isfinite(check) & (self._first_bad < 0)
             self._first_bad = torch.where(bad, self.step_count + 1, self._first_bad)
-        self.optimizer.step()
+        self.runtime.optimizer_step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         if self._has_hook:
             self.raw_model.after_optimizer_step()
@@ -167,8 +159,10 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Mean validation cross-entropy over ``eval_steps`` batches (the same batches every time)."""
         from ..data import bits_per_byte
+        if self.evaluator is not None:
+            return self.evaluator(self)
         spec = self.spec
-        sampler = self.BatchSampler(self.prep.val, spec.batch_size, self.context_length, mode="random",
+        sampler = self.BatchSampler(self.prep.val, self.local_batch, self.context_length, mode="random",
                                     seed=spec.seed, rank=self.runtime.rank, world_size=self.runtime.world_size)
         self.model.eval()
         total = torch.zeros((), dtype=torch.float32, device=self.runtime.device)
@@ -179,6 +173,7 @@ class Trainer:
                     total += self.model(x, y).ce_loss.float()
         finally:
             self.model.train()
+        (total,) = self.runtime.mean_over_ranks(total)           # every rank's share of the batches
         val_loss = total.item() / spec.eval_steps
         n_tokens, n_bytes = split_size(self.prep, "val")
         bpb = bits_per_byte(val_loss, n_tokens, n_bytes) if n_tokens and n_bytes else None
@@ -188,10 +183,11 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step_count, "tokens": self.tokens_seen, "skipped": self.skipped,
                 "best_val_loss": self.best_val_loss, "best_step": self.best_step, "elapsed_s": self.elapsed_s,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": self.runtime.optimizer_state(self.raw_model, self.optimizer,   # full, also FSDP
+                                                          param_names(self.raw_model, self.optimizer)),
                 "optimizer_params": param_names(self.raw_model, self.optimizer),
                 "schedule": {"kind": self.spec.schedule.kind, "step": self.step_count},
-                "sampler": self.sampler.state_dict(), "rng": rng_state()}
+                "sampler": self.sampler.state_dict(), "rng": rng_state(), "runtime": self.runtime.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         names = param_names(self.raw_model, self.optimizer)
@@ -199,7 +195,7 @@ class Trainer:
             raise StateMismatch("the checkpoint's optimizer state is for other parameters than this model's "
                                 f"({len(state['optimizer_params'])} saved, {len(names)} here)")
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.runtime.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"], names)
         except (ValueError, KeyError) as e:
             raise StateMismatch(f"cannot restore the optimizer state: {e} "
                                 "(was train.optimizer changed since the run started?)") from None
@@ -209,7 +205,9 @@ class Trainer:
                 group["betas"] = tuple(group["betas"])
         self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
+        self.runtime.load_state_dict(state.get("runtime") or {})
         self.step_count = int(state["step"])
+        self.runtime.split_rng(self.spec.seed, self.step_count)
         self.skipped = int(state["skipped"])
         self.best_val_loss = float(state["best_val_loss"])
         self.best_step = state["best_step"]

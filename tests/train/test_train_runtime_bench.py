@@ -40,7 +40,7 @@ def test_unavailable_devices_are_clear_errors(monkeypatch):
         setup_runtime(RuntimeSpec(profile="cpu", device="cuda:1"))
     assert setup_runtime(RuntimeSpec()).device.type == "cpu"      # auto falls back to the CPU
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(RuntimeSetupError, match="DDP runtime profile"):
+    with pytest.raises(RuntimeSetupError, match="start distributed runs with torchrun"):
         setup_runtime(RuntimeSpec())
 
 

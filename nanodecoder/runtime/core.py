@@ -1,0 +1,251 @@
+"""The :class:`Runtime`: everything device-, precision- and process-dependent the trainer needs.
+
+The trainer, the loop and checkpointing ask the runtime and never branch on
+the device type themselves.  :meth:`Runtime.apply` prepares a model in one
+fixed order: device -> precision -> compile -> data-parallel wrap (DDP or FSDP2).
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import distributed as dist_
+from .compile import compile_errors, compile_model, eager, transformer_blocks
+from .profiles import Profile, RuntimeSetupError
+
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a run draws from (torch CPU and CUDA, numpy, Python)."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    precision: str = "fp32"                 # resolved: fp32 | bf16 | fp16
+    rank: int = 0
+    world_size: int = 1
+    threads: int = 1
+    local_rank: int = 0
+    data_parallel: str | None = None        # "ddp" | "fsdp" when world_size > 1
+    compile: bool = False
+    compile_mode: str = "default"
+    peak_flops: float | None = None         # of one device; None: unknown (no MFU)
+    peak_source: str = ""
+    profile: Profile | None = None
+    scaler: Any = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.precision == "fp16" and self.scaler is None:
+            self.scaler = torch.amp.GradScaler(self.device.type)
+
+    # ---- facts ------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def sync_is_free(self) -> bool:
+        """Reading a value from the device costs nothing (the CPU): check every step."""
+        return self.device.type == "cpu"
+
+    @property
+    def build_device(self) -> torch.device:
+        """Where to build the model: the host for FSDP (each block moves to the device as it is
+        sharded, so the full model never has to fit one device), else the run's device."""
+        return torch.device("cpu") if self.data_parallel == "fsdp" else self.device
+
+    @property
+    def peak_flops_total(self) -> float | None:
+        return self.peak_flops * self.world_size if self.peak_flops else None
+
+    def mfu(self, tokens_per_s: float, flops_per_token: float) -> tuple[float, float | None]:
+        """``(achieved model FLOP/s, MFU)`` of the whole job; MFU is None where the peak is unknown."""
+        flops = tokens_per_s * flops_per_token
+        peak = self.peak_flops_total
+        return flops, (flops / peak if peak else None)
+
+    def local_batch(self, batch_size: int, what: str = "train.batch_size") -> int:
+        """This rank's share of a global batch; refuses a batch that does not split evenly."""
+        if batch_size % self.world_size:
+            lo = batch_size - batch_size % self.world_size
+            near = " or ".join(str(n) for n in sorted({lo, lo + self.world_size} - {0}))
+            raise RuntimeSetupError(f"{what} ({batch_size}) is the global batch and must split evenly over "
+                                    f"the {self.world_size} processes; use a multiple of {self.world_size} "
+                                    f"(e.g. {near})")
+        return batch_size // self.world_size
+
+    # ---- the model ---------------------------------------------------------------------------
+    def apply(self, model: nn.Module) -> nn.Module:
+        """device -> precision -> compile -> data-parallel wrap; returns the module to train."""
+        if self.data_parallel != "fsdp":      # FSDP2 moves each unit to the device as it shards it
+            model = model.to(self.device)
+        # precision: weights stay fp32 (master copy); autocast() and the GradScaler do the rest
+        if self.compile:   # one process: the whole model; data parallel: each block (overlap, sharding)
+            compile_model(model, self.compile_mode, per_block=self.data_parallel is not None)
+        if self.data_parallel == "ddp":
+            model = dist_.wrap_ddp(model, self.device)
+        elif self.data_parallel == "fsdp":
+            model = dist_.wrap_fsdp(model, self.device, transformer_blocks(model))
+        return model
+
+    prepare_model = apply
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The plain module under compile / DDP wrappers (an FSDP2 module is its own)."""
+        while True:
+            inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+            if not isinstance(inner, nn.Module):
+                return model
+            model = inner
+
+    def to_device(self, batch) -> tuple[torch.Tensor, ...]:
+        tensors = tuple(torch.as_tensor(t) for t in batch)
+        if self.is_cuda:
+            return tuple(t.pin_memory().to(self.device, non_blocking=True) for t in tensors)
+        return tuple(t.to(self.device) for t in tensors)
+
+    # ---- one training step -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def autocast(self):
+        """Context for forward passes: autocast in reduced precision; compiler failures explained."""
+        with compile_errors(self.compile):
+            if self.precision == "fp32":
+                yield
+            else:
+                with torch.autocast(device_type=self.device.type, dtype=_AUTOCAST[self.precision]):
+                    yield
+
+    def grad_sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+        """Context of a micro-step: gradients are reduced across ranks only when ``sync`` (the last)."""
+        return dist_.grad_sync(model, sync) if self.is_distributed else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        with compile_errors(self.compile):
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def clip_grad_norm(self, optimizer, params, max_norm: float) -> torch.Tensor:
+        """Unscale (fp16), clip to ``max_norm``; the global norm before clipping as a plain tensor."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        return dist_.plain_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def optimizer_step(self, optimizer) -> None:
+        """``optimizer.step()``; with a GradScaler a step with inf/NaN gradients is skipped and the scale lowered."""
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    @property
+    def scales_loss(self) -> bool:
+        """Non-finite gradients are the GradScaler's business (only a non-finite loss is an error)."""
+        return self.scaler is not None
+
+    # ---- across ranks ------------------------------------------------------------------------
+    def mean_over_ranks(self, *values: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        """Each tensor's mean over ranks (None stays None); one collective for all."""
+        if not self.is_distributed:
+            return values
+        present = [v for v in values if v is not None]
+        means = iter(dist_.all_reduce_mean(present)) if present else iter(())
+        return tuple(None if v is None else next(means).to(v.dtype) for v in values)
+
+    def any_rank(self, flag: bool) -> bool:
+        return dist_.any_rank(flag) if self.is_distributed else flag
+
+    def broadcast_text(self, text: str) -> str:
+        return dist_.broadcast_text(text) if self.is_distributed else text
+
+    def split_rng(self, seed: int, step: int) -> None:
+        """Give ranks other than 0 their own random streams (dropout, router noise) after the
+        shared model initialisation or a resume; rank 0 keeps the single-process stream."""
+        if self.rank > 0:
+            mixed = (seed * 1_000_003 + self.rank * 7_919 + step) % 2**63
+            torch.manual_seed(mixed)
+            np.random.seed(mixed % 2**32)
+            random.seed(mixed)
+
+    def close(self) -> None:
+        """Leave the process group (after every rank got here)."""
+        if self.is_distributed:
+            dist_.teardown()
+
+    # ---- full state for checkpoints ----------------------------------------------------------
+    def model_state(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """Unsharded weights on the main rank, None elsewhere (every rank must call it)."""
+        return dist_.full_model_state(model, self.is_main)
+
+    def load_model_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        dist_.load_full_model_state(model, state)
+
+    def optimizer_state(self, model: nn.Module, optimizer, names: list[str]) -> dict[str, Any] | None:
+        return dist_.full_optimizer_state(model, optimizer, names, self.is_main)
+
+    def load_optimizer_state(self, model: nn.Module, optimizer, state: dict[str, Any], names: list[str]) -> None:
+        dist_.load_full_optimizer_state(model, optimizer, state, names)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+
+    # ---- reporting ---------------------------------------------------------------------------
+    eager = staticmethod(eager)
+
+    def synchronize(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def peak_memory_bytes(self) -> int:
+        """Peak accelerator memory, or the process's peak resident set on the CPU."""
+        if self.is_cuda:
+            return int(torch.cuda.max_memory_allocated(self.device))
+        import resource
+        import sys
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)
+
+    @property
+    def memory_label(self) -> str:
+        return "max allocated" if self.is_cuda else "max RSS"
+
+    def describe(self) -> str:
+        where = str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.is_cuda else
+                                    f" ({self.threads} threads)")
+        extra = [" + GradScaler" if self.scaler is not None else ""]
+        if self.compile:
+            extra.append(", compiled")
+        if self.is_distributed:
+            extra.append(f", {self.data_parallel} rank {self.rank}/{self.world_size}")
+        return f"{where}, {self.precision}{''.join(extra)}"

@@ -1,0 +1,182 @@
+"""What this machine offers: this process's place in the job, its device, the precision it can
+run and its peak FLOP/s (for MFU).  The checks raise ``RuntimeSetupError`` before anything
+is built, with the profile to use instead."""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from .profiles import Profile, RuntimeSetupError
+
+
+@dataclass(frozen=True)
+class Launch:
+    """This process's place in the job, from the environment torchrun sets."""
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Launch":
+        env = os.environ if env is None else env
+        try:
+            world = int(env.get("WORLD_SIZE", 1))
+            rank = int(env.get("RANK", 0))
+            local = int(env.get("LOCAL_RANK", rank))
+        except ValueError as e:
+            raise RuntimeSetupError(f"bad torchrun environment ({e}); launch with torchrun") from None
+        if world < 1 or not 0 <= rank < world:
+            raise RuntimeSetupError(f"RANK {rank} / WORLD_SIZE {world} is not a valid process; launch with torchrun")
+        if world > 1 and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
+            raise RuntimeSetupError(f"WORLD_SIZE is {world} but MASTER_ADDR/MASTER_PORT are not set: start "
+                                    f"distributed runs with torchrun, e.g. torchrun --nproc_per_node={world} "
+                                    "-m nanodecoder.run BLUEPRINT")
+        return cls(rank=rank, local_rank=local, world_size=world)
+
+
+def _no_cuda(profile: Profile) -> str:
+    build = "this torch is a CPU-only build" if torch.version.cuda is None else "no GPU is visible"
+    return (f"runtime profile '{profile.name}' (device {profile.device}) needs a CUDA GPU, but CUDA is not "
+            f"available on this machine ({build}); use --profile cpu, or runtime.profile: auto")
+
+
+def pick_device(profile: Profile, launch: Launch) -> torch.device:
+    """The device of this process: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
+    want = profile.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(want)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeSetupError(_no_cuda(profile))
+        count = torch.cuda.device_count()
+        if launch.world_size > 1:
+            if dev.index is not None:
+                raise RuntimeSetupError(f"runtime.device '{want}' names one GPU, but torchrun started "
+                                        f"{launch.world_size} processes; use device: cuda (each process "
+                                        "takes cuda:LOCAL_RANK)")
+            if launch.local_rank >= count:
+                raise RuntimeSetupError(f"LOCAL_RANK {launch.local_rank} has no GPU: this node shows {count}; "
+                                        f"use torchrun --nproc_per_node={count} (or fewer)")
+            return torch.device("cuda", launch.local_rank)
+        index = dev.index if dev.index is not None else 0
+        if index >= count:
+            raise RuntimeSetupError(f"runtime.device '{want}' does not exist: this machine shows {count} "
+                                    f"GPU{'s' if count != 1 else ''} (cuda:0..cuda:{count - 1})")
+        return torch.device("cuda", index)
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise RuntimeSetupError("runtime.device is 'mps' but MPS is not available on this machine; "
+                                    "use --profile cpu")
+        if launch.world_size > 1:
+            raise RuntimeSetupError("distributed runs on 'mps' are not supported; use --profile cpu under torchrun")
+    return dev
+
+
+def pick_precision(profile: Profile, device: torch.device) -> str:
+    """fp32, bf16 or fp16 for this device ('mixed' resolved); refuses bf16 where it cannot run."""
+    want = profile.precision
+    if want == "fp32":
+        return want
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported(including_emulation=False)
+        if want == "mixed":
+            return "bf16" if ok else "fp16"
+        if want == "bf16" and not ok:
+            major, minor = torch.cuda.get_device_capability(device)
+            raise RuntimeSetupError(
+                f"runtime.precision 'bf16' needs a GPU with bf16 (compute capability 8.0 or newer: A100, H100, "
+                f"RTX 30xx/40xx); {torch.cuda.get_device_name(device)} has {major}.{minor}; use --profile "
+                "gpu_mixed (fp16 with loss scaling on this GPU) or --profile gpu (fp32)")
+        return want
+    if device.type == "cpu":
+        return "bf16" if want == "mixed" else want
+    raise RuntimeSetupError(f"runtime.precision '{want}' is not supported on '{device.type}'; "
+                            "use --set runtime.precision=fp32")
+
+
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """TF32 for CUDA fp32 matmuls and convolutions (cuBLAS and cuDNN only; CPU matmuls untouched).
+
+    The ``allow_tf32`` flags, not the per-backend ``fp32_precision`` of torch >= 2.9: setting only
+    ``torch.backends.cuda.matmul.fp32_precision`` makes ``torch.get_float32_matmul_precision()``,
+    which inductor reads, raise ("mix of the legacy and new APIs") in torch 2.13; the flags
+    keep both views consistent."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+# Dense peak FLOP/s per GPU (no structured sparsity), from NVIDIA's datasheets: "NVIDIA A100
+# Tensor Core GPU", "NVIDIA H100 Tensor Core GPU" and "NVIDIA H200 Tensor Core GPU" (their
+# tensor-core figures are quoted with 2:4 sparsity; halved here), and the GeForce architecture
+# whitepapers (Ampere GA102, Ada AD102/AD103: "FP16/BF16 Tensor TFLOPS with FP32 Accumulate",
+# which is what torch uses; the RTX 3080 Ti row is the GA102 per-SM rate x 80 SMs x boost clock).
+# Columns: bf16/fp16 tensor, tf32 tensor, fp32 (CUDA cores).  First matching name wins.
+GPU_PEAK_FLOPS: tuple[tuple[str, float, float, float], ...] = (
+    ("H200 NVL", 835.5e12, 417.5e12, 60.0e12),
+    ("H200", 989.5e12, 494.5e12, 67.0e12),
+    ("H100 NVL", 835.5e12, 417.5e12, 60.0e12),
+    ("H100 PCIe", 756.5e12, 378.0e12, 51.0e12),
+    ("H100", 989.5e12, 494.5e12, 67.0e12),       # SXM5, e.g. "NVIDIA H100 80GB HBM3"
+    ("A100", 312.0e12, 156.0e12, 19.5e12),       # SXM4 and PCIe, 40 and 80 GB
+    ("RTX 4090", 165.2e12, 82.6e12, 82.6e12),
+    ("RTX 4080", 97.5e12, 48.7e12, 48.7e12),
+    ("RTX 3090 Ti", 80.0e12, 40.0e12, 40.0e12),
+    ("RTX 3090", 71.0e12, 35.6e12, 35.6e12),
+    ("RTX 3080 Ti", 68.2e12, 34.1e12, 34.1e12),
+    ("RTX 3080", 59.5e12, 29.8e12, 29.8e12),
+    ("RTX 3070", 40.6e12, 20.3e12, 20.3e12),
+)
+
+
+def gpu_peak_flops(name: str, precision: str, tf32: bool) -> float | None:
+    """Datasheet peak of the GPU called ``name`` for the math that ``precision`` / ``tf32`` use."""
+    for pattern, half, tf, fp32 in GPU_PEAK_FLOPS:
+        if pattern in name:
+            return half if precision in ("bf16", "fp16") else tf if tf32 else fp32
+    return None
+
+
+_CPU_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@functools.lru_cache(maxsize=None)
+def calibrate_cpu(precision: str = "fp32", threads: int = 1, seconds: float = 0.3, n: int = 1024) -> float:
+    """FLOP/s of ``n`` x ``n`` matmuls in ``precision`` on this CPU for about ``seconds`` (cached per
+    process and thread count): the CPU's practical peak for MFU."""
+    dtype = _CPU_DTYPES[precision]
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
+    out = torch.empty(n, n, dtype=dtype)
+    torch.mm(a, b, out=out)                 # warm-up: thread pool, packing buffers
+    count, start = 0, time.perf_counter()
+    while True:
+        torch.mm(a, b, out=out)
+        count += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2.0 * n ** 3 * count / elapsed
+
+
+def peak_flops(profile: Profile, device: torch.device, precision: str) -> tuple[float | None, str]:
+    """``(peak FLOP/s of one device, where the number comes from)``; None when unknown."""
+    if profile.peak_flops:
+        return float(profile.peak_flops), "runtime.peak_flops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = gpu_peak_flops(name, precision, profile.tf32)
+        if peak is None:
+            return None, f"unknown GPU '{name}': set runtime.peak_flops to report MFU"
+        math = precision if precision != "fp32" else ("tf32" if profile.tf32 else "fp32")
+        return peak, f"{name} datasheet, dense {math}"
+    if device.type == "cpu":
+        threads = torch.get_num_threads()
+        return calibrate_cpu(precision, threads), f"calibrated: {precision} 1024x1024 matmuls, {threads} threads"
+    return None, f"no peak known for '{device.type}': set runtime.peak_flops to report MFU"

@@ -1,0 +1,64 @@
+"""Resolve a profile on this machine: checks first (nothing built yet), then the process's set-up."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from .core import Runtime
+from .hardware import Launch, peak_flops, pick_device, pick_precision, set_tf32
+from .profiles import Profile, RuntimeSetupError, RuntimeSpec, resolve_profile
+
+
+def _check(profile: Profile, launch: Launch) -> tuple[torch.device, str, str | None]:
+    """``(device, precision, data_parallel)`` or RuntimeSetupError saying what to use instead."""
+    device = pick_device(profile, launch)
+    precision = pick_precision(profile, device)
+    data_parallel = profile.data_parallel if launch.world_size > 1 else None
+    if data_parallel == "fsdp" and precision == "fp16":
+        raise RuntimeSetupError("FSDP with fp16 loss scaling is not supported (each rank would see only its "
+                                "shard's overflows); use --set runtime.precision=bf16 on a GPU with bf16, or "
+                                "--set runtime.precision=fp32, or --profile multi_gpu_compile (DDP)")
+    return device, precision, data_parallel
+
+
+def setup_runtime(spec: RuntimeSpec | None = None, *, env: Mapping[str, str] | None = None) -> Runtime:
+    """Check the profile against this machine, then set the process up (threads, CUDA device,
+    TF32, process group under torchrun) and measure or look up the peak FLOP/s.  Call once per
+    process, before building the model; raises RuntimeSetupError before anything is trained."""
+    profile = resolve_profile(spec)
+    launch = Launch.from_env(env)
+    device, precision, data_parallel = _check(profile, launch)
+    if profile.threads:
+        torch.set_num_threads(profile.threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    set_tf32(device, profile.tf32)
+    if launch.world_size > 1:
+        from .distributed import init_process_group
+        init_process_group(device, launch.rank, launch.world_size, profile.timeout_s)
+    peak, source = peak_flops(profile, device, precision)
+    return Runtime(device=device, precision=precision, rank=launch.rank, world_size=launch.world_size,
+                   threads=torch.get_num_threads(), local_rank=launch.local_rank, data_parallel=data_parallel,
+                   compile=profile.compile, compile_mode=profile.compile_mode, peak_flops=peak,
+                   peak_source=source, profile=profile)
+
+
+def describe_plan(spec: RuntimeSpec | None = None, env: Mapping[str, str] | None = None) -> str:
+    """What the runtime would do here (for ``--dry-run``): the profile, then this machine's
+    outcome or the error a run would stop with.  Sets nothing up."""
+    profile = resolve_profile(spec)
+    lines = [f"runtime profile '{profile.name}': {profile.description}",
+             f"  settings       {profile.summary()}" + ("  (* = overridden)" if profile.overridden else ""),
+             "  order          device -> precision -> compile -> data-parallel wrap"]
+    try:
+        launch = Launch.from_env(env)
+        device, precision, data_parallel = _check(profile, launch)
+    except RuntimeSetupError as e:
+        lines.append(f"  on this machine: cannot run: {e}")
+        return "\n".join(lines)
+    scaler = " with a GradScaler" if precision == "fp16" else ""
+    dp = (f"{data_parallel} over {launch.world_size} processes" if data_parallel else
+          f"one process (under torchrun: {profile.data_parallel})")
+    lines.append(f"  on this machine: {device}, {precision}{scaler}, {dp}")
+    return "\n".join(lines)
