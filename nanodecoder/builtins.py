@@ -21,8 +21,8 @@ def register_all(regs) -> None:
     regs["mlp"].add("gelu", GeluMLP)
     regs["mlp"].add("swiglu", SwiGLUMLP)
     regs["mlp"].add("relu2", ReLU2MLP)
-    from . import data, train
+    from . import data, finetune, train
     from .components import moe
-    for module in (moe, data, train):        # MoE, data and training kinds register themselves
+    for module in (moe, data, train, finetune):  # MoE, data, training and fine-tuning kinds register themselves
         if hasattr(module, "register"):  # TODO(lead): drop guard once all three land
             module.register(regs)

@@ -72,7 +72,7 @@ class Registry:
 
 
 CATEGORIES = ("norm", "positional", "attention", "mlp", "router",
-              "optimizer", "schedule", "data_source", "tokenizer")
+              "optimizer", "schedule", "data_source", "tokenizer", "finetune")
 
 REGISTRIES: dict[str, Registry] = {c: Registry(c) for c in CATEGORIES}
 

@@ -48,6 +48,18 @@ class Decoder(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None) -> ModelOutput:
+        x, aux_loss, stats = self.hidden(idx, cache=cache)
+        if targets is None:
+            return ModelOutput(logits=self.head(x[:, -1:, :]), aux_loss=aux_loss, stats=stats)
+        logits = self.head(x)
+        ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        loss = ce if aux_loss is None else ce + aux_loss
+        return ModelOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux_loss, stats=stats)
+
+    def hidden(self, idx: torch.Tensor, *, cache: KVCache | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Final-norm hidden states [B, T, d_model], the summed auxiliary loss (or None) and the stats
+        (what ``forward`` feeds the head; evaluation and classification heads use it directly)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.spec.context_length:
@@ -68,13 +80,7 @@ class Decoder(nn.Module):
                     aux_loss = value if aux_loss is None else aux_loss + value
                 else:
                     stats[f"layer{i}.{name}"] = value
-        x = self.norm(x)
-        if targets is None:
-            return ModelOutput(logits=self.head(x[:, -1:, :]), aux_loss=aux_loss, stats=stats)
-        logits = self.head(x)
-        ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        loss = ce if aux_loss is None else ce + aux_loss
-        return ModelOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux_loss, stats=stats)
+        return self.norm(x), aux_loss, stats
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """Empty per-layer caches for incremental decoding of up to ``max_len`` positions."""

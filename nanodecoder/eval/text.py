@@ -1,0 +1,97 @@
+"""Loss and bits per byte of a model on any text file (comparable across tokenizers).
+
+The text is encoded whole.  When the tokenizer has an end-of-text token it is
+put in front, so every token of the text is predicted; otherwise the first
+token only serves as context and its bytes are left out of the byte count.
+Windows of ``context_length`` tokens advance by ``stride`` tokens; each window
+scores only the tokens no earlier window scored, so every token is scored once:
+``stride == context_length`` (the default) gives non-overlapping chunks, a
+smaller stride a sliding window in which each scored token sees more context
+(a lower, slower estimate).
+
+    bpb = (summed loss in nats) / (ln 2 * bytes)
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..data import DataError
+from .hellaswag import raw_model
+
+
+def read_text(path: str | Path) -> str:
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e})") from None
+
+
+def windows(n_tokens: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(start, first_scored, end)`` input windows ``[start, end)`` over tokens 0..n-1.
+
+    A window's inputs are tokens ``[start, end)``, its targets ``[start+1, end+1)``; targets from
+    ``first_scored`` on are new.  Every token 1..n-1 is a scored target exactly once.
+    """
+    if not 1 <= stride <= context_length:
+        raise ValueError(f"stride must be in 1..context_length ({context_length}), got {stride}")
+    out, done, start = [], 1, 0
+    while done < n_tokens:
+        end = min(start + context_length, n_tokens - 1)
+        out.append((start, done, end))
+        done = end + 1
+        start = max(start + stride, done - context_length)
+    return out
+
+
+@torch.no_grad()
+def evaluate_text(model, tokenizer, text: str, *, stride: int | None = None, batch_size: int = 8,
+                  device: torch.device | str = "cpu", name: str = "text") -> dict:
+    """``{task, tokens, bytes, loss, bpb, perplexity, stride}`` of ``model`` on ``text``."""
+    decoder = raw_model(model)
+    ctx = decoder.spec.context_length
+    stride = stride or ctx
+    try:
+        ids = list(tokenizer.encode(text))
+    except (DataError, ValueError) as e:
+        raise DataError(f"{name}: the {tokenizer.kind} tokenizer cannot encode it: {e}") from None
+    n_bytes = len(text.encode("utf-8"))
+    if tokenizer.eot_id is not None:
+        ids = [tokenizer.eot_id] + ids
+    elif ids:
+        n_bytes -= len(tokenizer.decode(ids[:1]).encode("utf-8"))
+    if len(ids) < 2 or n_bytes <= 0:
+        raise DataError(f"{name}: too short to evaluate ({len(ids)} tokens)")
+    data = torch.tensor(ids, dtype=torch.long)
+    spans = windows(len(ids), ctx, stride)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(spans), batch_size):
+            group = spans[i:i + batch_size]
+            width = max(end - start for start, _, end in group)
+            x = torch.zeros((len(group), width), dtype=torch.long)
+            y = torch.full((len(group), width), -1, dtype=torch.long)
+            for r, (start, first, end) in enumerate(group):
+                x[r, :end - start] = data[start:end]
+                y[r, first - 1 - start:end - start] = data[first:end + 1]
+            x, y = x.to(device), y.to(device)
+            h, _, _ = decoder.hidden(x)
+            where = (y >= 0).nonzero(as_tuple=True)
+            logits = decoder.head(h[where]).float()
+            total += F.cross_entropy(logits, y[where], reduction="sum").item()
+            count += len(where[0])
+    finally:
+        model.train(was_training)
+    loss = total / count
+    return {"task": "text", "tokens": count, "bytes": n_bytes, "loss": loss,
+            "bpb": total / (math.log(2) * n_bytes), "perplexity": math.exp(min(loss, 700.0)), "stride": stride}
