@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..data import DataError
+from ..eval.text import read_text as _read
 
 
 @dataclass(frozen=True)
@@ -27,17 +28,6 @@ class Instruction:
     instruction: str
     input: str
     output: str
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read it ({e})") from None
 
 
 def json_records(path: Path, what: str) -> Iterator[tuple[str, Any]]:

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..data.download import sha256_of as _sha256
 from .state_io import flatten, unflatten
 
 FORMAT_VERSION = 1
@@ -89,14 +90,6 @@ def fingerprint(tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> st
     """Hash of names, shapes and dtypes: equal for the same architecture."""
     desc = sorted((n, list(t.shape), str(t.dtype)) for n, t in tensors.items())
     return hashlib.sha256(json.dumps([desc, sorted(aliases.items())]).encode()).hexdigest()[:16]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync(path: Path) -> None:
