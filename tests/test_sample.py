@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "train"))
-from trainhelpers import private_env, train_tiny  # noqa: E402
+from trainhelpers import private_env  # noqa: E402
 
 from nanodecoder.model import build_model, build_model_spec  # noqa: E402
 from nanodecoder.sample import filter_logits, generate, main  # noqa: E402
@@ -66,34 +66,22 @@ def test_filter_logits_top_k_and_top_p():
     assert torch.isfinite(filter_logits(shuffled, top_p=0.7))[0].tolist() == [False, True, False, True]
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    import os
-    saved = dict(os.environ)
-    os.environ.update(private_env(tmp_path_factory.getbasetemp()))
-    try:
-        return train_tiny(tmp_path_factory.mktemp("sample_run"))
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-def test_sample_cli_is_reproducible_per_seed(run_dir, capsys):
-    args = [str(run_dir), "--prompt", "the king", "--max-new-tokens", "12", "--seed", "5", "--top-p", "0.9"]
+def test_sample_cli_is_reproducible_per_seed(trained_run, capsys):
+    args = [str(trained_run), "--prompt", "the king", "--max-new-tokens", "12", "--seed", "5", "--top-p", "0.9"]
     assert main(args) == 0
     first = capsys.readouterr()
     assert first.out.startswith("the king") and "step_000008" in first.err
     assert main(args) == 0
     assert capsys.readouterr().out == first.out
-    assert main([str(run_dir), "--prompt", "the", "--temperature", "0", "--checkpoint", "step_000004",
+    assert main([str(trained_run), "--prompt", "the", "--temperature", "0", "--checkpoint", "step_000004",
                  "--num-samples", "2", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert out.count("the") >= 2 and "-" * 40 in out
 
 
-def test_sample_cli_errors(run_dir, tmp_path, capsys):
-    assert main([str(run_dir), "--checkpoint", "step_000001"]) == 2
+def test_sample_cli_errors(trained_run, tmp_path, capsys):
+    assert main([str(trained_run), "--checkpoint", "step_000001"]) == 2
     assert "no 'step_000001' checkpoint" in capsys.readouterr().err
     assert main([str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
-    assert main([str(run_dir), "--top-p", "1.5"]) == 2
+    assert main([str(trained_run), "--top-p", "1.5"]) == 2
