@@ -10,7 +10,7 @@
    (``moe_dispatch.py``);
 3. every routed expert runs on its contiguous slice (``torch._grouped_mm`` or
    a per-expert loop, ``moe_experts.py``), outputs are weighted and summed
-   back to token order with one ``index_add_``;
+   back to token order (gathers only, see ``moe_dispatch.py``);
 4. ``n_shared_experts`` always-on experts (DeepSeek style, same hidden size)
    run on every token and are added.
 
@@ -38,7 +38,7 @@ from ..model.init import InitSpec
 from ..registry import suggest
 from .base import Component, ModelContext
 from .mlp import ACTIVATIONS, DEFAULT_MULT, hidden_size
-from .moe_dispatch import DROP_POLICIES, combine, expert_capacity, plan_dispatch
+from .moe_dispatch import DROP_POLICIES, combine, expert_capacity, gather_tokens, plan_dispatch
 from .moe_experts import DISPATCH_KINDS, Experts, grouped_mm_shapes_ok
 from .routers import ROUTERS, load_balancing_loss, mean_entropy, router_z_loss
 
@@ -173,8 +173,8 @@ class MoE(Component):
         flat = x.reshape(b * t, d)
         r = self.router(flat)
         plan = plan_dispatch(r.indices, s.n_experts, self.capacity(b * t), s.drop_policy)
-        ys = self.experts.forward_sorted(flat.index_select(0, plan.token), plan.counts)
-        y = combine(ys, r.weights, plan, b * t, s.drop_policy)
+        ys = self.experts.forward_sorted(gather_tokens(flat, plan, s.top_k, s.drop_policy), plan.counts)
+        y = combine(ys, r.weights, plan, s.drop_policy)
         if self.shared is not None:
             y = y + self.shared.forward_all(flat)
         return y.view(b, t, d), self._aux(r, plan, b)
@@ -182,7 +182,7 @@ class MoE(Component):
     def _aux(self, r, plan, n_seqs: int) -> dict[str, torch.Tensor]:
         s = self.spec
         lb = load_balancing_loss(r.probs, r.indices, s.n_experts,
-                                 n_seqs if s.lb_loss_type == "sequence" else 1)
+                                 n_seqs if s.lb_loss_type == "sequence" else 1, counts=plan.routed)
         z = router_z_loss(r.logits)
         loss = r.logits.new_zeros((), dtype=torch.float32)
         if s.lb_loss_coef:

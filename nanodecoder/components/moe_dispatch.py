@@ -4,8 +4,11 @@ The N tokens' k choices form N*k *assignments*.  They are laid out in a
 priority order, stably sorted by expert (so each expert's assignments are
 contiguous and still in priority order), cut at the expert's capacity, and
 the kept ones gathered into one contiguous buffer.  After the experts ran,
-one ``index_add_`` scatters the gate-weighted outputs back to token order.
-No Python loop over tokens; no expert sees a token not routed to it.
+the gate-weighted outputs are gathered back into the priority layout (through
+the inverse map ``Dispatch.row``) and each token's k choices summed.  Both
+directions are gathers, forward and backward (custom autograd functions):
+a scatter (``index_add_``) is serial on the CPU.  No Python loop over tokens;
+no expert sees a token not routed to it.
 
 Drop order when an expert overflows (``drop_policy``):
 ``priority``  all tokens' first choices are served before any second choice,
@@ -52,6 +55,7 @@ class Dispatch(NamedTuple):
     counts: torch.Tensor   # [E] kept assignments per expert (int64)
     routed: torch.Tensor   # [E] assignments per expert before dropping (int64)
     n_dropped: torch.Tensor  # scalar int64
+    row: torch.Tensor      # [N*k] row of each assignment in the sorted buffer; M if it was dropped
 
 
 def priority_layout(t: torch.Tensor, policy: str) -> torch.Tensor:
@@ -61,6 +65,19 @@ def priority_layout(t: torch.Tensor, policy: str) -> torch.Tensor:
     if policy == "position":
         return t.reshape(-1)           # token-major
     raise ValueError(f"unknown drop_policy '{policy}' (available: {', '.join(DROP_POLICIES)})")
+
+
+def sum_choices(slots: torch.Tensor, n: int, k: int, policy: str) -> torch.Tensor:
+    """``[N*k, D]`` rows in the priority layout of ``policy`` -> ``[N, D]``, summed over each token's k choices."""
+    d = slots.shape[-1]
+    if k == 1:
+        return slots
+    if policy == "priority":         # k contiguous [N, D] blocks: adding them beats a strided sum
+        out = slots[:n] + slots[n:2 * n]
+        for r in range(2, k):
+            out += slots[r * n:(r + 1) * n]
+        return out
+    return slots.view(n, k, d).sum(1)
 
 
 def plan_dispatch(indices: torch.Tensor, n_experts: int, capacity: int | None,
@@ -80,12 +97,77 @@ def plan_dispatch(indices: torch.Tensor, n_experts: int, capacity: int | None,
         order = order[rank_in_expert < capacity]
         counts = routed.clamp(max=capacity)
     n_dropped = routed.sum() - counts.sum()
-    return Dispatch(order, tokens[order], counts, routed, n_dropped)
+    kept = order.shape[0]
+    row = torch.full((n * k,), kept, dtype=torch.int64, device=indices.device)
+    row[order] = torch.arange(kept, device=indices.device)
+    return Dispatch(order, tokens[order], counts, routed, n_dropped, row)
 
 
-def combine(expert_out: torch.Tensor, weights: torch.Tensor, plan: Dispatch, n_tokens: int,
+def _with_zero_row(t: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """``t`` plus one zero row at index ``len(t)`` (where ``Dispatch.row`` sends dropped slots)."""
+    if t.shape[0] == n_slots:
+        return t
+    return torch.cat([t, t.new_zeros(1, t.shape[-1])])
+
+
+class _Gather(torch.autograd.Function):
+    """Tokens -> sorted buffer (``x[token]``); backward: a gather through ``row`` and a sum over choices.
+
+    Autograd would scatter with ``index_add_`` (serial on CPU); every kept
+    assignment has exactly one row, so a gather by the inverse map does it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, token, row, k, policy):
+        ctx.save_for_backward(row)
+        ctx.n, ctx.k, ctx.policy = x.shape[0], k, policy
+        return x.index_select(0, token)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (row,) = ctx.saved_tensors
+        slots = _with_zero_row(grad, row.shape[0]).index_select(0, row)
+        return sum_choices(slots, ctx.n, ctx.k, ctx.policy), None, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """Sorted expert outputs ``[M, D]`` x gate weights -> token order ``[N, D]``, without a scatter.
+
+    forward: weight each row, gather the rows back into the priority layout
+    through ``row`` (dropped slots read a zero row), sum each token's choices.
+    backward: ``dy`` gathered by ``token`` gives both the expert-output
+    gradient (times the weight) and the weight gradient (a row-wise dot).
+    """
+
+    @staticmethod
+    def forward(ctx, ys, w_layout, slot, token, row, k, policy):
+        n = row.shape[0] // k
+        w_sorted = w_layout.index_select(0, slot).to(ys.dtype)
+        ctx.save_for_backward(ys, w_sorted, slot, token)
+        ctx.n_slots, ctx.w_dtype = row.shape[0], w_layout.dtype
+        weighted = _with_zero_row(ys * w_sorted.unsqueeze(-1), row.shape[0])
+        return sum_choices(weighted.index_select(0, row), n, k, policy)
+
+    @staticmethod
+    def backward(ctx, dy):
+        ys, w_sorted, slot, token = ctx.saved_tensors
+        dyg = dy.index_select(0, token)
+        d_ys = dyg * w_sorted.unsqueeze(-1) if ctx.needs_input_grad[0] else None
+        d_w = None
+        if ctx.needs_input_grad[1]:
+            d_sorted = (dyg * ys).sum(-1).to(ctx.w_dtype)
+            d_w = d_sorted.new_zeros(ctx.n_slots).index_copy_(0, slot, d_sorted)
+        return d_ys, d_w, None, None, None, None, None
+
+
+def gather_tokens(x: torch.Tensor, plan: Dispatch, k: int, policy: str = "priority") -> torch.Tensor:
+    """``[N, D]`` tokens -> ``[M, D]`` rows grouped by expert (one row per kept assignment)."""
+    return _Gather.apply(x, plan.token, plan.row, k, policy)
+
+
+def combine(expert_out: torch.Tensor, weights: torch.Tensor, plan: Dispatch,
             policy: str = "priority") -> torch.Tensor:
-    """Scatter gate-weighted expert outputs ``[M, D]`` back to ``[N, D]`` with one ``index_add_``."""
-    w = priority_layout(weights, policy)[plan.slot].to(expert_out.dtype)
-    out = expert_out.new_zeros(n_tokens, expert_out.shape[-1])
-    return out.index_add_(0, plan.token, expert_out * w.unsqueeze(-1))
+    """Gate-weighted sum of the ``[M, D]`` expert outputs back in token order ``[N, D]``."""
+    k = weights.shape[-1]
+    return _Combine.apply(expert_out, priority_layout(weights, policy), plan.slot, plan.token, plan.row,
+                          k, policy)

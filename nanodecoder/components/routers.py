@@ -108,9 +108,18 @@ class Router(Component):
         init_tensor(self.weight, init, self.spec.dim)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Router logits ``[N, E]`` in the router dtype, stored expert-major for a 2-D ``x``.
+
+        The result is the transposed view of ``w @ x.T`` (``[E, N]`` in memory):
+        with a handful of experts, a softmax along the contiguous token axis
+        (:func:`expert_softmax`) is ~15x faster on the CPU than one over a last
+        dimension of size E, and the skinny GEMM is quicker this way round too.
+        """
         w = self.weight if weight is None else weight
         dt = router_dtype(x)
-        return F.linear(x.to(dt), w.to(dt))
+        if x.dim() != 2:
+            return F.linear(x.to(dt), w.to(dt))
+        return (w.to(dt) @ x.to(dt).t()).t()
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         with no_autocast(x):
@@ -129,7 +138,7 @@ class TopKRouter(Router):
 
     def route(self, x):
         logits = self.linear(x)
-        probs = logits.softmax(dim=-1)
+        probs = expert_softmax(logits)
         weights, indices = probs.topk(self.spec.top_k, dim=-1)
         if self.spec.renormalize and self.spec.top_k > 1:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -159,7 +168,7 @@ class SwitchRouter(Router):
         if self.training and eps > 0:
             xr = xr * torch.empty_like(xr).uniform_(1.0 - eps, 1.0 + eps)
         logits = self.linear(xr)
-        probs = logits.softmax(dim=-1)
+        probs = expert_softmax(logits)
         weights, indices = probs.topk(1, dim=-1)
         return RouterOutput(indices, weights, logits, probs)
 
@@ -257,8 +266,8 @@ class NoisyTopKRouter(Router):
             self.noise_weight.zero_()
 
     def sample_noise(self, like: torch.Tensor) -> torch.Tensor:
-        """Standard-normal noise, one draw per (token, expert) (tests may override)."""
-        return torch.randn_like(like)
+        """Standard-normal noise, one draw per (token, expert), drawn in token-major order."""
+        return torch.randn(like.shape, dtype=like.dtype, device=like.device)
 
     def route(self, x):
         logits = self.linear(x)
@@ -271,8 +280,8 @@ class NoisyTopKRouter(Router):
         if k > 1:
             weights = top.softmax(dim=-1)
         else:
-            weights = noisy.softmax(dim=-1).gather(-1, indices)
-        return RouterOutput(indices, weights, logits, logits.softmax(dim=-1))
+            weights = expert_softmax(noisy).gather(-1, indices)
+        return RouterOutput(indices, weights, logits, expert_softmax(logits))
 
 
 ROUTERS: dict[str, type[Router]] = {
@@ -283,23 +292,33 @@ ROUTERS: dict[str, type[Router]] = {
 }
 
 
+def expert_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the experts (last dim) of ``[N, E]`` logits, fast for expert-major storage."""
+    if logits.dim() == 2 and logits.stride(0) == 1 and logits.shape[0] > 1:
+        return logits.t().softmax(dim=0).t()
+    return logits.softmax(dim=-1)
+
+
 def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, n_experts: int,
-                        n_groups: int = 1) -> torch.Tensor:
+                        n_groups: int = 1, counts: torch.Tensor | None = None) -> torch.Tensor:
     """Switch load-balancing loss ``E * sum_i f_i * P_i``, equal to 1 at perfect balance.
 
     ``f_i``: fraction of routed assignments (all k choices, before capacity
     dropping) that went to expert i; ``P_i``: mean of ``probs[:, i]``.  With
     ``n_groups = B`` the tokens are split into B sequences (rows in order),
     f and P are computed per sequence and the losses averaged (the
-    sequence-wise loss of DeepSeek-V3).  ``f`` carries no gradient.
+    sequence-wise loss of DeepSeek-V3).  ``f`` carries no gradient.  ``counts``
+    (``[E]``, only with ``n_groups = 1``): assignments per expert, if the
+    caller has them already.
     """
     n, k = indices.shape
     if n % n_groups:
         raise ValueError(f"{n} tokens cannot be split into {n_groups} sequences")
-    idx = indices.reshape(n_groups, (n // n_groups) * k)
-    counts = torch.zeros(n_groups, n_experts, dtype=probs.dtype, device=probs.device)
-    counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=probs.dtype))
-    f = counts / idx.shape[1]
+    if counts is None or n_groups != 1:
+        idx = indices.reshape(n_groups, (n // n_groups) * k)
+        counts = torch.zeros(n_groups, n_experts, dtype=probs.dtype, device=probs.device)
+        counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=probs.dtype))
+    f = counts.to(probs.dtype).view(n_groups, n_experts) / ((n // n_groups) * k)
     p = probs.reshape(n_groups, n // n_groups, n_experts).mean(dim=1)
     return n_experts * (f * p).sum(dim=-1).mean()
 

@@ -50,16 +50,36 @@ def test_decay_embeddings_false_excludes_embeddings_and_the_tied_head():
     assert id(m.head.weight) in ids(decay["params"])  # an untied head is a real matrix
 
 
-def test_adamw_from_registry_uses_foreach_on_cpu_and_blueprint_params():
+def test_adamw_from_registry_uses_the_fused_kernel_on_cpu_and_blueprint_params():
     m = Toy()
     opt = build_optimizer(Choice("adamw", {"betas": [0.9, 0.99], "eps": 1e-6, "weight_decay": 0.2}),
                           m, 3e-4, torch.device("cpu"))
     assert isinstance(opt, torch.optim.AdamW)
     g = opt.param_groups[0]
-    assert g["foreach"] is True and not g["fused"]
+    assert g["fused"] is True and not g["foreach"]
     assert g["betas"] == (0.9, 0.99) and g["eps"] == 1e-6 and g["lr"] == 3e-4 and g["weight_decay"] == 0.2
     assert AdamW.kernel_flags("auto", torch.device("cuda")) == {"fused": True}
     assert AdamW.kernel_flags("for-loop", torch.device("cpu")) == {"foreach": False}
+    assert AdamW.kernel_flags("auto", torch.device("meta")) == {"foreach": True}   # no fused kernel there
+
+
+def test_fused_and_foreach_adamw_take_the_same_steps():
+    torch.manual_seed(0)
+    a, b = Toy(), Toy()
+    b.load_state_dict(a.state_dict())
+    opts = [build_optimizer(Choice("adamw", {"implementation": impl}), m, 1e-2, torch.device("cpu"))
+            for impl, m in (("fused", a), ("foreach", b))]
+    for p in a.parameters():
+        torch.nn.init.normal_(p)
+    b.load_state_dict(a.state_dict())
+    targets = [torch.randn_like(p) for p in a.parameters()]
+    for _ in range(5):
+        for m, opt in zip((a, b), opts):
+            sum(((p - t) ** 2).sum() for p, t in zip(m.parameters(), targets)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_cosine_warmup_decay_and_floor():
