@@ -17,6 +17,8 @@ from .spec import ModelSpec
 
 @dataclass
 class ModelOutput:
+    # with targets: detached (differentiate ``loss``); a compiled graph would otherwise
+    # materialise a zero [B, T, V] gradient for this unused output on every step
     logits: torch.Tensor
     loss: torch.Tensor | None = None        # training objective: ce_loss + aux_loss
     ce_loss: torch.Tensor | None = None     # cross-entropy only (what we report)
@@ -54,7 +56,7 @@ class Decoder(nn.Module):
         logits = self.head(x)
         ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         loss = ce if aux_loss is None else ce + aux_loss
-        return ModelOutput(logits=logits, loss=loss, ce_loss=ce, aux_loss=aux_loss, stats=stats)
+        return ModelOutput(logits=logits.detach(), loss=loss, ce_loss=ce, aux_loss=aux_loss, stats=stats)
 
     def hidden(self, idx: torch.Tensor, *, cache: KVCache | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
