@@ -16,7 +16,8 @@
 
 ``aux``: ``loss`` = ``lb_loss_coef * lb_loss + z_loss_coef * z_loss``
 (differentiable, add it to the objective); ``lb_loss`` (Switch, normalised to
-1 at perfect balance; per batch or per sequence), ``z_loss`` (mean squared
+1 at perfect balance; per batch or per sequence; under data parallelism the
+batch is the global one, as in one process), ``z_loss`` (mean squared
 logsumexp of the router logits) unweighted and detached; ``load`` ([E],
 fraction of the routed assignments per expert before dropping, sums to 1),
 ``dropped_frac`` (fraction of assignments dropped by capacity) and
@@ -181,8 +182,11 @@ class MoE(Component):
 
     def _aux(self, r, plan, n_seqs: int) -> dict[str, torch.Tensor]:
         s = self.spec
-        lb = load_balancing_loss(r.probs, r.indices, s.n_experts,
-                                 n_seqs if s.lb_loss_type == "sequence" else 1, counts=plan.routed)
+        if s.lb_loss_type == "batch" and self.training and _data_parallel():
+            lb = _lb_over_ranks(r.probs, plan.routed, s.n_experts)
+        else:
+            lb = load_balancing_loss(r.probs, r.indices, s.n_experts,
+                                     n_seqs if s.lb_loss_type == "sequence" else 1, counts=plan.routed)
         z = router_z_loss(r.logits)
         loss = r.logits.new_zeros((), dtype=torch.float32)
         if s.lb_loss_coef:
@@ -210,6 +214,31 @@ class MoE(Component):
         s = self.spec
         cap = "dropless" if s.capacity_factor is None else f"capacity_factor={s.capacity_factor}"
         return f"n_experts={s.n_experts}, top_k={s.top_k}, router={s.router_kind}, {cap}"
+
+
+def _data_parallel() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _lb_over_ranks(probs: torch.Tensor, routed: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """The batch load-balancing loss of the GLOBAL batch under data parallelism.
+
+    ``f`` and ``P`` are averaged over the ranks (one all-reduce of ``[2, E]``),
+    so every rank's loss value is the one a single process would compute on
+    the whole batch.  The gradient flows through the local ``P`` with weight
+    one; the data-parallel gradient average (DDP, FSDP) then turns it into
+    the gradient of the global ``P`` -- no differentiable collective needed.
+    (Sequence-wise losses are means of per-sequence terms: the gradient
+    average already makes them exact.)
+    """
+    local_f = routed.to(probs.dtype) / routed.sum().clamp_min(1)
+    local_p = probs.mean(dim=0)
+    both = torch.stack([local_f, local_p.detach()])
+    torch.distributed.all_reduce(both)
+    both = both / torch.distributed.get_world_size()
+    p = local_p + (both[1] - local_p).detach()
+    return n_experts * (both[0] * p).sum()
 
 
 def register(regs) -> None:

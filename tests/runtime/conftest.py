@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rthelpers import dense_raw, moe_raw, private_env, train_in_process, write
+from rthelpers import dense_raw, moe_lb_raw, moe_raw, private_env, train_in_process, write
 
 
 def pytest_configure(config):
@@ -27,6 +27,7 @@ def workdir(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("runtime")
     write(tmp, dense_raw(tmp), "dense.yaml")
     write(tmp, moe_raw(tmp), "moe.yaml")
+    write(tmp, moe_lb_raw(tmp), "moe_lb.yaml")
     return tmp
 
 
@@ -36,7 +37,7 @@ def reference(workdir):
     saved = dict(os.environ)
     os.environ.update(private_env(workdir))
     try:
-        return {name: train_in_process(workdir / f"{name}.yaml", workdir / f"ref_{name}") for name in ("dense", "moe")}
+        return {name: train_in_process(workdir / f"{name}.yaml", workdir / f"ref_{name}") for name in ("dense", "moe", "moe_lb")}
     finally:
         os.environ.clear()
         os.environ.update(saved)

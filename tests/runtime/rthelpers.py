@@ -35,6 +35,14 @@ def moe_raw(tmp: Path) -> dict:
     return raw
 
 
+def moe_lb_raw(tmp: Path) -> dict:
+    """Tiny MoE GPT as moe_gpt.yaml routes: softmax top-2, batch load-balancing loss and z-loss."""
+    raw = moe_raw(tmp)
+    raw["model"]["block"]["mlp"].update({"lb_loss_coef": 0.5, "lb_loss_type": "batch", "z_loss_coef": 0.01,
+                                         "router": {"kind": "topk", "renormalize": True}})
+    return raw
+
+
 def write(tmp: Path, raw: dict, name: str) -> Path:
     import yaml
     if not (tmp / "corpus.txt").exists():

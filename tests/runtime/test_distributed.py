@@ -42,6 +42,21 @@ def test_ddp_moe_keeps_balancing_biases_identical_on_every_rank(workdir, referen
     assert "ddp rank 0/2" in got["describe"]
 
 
+def test_ddp_moe_with_a_load_balancing_loss_matches_one_process(workdir, reference):
+    """The batch lb loss is a non-linear function of the whole batch: ranks all-reduce f and P."""
+    res = torchrun(workdir, "-m", "nanodecoder.run", "moe_lb.yaml", "--set", "logging.runs_dir=ddp_moe_lb")
+    assert res.returncode == 0, res.stderr[-3000:]
+    (run,) = run_dirs(workdir / "ddp_moe_lb")
+    ref = reference["moe_lb"]
+    assert_same_losses(losses(run), losses(ref), REL)
+    got, want = rows(run, "train"), rows(ref, "train")
+    lb = [k for k in want[0] if k.endswith("lb_loss")]
+    assert lb and all(r[k] > 0 for r in want for k in lb)
+    for a, b in zip(got, want):                       # the logged aux values are the global ones too
+        for k in lb:
+            assert abs(a[k] - b[k]) <= REL * b[k], (k, a[k], b[k])
+
+
 def test_fsdp_moe_matches_one_process_and_its_checkpoint_resumes_in_one_process(workdir, reference):
     res = torchrun(workdir, "-m", "nanodecoder.run", "moe.yaml", "--profile", "fsdp", "--set", "runtime.device=cpu",
                    "runtime.precision=fp32", "train.steps=5", "logging.runs_dir=fsdp_moe")
