@@ -24,5 +24,4 @@ def register_all(regs) -> None:
     from . import data, finetune, train
     from .components import moe
     for module in (moe, data, train, finetune):  # MoE, data, training and fine-tuning kinds register themselves
-        if hasattr(module, "register"):  # TODO(lead): drop guard once all three land
-            module.register(regs)
+        module.register(regs)
