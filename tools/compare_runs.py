@@ -4,7 +4,8 @@
     python tools/compare_runs.py runs/dense_gpt/<ts> runs/moe_gpt/<ts> --out compare.png
 
 Prints, for each run, the validation loss reached by equal amounts of training
-time (eval pauses excluded: the x axis is the trainer's ``elapsed_s``), and
+time (eval pauses excluded: the x axis is the trainer's ``elapsed_s``; linear
+between evaluations) and at the end of each run, and
 draws one PNG with both views.  This is how the MoE-vs-dense claim of the
 README is checked: at equal wall-clock the MoE twin should be lower.
 """
@@ -36,9 +37,20 @@ def val_curve(run: Path) -> list[dict]:
 
 
 def loss_at(points: list[dict], seconds: float) -> float | None:
-    """Best validation loss among evals done within ``seconds`` of training."""
-    seen = [p["val_loss"] for p in points if p["elapsed_s"] <= seconds]
-    return min(seen) if seen else None
+    """Validation loss after ``seconds`` of training, linear between the two evals around it.
+
+    Reading the last eval before ``seconds`` instead would favour whichever run
+    happened to evaluate just before the mark.  ``None`` before the first eval
+    or after the last one.
+    """
+    for a, b in zip(points, points[1:]):
+        if a["elapsed_s"] <= seconds <= b["elapsed_s"]:
+            span = b["elapsed_s"] - a["elapsed_s"]
+            w = 0.0 if span <= 0 else (seconds - a["elapsed_s"]) / span
+            return a["val_loss"] + w * (b["val_loss"] - a["val_loss"])
+    if points and seconds == points[-1]["elapsed_s"]:
+        return points[-1]["val_loss"]
+    return None
 
 
 def label(run: Path) -> str:
@@ -56,13 +68,16 @@ def main(argv=None) -> int:
     curves = {label(r): val_curve(r) for r in args.runs}
     common = min((c[-1]["elapsed_s"] for c in curves.values() if c), default=0.0)
     marks = [common * f for f in (0.25, 0.5, 0.75, 1.0)]
-    print(f"{'run':<24}" + "".join(f"{f'@{m:.0f}s':>12}" for m in marks) + f"{'steps':>8}{'tok/s':>10}")
+    print(f"{'run':<24}" + "".join(f"{f'@{m:.0f}s':>12}" for m in marks)
+          + f"{'final':>10}{'at (s)':>8}{'steps':>8}{'tok/s':>10}")
     for name, pts in curves.items():
         if not pts:
             print(f"{name:<24} (no evaluations yet)")
             continue
-        cells = "".join(f"{(loss_at(pts, m) or float('nan')):>12.4f}" for m in marks)
-        print(f"{name:<24}{cells}{pts[-1]['step']:>8}{pts[-1]['tokens'] / pts[-1]['elapsed_s']:>10,.0f}")
+        cells = "".join(f"{v:>12.4f}" if (v := loss_at(pts, m)) is not None else f"{'-':>12}" for m in marks)
+        last = pts[-1]
+        print(f"{name:<24}{cells}{last['val_loss']:>10.4f}{last['elapsed_s']:>8.0f}{last['step']:>8}"
+              f"{last['tokens'] / last['elapsed_s']:>10,.0f}")
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, pts in curves.items():
