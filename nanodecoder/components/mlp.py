@@ -27,48 +27,7 @@ def hidden_size(params: dict[str, Any], d_model: int, default_mult: float) -> in
 
 
 def gelu(h: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    if h.device.type == "cpu" and torch.compiler.is_compiling():
-        return _aten_gelu(h, approximate)
     return F.gelu(h, approximate=approximate)
-
-
-# GELU as an opaque op for torch.compile on the CPU.  Inductor's own erf-based
-# GELU ran 1.7x slower than ATen's vectorised kernel on the 2-core CPU (2.2 vs
-# ~1.3 ms forward for 4096 x 768), and the partitioner recomputed it in the
-# backward (another 3.5 ms per layer).  As custom ops both directions stay
-# ATen's kernels and the output is saved instead of recomputed.  CUDA keeps
-# inductor's fused GELU (Triton's is fast and fusion pays there).
-@torch.library.custom_op("nanodecoder::gelu", mutates_args=())
-def _aten_gelu(h: torch.Tensor, approximate: str) -> torch.Tensor:
-    return F.gelu(h, approximate=approximate)
-
-
-@torch.library.custom_op("nanodecoder::gelu_backward", mutates_args=())
-def _aten_gelu_backward(grad: torch.Tensor, h: torch.Tensor, approximate: str) -> torch.Tensor:
-    return torch.ops.aten.gelu_backward(grad, h, approximate=approximate)
-
-
-@_aten_gelu.register_fake
-def _(h, approximate):
-    return torch.empty_like(h)
-
-
-@_aten_gelu_backward.register_fake
-def _(grad, h, approximate):
-    return torch.empty_like(h)
-
-
-def _gelu_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-    ctx.approximate = inputs[1]
-
-
-def _gelu_backward(ctx, grad):
-    (h,) = ctx.saved_tensors
-    return _aten_gelu_backward(grad.contiguous(), h, ctx.approximate), None
-
-
-_aten_gelu.register_autograd(_gelu_backward, setup_context=_gelu_setup)
 
 
 def relu2(h: torch.Tensor) -> torch.Tensor:
