@@ -174,7 +174,7 @@ class MoE(Component):
         flat = x.reshape(b * t, d)
         r = self.router(flat)
         plan = plan_dispatch(r.indices, s.n_experts, self.capacity(b * t), s.drop_policy)
-        ys = self.experts.forward_sorted(gather_tokens(flat, plan, s.top_k, s.drop_policy), plan.counts)
+        ys = self.experts.forward_sorted(gather_tokens(flat, plan, s.drop_policy), plan.counts)
         y = combine(ys, r.weights, plan, s.drop_policy)
         if self.shared is not None:
             y = y + self.shared.forward_all(flat)

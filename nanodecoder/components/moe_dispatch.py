@@ -160,9 +160,9 @@ class _Combine(torch.autograd.Function):
         return d_ys, d_w, None, None, None, None, None
 
 
-def gather_tokens(x: torch.Tensor, plan: Dispatch, k: int, policy: str = "priority") -> torch.Tensor:
+def gather_tokens(x: torch.Tensor, plan: Dispatch, policy: str = "priority") -> torch.Tensor:
     """``[N, D]`` tokens -> ``[M, D]`` rows grouped by expert (one row per kept assignment)."""
-    return _Gather.apply(x, plan.token, plan.row, k, policy)
+    return _Gather.apply(x, plan.token, plan.row, plan.row.shape[0] // x.shape[0], policy)
 
 
 def combine(expert_out: torch.Tensor, weights: torch.Tensor, plan: Dispatch,

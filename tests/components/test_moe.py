@@ -294,7 +294,7 @@ def test_gather_and_combine_equal_the_scatter_formulation_with_gradients(policy,
     proj = torch.randn(d, d, dtype=torch.float64, generator=g)
 
     def ours(x, w):
-        return combine(torch.tanh(gather_tokens(x, plan, k, policy) @ proj), w, plan, policy)
+        return combine(torch.tanh(gather_tokens(x, plan, policy) @ proj), w, plan, policy)
 
     def scatter(x, w):
         ys = torch.tanh(x.index_select(0, plan.token) @ proj)
