@@ -2,6 +2,12 @@
 
     python tools/bench.py blueprints/nanogpt_cpu_char.yaml --steps 50 [--warmup 5] [--set train.batch_size=16]
     python tools/bench.py BLUEPRINT --steps 2000 --eval     # also train to the end and report val loss
+    python tools/bench.py blueprints/gpt2_124m.yaml --synthetic --profile gpu_mixed --set runtime.compile=true
+
+``--synthetic`` feeds uniformly random tokens instead of the blueprint's data:
+nothing is prepared or downloaded (no tokenizer files needed), so an
+architecture can be timed anywhere.  It needs an explicit ``model.vocab_size``
+(or ``--vocab N``).  The step, optimizer and runtime are the real ones.
 
 Runs the real Trainer step (the one ``python -m nanodecoder.run`` uses) with no
 run directory, no logging and no checkpoints.  Peak memory is
@@ -16,22 +22,52 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def build_trainer(blueprint: str, overrides: list[str]):
-    """The blueprint's real Trainer (data prepared, model built and placed), no run directory."""
+class SyntheticError(Exception):
+    pass
+
+
+class RandomBatches:
+    """Uniformly random token batches of the trainer's shape (the ``next_batch`` interface)."""
+
+    def __init__(self, batch: int, context: int, vocab: int, seed: int):
+        self.shape, self.vocab = (batch, context + 1), vocab
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next_batch(self):
+        seq = torch.randint(self.vocab, self.shape, generator=self.gen)
+        return seq[:, :-1], seq[:, 1:]
+
+
+def build_trainer(blueprint: str, overrides: list[str], synthetic: bool = False, vocab: int | None = None):
+    """The blueprint's real Trainer (model built and placed), no run directory.  Data: the
+    blueprint's, prepared, or with ``synthetic`` random tokens (``vocab``: for ``vocab_size: auto``)."""
+    from nanodecoder.config.spec import build_run_spec
     from nanodecoder.model import build_model
     from nanodecoder.run import load, prepare
     from nanodecoder.runtime import setup_runtime
     from nanodecoder.train.trainer import Trainer, seed_everything
     bp, _, base_dir = load(argparse.Namespace(blueprint=blueprint, overrides=overrides, resume=None))
-    prep, spec = prepare(bp, base_dir)
+    if synthetic:
+        try:
+            prep, spec = None, build_run_spec(bp.raw, vocab_size=vocab)
+        except ValueError as e:     # vocab_size: auto and no --vocab
+            raise SyntheticError(f"--synthetic: {e}; give it with --vocab N") from None
+    else:
+        prep, spec = prepare(bp, base_dir)
     runtime = setup_runtime(spec.runtime)
     seed_everything(spec.train.seed)
     model = runtime.prepare_model(build_model(spec.model, device=runtime.build_device, seed=spec.train.seed))
+    batches = None
+    if synthetic:
+        batches = RandomBatches(runtime.local_batch(spec.train.batch_size), spec.model.context_length,
+                                spec.model.vocab_size, spec.train.seed + runtime.rank)
     trainer = Trainer(model, spec.train, runtime, prep, context_length=spec.model.context_length,
-                      sampling=spec.data.sampling)
+                      sampling=spec.data.sampling, batches=batches)
     return bp, spec, runtime, trainer
 
 
@@ -42,14 +78,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     p.add_argument("--eval", action="store_true", help="evaluate on the validation split after the timed steps")
+    p.add_argument("--synthetic", action="store_true", help="random tokens instead of the blueprint's data")
+    p.add_argument("--vocab", type=int, default=None, help="with --synthetic: vocabulary for 'vocab_size: auto'")
+    p.add_argument("--profile", default=None, help="runtime profile (same as --set runtime.profile=NAME)")
     args = p.parse_args(argv)
+    if args.eval and args.synthetic:
+        p.error("--eval needs the blueprint's data; leave out --synthetic")
+    if args.profile:
+        args.overrides.append(f"runtime.profile={args.profile}")
 
     from nanodecoder.cli_common import fail
     from nanodecoder.params import count_params
     from nanodecoder.run import user_errors
     try:
-        bp, spec, runtime, trainer = build_trainer(args.blueprint, args.overrides)
-    except user_errors() as e:
+        bp, spec, runtime, trainer = build_trainer(args.blueprint, args.overrides, args.synthetic, args.vocab)
+    except (*user_errors(), SyntheticError) as e:
         return fail(e)
     report = count_params(trainer.raw_model)
     print(f"{bp.name}: {report.total:,} params ({report.active:,} active), {trainer.tokens_per_step:,} tokens/step, "
