@@ -52,6 +52,7 @@ class Runtime:
     peak_flops: float | None = None         # of one device; None: unknown (no MFU)
     peak_source: str = ""
     profile: Profile | None = None
+    host_memory_cached: bool = False        # glibc keeps freed memory (profile's cache_host_memory)
     scaler: Any = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -242,7 +243,7 @@ class Runtime:
 
     def describe(self) -> str:
         where = str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.is_cuda else
-                                    f" ({self.threads} threads)")
+                                    f" ({self.threads} threads{', host memory cached' if self.host_memory_cached else ''})")
         extra = [" + GradScaler" if self.scaler is not None else ""]
         if self.compile:
             extra.append(", compiled")

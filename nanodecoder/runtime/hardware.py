@@ -3,6 +3,8 @@ run and its peak FLOP/s (for MFU).  The checks raise ``RuntimeSetupError`` befor
 is built, with the profile to use instead."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import os
 import time
@@ -37,6 +39,24 @@ class Launch:
                                     f"distributed runs with torchrun, e.g. torchrun --nproc_per_node={world} "
                                     "-m nanodecoder.run BLUEPRINT")
         return cls(rank=rank, local_rank=local, world_size=world)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3      # mallopt parameters of glibc's <malloc.h>
+
+
+@functools.lru_cache(maxsize=1)
+def keep_freed_host_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse: blocks of any size below 1 GiB come from
+    the heap instead of their own ``mmap``, and the heap is never trimmed.  Otherwise each large
+    tensor a training step allocates is fresh memory from the kernel, zeroed page by page on
+    first touch (a page fault per 4 KiB).  False where the C library has no ``mallopt`` (not
+    glibc: macOS, musl) or refuses the settings.  Process-wide, once."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def _no_cuda(profile: Profile) -> str:

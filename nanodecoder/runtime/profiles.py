@@ -41,6 +41,7 @@ class Profile:
     threads: int | None = None
     peak_flops: float | None = None
     timeout_s: int = 900
+    cache_host_memory: bool = False
     overridden: tuple[str, ...] = ()      # fields the blueprint / --set changed
 
     def summary(self) -> str:
@@ -55,6 +56,8 @@ class Profile:
             parts.append(mark("threads", f"{self.threads} threads"))
         if self.peak_flops:
             parts.append(mark("peak_flops", f"peak {self.peak_flops:.3g} FLOP/s"))
+        if self.cache_host_memory:
+            parts.append(mark("cache_host_memory", "host memory cached"))
         return ", ".join(parts)
 
 
@@ -74,6 +77,7 @@ class RuntimeSpec:
     threads: int | None = None
     peak_flops: float | None = None
     timeout_s: int | None = None
+    cache_host_memory: bool | None = None
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> "RuntimeSpec":

@@ -6,7 +6,7 @@ from typing import Mapping
 import torch
 
 from .core import Runtime
-from .hardware import Launch, peak_flops, pick_device, pick_precision, set_tf32
+from .hardware import Launch, keep_freed_host_memory, peak_flops, pick_device, pick_precision, set_tf32
 from .profiles import Profile, RuntimeSetupError, RuntimeSpec, resolve_profile
 
 
@@ -34,6 +34,7 @@ def setup_runtime(spec: RuntimeSpec | None = None, *, env: Mapping[str, str] | N
     if device.type == "cuda":
         torch.cuda.set_device(device)
     set_tf32(device, profile.tf32)
+    cached = profile.cache_host_memory and device.type == "cpu" and keep_freed_host_memory()
     if launch.world_size > 1:
         from .distributed import init_process_group
         init_process_group(device, launch.rank, launch.world_size, profile.timeout_s)
@@ -41,7 +42,7 @@ def setup_runtime(spec: RuntimeSpec | None = None, *, env: Mapping[str, str] | N
     return Runtime(device=device, precision=precision, rank=launch.rank, world_size=launch.world_size,
                    threads=torch.get_num_threads(), local_rank=launch.local_rank, data_parallel=data_parallel,
                    compile=profile.compile, compile_mode=profile.compile_mode, peak_flops=peak,
-                   peak_source=source, profile=profile)
+                   peak_source=source, profile=profile, host_memory_cached=cached)
 
 
 def describe_plan(spec: RuntimeSpec | None = None, env: Mapping[str, str] | None = None) -> str:

@@ -84,7 +84,7 @@ def test_a_bad_profile_file_is_reported_like_a_bad_blueprint(tmp_path):
     bad = tmp_path / "mine.yaml"
     bad.write_text("description: mine\ndevice: gpu\nprecision: fp32\ntf32: false\ncompile: 'no'\n"
                    "compile_mode: default\ndata_parallel: ddp\nthreads: null\npeak_flops: null\n"
-                   "timeout_s: 0\nsharding: full\n")
+                   "timeout_s: 0\ncache_host_memory: false\nsharding: full\n")
     with pytest.raises(BlueprintError) as e:
         load_profile("mine", path=bad)
     assert str(e.value).splitlines() == [
@@ -95,10 +95,10 @@ def test_a_bad_profile_file_is_reported_like_a_bad_blueprint(tmp_path):
         f"  {bad}: compile (line 5): expected true or false, got the string 'no'; remove the quotes and write "
         "true or false",
         f"  {bad}: timeout_s (line 10): 0 is out of range; expected a value >= 1",
-        f"  {bad}: sharding (line 11): unknown key 'sharding' (allowed here: compile, compile_mode, data_parallel, "
-        "description, device, peak_flops, precision, tf32, threads, timeout_s)"]
+        f"  {bad}: sharding (line 12): unknown key 'sharding' (allowed here: cache_host_memory, compile, compile_mode, "
+        "data_parallel, description, device, peak_flops, precision, tf32, threads, timeout_s)"]
     bad.write_text(bad.read_text().replace("sharding: full", "timeout_s: 60"))
-    with pytest.raises(BlueprintError, match=r"timeout_s \(line 11\): duplicate key 'timeout_s' \(first on line 10\)"):
+    with pytest.raises(BlueprintError, match=r"timeout_s \(line 12\): duplicate key 'timeout_s' \(first on line 10\)"):
         load_profile("mine", path=bad)
 
 

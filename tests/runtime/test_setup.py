@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import math
+import platform
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ from nanodecoder.run import main
 from nanodecoder.runtime import (Launch, Runtime, RuntimeSetupError, RuntimeSpec, calibrate_cpu, describe_plan,
                                  gpu_peak_flops, resolve_profile, setup_runtime)
 from nanodecoder.runtime.hardware import peak_flops, pick_device, pick_precision
-from rthelpers import dense_raw, rows, trainer_for, write
+from rthelpers import dense_raw, rows, subprocess_env, trainer_for, write
 
 CUDA_PROFILES = ["gpu", "gpu_mixed", "multi_gpu_compile", "fsdp"]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour of a machine without CUDA")
@@ -97,6 +100,37 @@ def test_tf32_switch_keeps_the_matmul_precision_readable_for_inductor():
     assert torch.get_float32_matmul_precision() == "highest"
     set_tf32(torch.device("cpu"), True)                                # no-op off CUDA
     assert not torch.backends.cuda.matmul.allow_tf32
+
+
+FAULTS = """
+import resource, sys, torch
+from nanodecoder.runtime import RuntimeSpec, setup_runtime
+rt = setup_runtime(RuntimeSpec(profile="cpu", threads=1, peak_flops=1e9, cache_host_memory=sys.argv[1] == "on"))
+x, w = torch.randn(4096, 192), torch.randn(192, 2048, requires_grad=True)
+def step():                                        # an MLP's forward and backward: 32 MiB activations
+    torch.nn.functional.gelu(x @ w).sum().backward()
+for _ in range(8):                                 # the heap grows to the steps' high-water mark
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    step()
+print(rt.host_memory_cached, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 4)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_cached_host_memory_spares_the_page_faults_of_fresh_tensors(tmp_path):
+    def faults(setting: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", FAULTS, setting], capture_output=True, text=True, check=True,
+                             cwd=tmp_path, env=subprocess_env(tmp_path)).stdout.split()
+        return out[0], int(out[1])
+    cached, with_cache = faults("on")
+    plain, without = faults("off")
+    assert (cached, plain) == ("True", "False")
+    assert without > 10_000            # 3 x 8,192 pages of 4 KiB, faulted in again on every allocation
+    assert with_cache < without / 4    # the heap's pages are reused (0 once it has grown; fragmentation varies)
+    assert resolve_profile(RuntimeSpec(profile="cpu")).cache_host_memory
+    assert not resolve_profile(RuntimeSpec(profile="gpu")).cache_host_memory
 
 
 def test_launch_environment_errors():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import platform
 import re
 
 import pytest
@@ -20,7 +21,9 @@ def test_cpu_runtime_describes_itself_and_is_a_no_op_wrapper():
     finally:
         torch.set_num_threads(threads)
     assert rt.is_main and rt.world_size == 1 and rt.precision == "fp32"
-    assert rt.describe() == "cpu (1 threads), fp32"
+    assert rt.host_memory_cached == (platform.libc_ver()[0] == "glibc")       # the cpu profile's cache_host_memory
+    cached = ", host memory cached" if rt.host_memory_cached else ""
+    assert rt.describe() == f"cpu (1 threads{cached}), fp32"
     with rt.autocast():
         assert torch.ones(2).dtype == torch.float32
     assert rt.peak_memory_bytes() > 0
