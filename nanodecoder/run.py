@@ -160,8 +160,9 @@ def train(bp, run, base_dir: Path) -> int:
     if spec.finetune is not None:  # weights from the source run; the task's batches and evaluation
         trainer = prep.make_trainer(spec, runtime)
     else:
-        model = runtime.prepare_model(build_model(spec.model, device=runtime.build_device, seed=spec.train.seed))
-        trainer = Trainer(model, spec.train, runtime, prep, context_length=spec.model.context_length,
+        trainer = Trainer(runtime.prepare_model(build_model(spec.model, device=runtime.build_device,
+                                                            seed=spec.train.seed)),
+                          spec.train, runtime, prep, context_length=spec.model.context_length,
                           sampling=spec.data.sampling)
     from .eval import build_periodic_evals
     evals = build_periodic_evals(spec.eval, prep.tokenizer, base_dir)
@@ -193,8 +194,13 @@ def train(bp, run, base_dir: Path) -> int:
                           params=count_params(trainer.raw_model), tokenizer=prep.tokenizer, wandb_run=wandb_run,
                           resumed_from=resumed_from, evals=evals,
                           train_tokens=prep.train_tokens if spec.finetune is not None else len(prep.train))
+    exit_code = result.exit_code
+    # The DDP / FSDP wrapper holds the process group and so gloo's worker threads: drop it first,
+    # so that leaving the group stops them now instead of during the interpreter's teardown,
+    # where a thread still holding tensors can abort the finished process (pytorch#179291).
+    del trainer, result, evals
     runtime.close()   # leave the process group together (torchrun)
-    return result.exit_code
+    return exit_code
 
 
 def main(argv: list[str] | None = None) -> int:

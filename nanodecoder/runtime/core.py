@@ -196,8 +196,11 @@ class Runtime:
             random.seed(mixed)
 
     def close(self) -> None:
-        """Leave the process group (after every rank got here)."""
+        """Leave the process group (after every rank got here).  Drop the wrapped model first:
+        DDP and FSDP hold the group, which would otherwise outlive this call."""
         if self.is_distributed:
+            import gc
+            gc.collect()          # the wrappers sit in reference cycles (hooks -> module)
             dist_.teardown()
 
     # ---- full state for checkpoints ----------------------------------------------------------

@@ -59,6 +59,7 @@ def main(mode: str, blueprint: str, out: str) -> int:
         Path(out).write_text(json.dumps({"losses": losses, "buffers_identical": buffers,
                                          "params_identical": params, "expert_bias": bias,
                                          "describe": runtime.describe()}))
+    del trainer, model, raw            # the DDP / FSDP wrapper holds the process group: release it first
     runtime.close()
     return 0
 
