@@ -63,3 +63,21 @@ def test_bench_reports_speed_and_memory(tmp_path, capsys):
     assert re.search(r"steps 3 \(after 1 warm-up\): [\d.]+ ms/step mean, [\d.]+ median, [\d,]+ tokens/s", out)
     assert "peak memory" in out and "max RSS" in out and "val loss after 4 steps" in out
     assert bench.main([str(bp), "--set", "train.stepz=1"]) == 2
+
+
+def test_bench_times_random_tokens_without_preparing_data(tmp_path, capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench", REPO / "tools" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bp = write_blueprint(tmp_path)
+    (tmp_path / "corpus.txt").unlink()          # nothing to prepare from: --synthetic must not need it
+    monkeypatch.setenv("NANODECODER_CACHE", str(tmp_path / "cache"))
+    assert bench.main([str(bp), "--synthetic", "--vocab", "300", "--steps", "2", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny: " in out and re.search(r"steps 2 \(after 1 warm-up\): [\d.]+ ms/step", out)
+    assert not (tmp_path / "cache").exists()
+    assert bench.main([str(bp), "--synthetic", "--steps", "1"]) == 2      # vocab_size: auto and no --vocab
+    assert "give it with --vocab N" in capsys.readouterr().err
+    batches = bench.RandomBatches(batch=3, context=5, vocab=7, seed=0)
+    x, y = batches.next_batch()
+    assert x.shape == y.shape == (3, 5) and int(x.max()) < 7 and torch.equal(x[:, 1:], y[:, :-1])
