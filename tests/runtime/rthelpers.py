@@ -67,6 +67,21 @@ def assert_same_losses(got: list, want: list, rel: float) -> None:
     assert worst <= rel, f"largest relative loss difference {worst:.2e} > {rel:.0e}"
 
 
+def run_steps(trainer, n: int) -> tuple[list[float], list[int]]:
+    """``n`` optimizer steps: the training losses and, after each step, the graphs torch.compile has made."""
+    from nanodecoder.runtime import graphs_compiled
+    losses, graphs = [], []
+    for _ in range(n):
+        losses.append(trainer.step().loss.item())
+        graphs.append(graphs_compiled())
+    return losses, graphs
+
+
+def assert_close(got: list[float], want: list[float], rel: float, what: str = "compiled vs eager") -> None:
+    worst = max(abs(x - y) / abs(y) for x, y in zip(got, want))
+    assert worst <= rel, f"{what}: largest relative loss difference {worst:.2e} ({got} vs {want})"
+
+
 def train_in_process(blueprint: Path, runs: Path, *extra: str) -> Path:
     from nanodecoder.run import main
     assert main([str(blueprint), "--set", f"logging.runs_dir={runs}", *extra]) == 0

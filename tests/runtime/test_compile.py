@@ -8,22 +8,9 @@ import pytest
 import torch
 
 from nanodecoder.runtime import CompileFailed, RuntimeSetupError, graphs_compiled
-from rthelpers import dense_raw, moe_raw, trainer_for
+from rthelpers import assert_close, dense_raw, moe_raw, run_steps, trainer_for
 
 pytestmark = pytest.mark.compile
-
-
-def run_steps(trainer, n: int) -> tuple[list[float], list[int]]:
-    losses, graphs = [], []
-    for _ in range(n):
-        losses.append(trainer.step().loss.item())
-        graphs.append(graphs_compiled())
-    return losses, graphs
-
-
-def assert_close(a: list[float], b: list[float], rel: float) -> None:
-    worst = max(abs(x - y) / abs(y) for x, y in zip(a, b))
-    assert worst <= rel, f"compiled vs eager: largest relative loss difference {worst:.2e}"
 
 
 @pytest.mark.parametrize("raw_fn", [dense_raw, moe_raw], ids=["dense", "moe"])

@@ -11,20 +11,12 @@ import pytest
 import torch
 
 from nanodecoder.runtime import graphs_compiled
-from rthelpers import dense_raw, moe_raw, rows, train_in_process, trainer_for, write
+from rthelpers import assert_close, dense_raw, moe_raw, rows, run_steps, train_in_process, trainer_for, write
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 RAWS = [dense_raw, moe_raw]
 IDS = ["dense", "moe"]
-
-
-def run_steps(trainer, n: int) -> list[float]:
-    return [trainer.step().loss.item() for _ in range(n)]
-
-
-def worst_rel(a: list[float], b: list[float]) -> float:
-    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("raw_fn", RAWS, ids=IDS)
@@ -35,8 +27,8 @@ def test_fp32_training_on_the_gpu_matches_the_cpu(tmp_path, raw_fn):
     assert rt.device.type == "cuda" and rt.precision == "fp32"
     assert next(gpu.raw_model.parameters()).is_cuda
     assert all(g.get("fused") for g in gpu.optimizer.param_groups)      # fused CUDA AdamW
-    want, got = run_steps(cpu, 6), run_steps(gpu, 6)
-    assert worst_rel(got, want) < (1e-4 if raw_fn is dense_raw else 1e-3), (got, want)
+    (want, _), (got, _) = run_steps(cpu, 6), run_steps(gpu, 6)
+    assert_close(got, want, 1e-4 if raw_fn is dense_raw else 1e-3, "GPU vs CPU")
 
 
 @pytest.mark.parametrize("raw_fn", RAWS, ids=IDS)
@@ -49,9 +41,9 @@ def test_bf16_autocast_and_tf32_track_fp32(tmp_path, raw_fn):
         experts = mixed.raw_model.blocks[0].mlp.experts
         with rt.autocast():
             assert experts.use_grouped_mm(torch.zeros(8, experts.dim, device=rt.device))
-    want, got = run_steps(ref, 10), run_steps(mixed, 10)
+    (want, _), (got, _) = run_steps(ref, 10), run_steps(mixed, 10)
     assert all(torch.isfinite(torch.tensor(got)))
-    assert worst_rel(got, want) < 3e-2, (got, want)
+    assert_close(got, want, 3e-2, "bf16 vs fp32")
     assert got[-1] < got[0]
     assert next(mixed.raw_model.parameters()).dtype == torch.float32      # fp32 master weights
 
@@ -88,13 +80,10 @@ def test_compiled_bf16_training_matches_eager_on_cuda_without_recompiling(tmp_pa
     eager, _ = trainer_for(tmp_path, raw, profile="gpu_mixed")
     compiled, rt = trainer_for(tmp_path, raw, profile="gpu_mixed", compile=True)
     assert rt.compile
-    want = run_steps(eager, 10)
+    want, _ = run_steps(eager, 10)
     start = graphs_compiled()
-    got, graphs = [], []
-    for _ in range(10):
-        got.append(compiled.step().loss.item())
-        graphs.append(graphs_compiled())
-    assert worst_rel(got, want) < 1e-2, (got, want)
+    got, graphs = run_steps(compiled, 10)
+    assert_close(got, want, 1e-2)
     assert graphs[0] - start <= 2 and graphs[-1] == graphs[1] == graphs[0]
 
 
