@@ -4,10 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanodecoder.cli_common import blueprint_model_spec
-from nanodecoder.config import load_blueprint
+from nanodecoder.cli.blueprint import blueprint_model_spec, load_blueprint
 from nanodecoder.model import build_model
-from nanodecoder.params import count_blueprint
+from nanodecoder.model.params import count_blueprint
 from nanodecoder.resources import blueprints_dir
 
 SHIPPED = sorted(p.name for p in blueprints_dir().glob("*.yaml"))

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from nanodecoder.config.schema import schema_files, schema_kinds
-from nanodecoder.registry import Registry, RegistryError, registries
+from nanodecoder.cli.catalog import catalog as registries
+from nanodecoder.config.registry import Registry, RegistryError
+from nanodecoder.config.validate import schema_of
+from nanodecoder.cli.blueprint import RunSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,36 +30,31 @@ def test_unknown_kind_lists_choices_with_a_suggestion():
 
 
 def test_schema_kinds_and_registry_agree_exactly():
-    files = schema_files()
+    defs = schema_of(RunSpec, registries())["$defs"]
     checked = 0
     for category, reg in registries().items():
-        try:
-            kinds = schema_kinds(files, category)
-        except KeyError:
+        if category not in defs:
             assert not reg.names(), f"registry '{category}' has kinds but no schema block"
             continue
-        builtin = sorted(n for n in reg.names() if reg.origin(n) == "nanodecoder")
-        assert kinds == builtin, category
+        assert defs[category]["properties"]["kind"]["enum"] == reg.names(), category
         checked += 1
-    assert checked >= 4
+    assert checked == len(registries())
 
 
 PLUGIN = '''
-from dataclasses import dataclass
 import torch
 from torch import nn
 from nanodecoder.components.base import Component
+from nanodecoder.config.declare import Kind, context, declared, param
 
 
 class ScaleNorm(Component):
     """||x|| normalisation with one learned scale (Nguyen & Salazar 2019)."""
-    PARAMS_SCHEMA = {"type": "object", "additionalProperties": False,
-                     "properties": {"eps": {"type": "number", "description": "epsilon"}}}
 
-    @dataclass(frozen=True)
-    class Spec:
-        dim: int
-        eps: float = 1e-5
+    @declared
+    class Spec(Kind):
+        eps: float = param(1e-5, doc="Epsilon.", exclusive_minimum=0)
+        dim: int = context("d_model")
 
     def __init__(self, spec):
         super().__init__()
@@ -72,15 +69,16 @@ class ScaleNorm(Component):
         return self.g * x / x.norm(dim=-1, keepdim=True).clamp_min(self.spec.eps)
 
 
-def register(regs):
-    regs["norm"].add("scalenorm", ScaleNorm)
+def register(catalog):
+    catalog["norm"].add("scalenorm", ScaleNorm)
 '''
 
 SCRIPT = '''
 import sys, torch
-from nanodecoder.config import load_blueprint, BlueprintError
+from nanodecoder.cli.blueprint import load_blueprint
+from nanodecoder.config import BlueprintError
 from nanodecoder.model import build_model, build_model_spec
-from nanodecoder.registry import registries
+from nanodecoder.cli.catalog import catalog as registries
 bp = load_blueprint(sys.argv[1])
 m = build_model(build_model_spec(bp.raw["model"]))
 x = torch.randint(0, 20, (1, 8))

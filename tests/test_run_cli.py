@@ -100,7 +100,7 @@ def test_usage_errors(capsys):
 
 
 def test_changed_keys_lists_dotted_differences():
-    from nanodecoder.run import changed_keys
+    from nanodecoder.cli.run import changed_keys
     old = {"train": {"steps": 8, "lr": 0.1}, "model": {"d_model": 32}}
     new = {"train": {"steps": 9, "lr": 0.1}, "model": {"d_model": 32}, "sample": {"prompt": "x"}}
     assert changed_keys(old, new) == ["sample", "train.steps"]

@@ -11,7 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "train"))
 from trainhelpers import private_env  # noqa: E402
 
 from nanodecoder.model import build_model, build_model_spec  # noqa: E402
-from nanodecoder.sample import filter_logits, generate, main  # noqa: E402
+from nanodecoder.cli.sample import main  # noqa: E402
+from nanodecoder.model.generate import filter_logits, generate  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

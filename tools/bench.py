@@ -46,17 +46,17 @@ class RandomBatches:
 def build_trainer(blueprint: str, overrides: list[str], synthetic: bool = False, vocab: int | None = None):
     """The blueprint's real Trainer (model built and placed), no run directory.  Data: the
     blueprint's, prepared, or with ``synthetic`` random tokens (``vocab``: for ``vocab_size: auto``)."""
-    from nanodecoder.config.spec import build_run_spec
+    from nanodecoder.cli.blueprint import run_spec
+    from nanodecoder.cli.run import load, prepare
     from nanodecoder.model import build_model
-    from nanodecoder.run import load, prepare
     from nanodecoder.runtime import setup_runtime
     from nanodecoder.train.trainer import Trainer, seed_everything
     bp, _, base_dir = load(argparse.Namespace(blueprint=blueprint, overrides=overrides, resume=None))
     if synthetic:
-        try:
-            prep, spec = None, build_run_spec(bp.raw, vocab_size=vocab)
-        except ValueError as e:     # vocab_size: auto and no --vocab
-            raise SyntheticError(f"--synthetic: {e}; give it with --vocab N") from None
+        prep, spec = None, run_spec(bp, vocab_size=vocab)
+        if spec.model.vocab_size == "auto":
+            raise SyntheticError("--synthetic: model.vocab_size is 'auto' and no tokenizer is prepared; "
+                                 "give it with --vocab N")
     else:
         prep, spec = prepare(bp, base_dir)
     runtime = setup_runtime(spec.runtime)
@@ -87,9 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         args.overrides.append(f"runtime.profile={args.profile}")
 
-    from nanodecoder.cli_common import fail
-    from nanodecoder.params import count_params
-    from nanodecoder.run import user_errors
+    from nanodecoder.cli.common import fail, user_errors
+    from nanodecoder.model.params import count_params
     try:
         bp, spec, runtime, trainer = build_trainer(args.blueprint, args.overrides, args.synthetic, args.vocab)
     except (*user_errors(), SyntheticError) as e:

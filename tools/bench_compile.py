@@ -45,8 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     ap.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
-    from nanodecoder.cli_common import fail
-    from nanodecoder.run import user_errors
+    from nanodecoder.cli.common import fail, user_errors
     from nanodecoder.runtime import graphs_compiled
     runs = {}
     try:

@@ -25,11 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanodecoder.components.base import ModelContext  # noqa: E402
-from nanodecoder.components.mlp import DEFAULT_MULT, SwiGLUMLP, GeluMLP, ReLU2MLP  # noqa: E402
+from nanodecoder.components import component_spec  # noqa: E402
+from nanodecoder.components.mlp import DENSE  # noqa: E402
 from nanodecoder.components.moe import MoE  # noqa: E402
-
-DENSE = {"swiglu": SwiGLUMLP, "gelu": GeluMLP, "relu2": ReLU2MLP}
+from nanodecoder.model import build_model, build_model_spec  # noqa: E402
 
 
 def naive_gather(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -83,9 +82,6 @@ def time_all(runs: dict, x: torch.Tensor, warmup: int, reps: int) -> dict[str, l
 
 def model_level(a, expert_hidden: int, dense_hidden: int) -> None:
     """Whole-model fwd+bwd: MoE decoder vs the dense twin (needs the model package)."""
-    from nanodecoder.model.builder import build_model
-    from nanodecoder.model.spec import build_model_spec
-
     def spec(mlp):
         return build_model_spec({
             "vocab_size": 512, "context_length": a.seq_len, "d_model": a.d_model, "n_layers": a.model_layers,
@@ -126,15 +122,15 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
 
     torch.manual_seed(0)
-    ctx = ModelContext(d_model=a.d_model, n_layers=1, context_length=a.seq_len, vocab_size=1)
-    dense_hidden = int(16 * -(-DEFAULT_MULT[a.kind] * a.d_model // 16))
+    dense_hidden = int(16 * -(-DENSE[a.kind].Spec.hidden_mult * a.d_model // 16))
     expert_hidden = max(4, round(dense_hidden / a.top_k / 4) * 4)  # equal active FLOPs, 16-byte rows
     dense_hidden = expert_hidden * a.top_k
     base = {"kind": "moe", "n_experts": a.experts, "top_k": a.top_k, "expert_kind": a.kind,
             "expert_hidden": expert_hidden, "router": {"kind": "topk"}}
-    moes = {d: MoE(MoE.make_spec({**base, "dispatch": d}, ctx)) for d in ("grouped_mm", "loop")}
+    moes: dict[str, MoE] = {d: component_spec("mlp", {**base, "dispatch": d}, d_model=a.d_model).build()
+                            for d in ("grouped_mm", "loop")}
     moes["loop"].load_state_dict(moes["grouped_mm"].state_dict())
-    dense = DENSE[a.kind](DENSE[a.kind].make_spec({"kind": a.kind, "hidden_size": dense_hidden}, ctx))
+    dense = component_spec("mlp", {"kind": a.kind, "hidden_size": dense_hidden}, d_model=a.d_model).build()
     x = torch.randn(a.tokens // a.seq_len, a.seq_len, a.d_model, requires_grad=True)
 
     ref = moes["loop"]

@@ -1,51 +1,28 @@
 """What every model component has in common.
 
-A component is an ``nn.Module`` registered under a name (its YAML ``kind``).
-It owns a frozen ``Spec`` dataclass: ``make_spec(params, ctx)`` turns the
-validated YAML parameters plus the model context into that spec, computing
-derived values once; ``__init__(spec)`` receives only that spec.
+A component is an ``nn.Module`` registered under a name (its YAML ``kind``,
+see ``components/__init__.py``).  It declares its parameters once, in a nested
+``Spec`` (a :func:`~nanodecoder.config.declare.declared` subclass of
+:class:`~nanodecoder.config.declare.Kind`): the JSON Schema, the defaults, the
+cross-field ``check()`` and the derived sizes (properties) all come from it.
+Sizes the component takes from the model (``d_model``, ``n_layers``, ...) are
+:func:`~nanodecoder.config.declare.context` fields of the same spec, so
+``cls(spec)`` needs nothing else.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class ModelContext:
-    """Model-wide facts a component may need to derive its spec."""
-    d_model: int
-    n_layers: int
-    context_length: int
-    vocab_size: int
-    layer: int = -1          # index of the block being built (-1: not in a block)
-    head_dim: int = 0        # set for positional encodings that act on heads (RoPE)
+from ..config.declare import Kind
 
 
 class Component(nn.Module):
-    """Base class of registered components.
+    """Base class of registered model components: ``__init__(spec)`` with a complete ``Spec``."""
 
-    Subclasses define ``Spec`` (a frozen dataclass) and may override
-    ``make_spec``.  Plug-ins also set ``PARAMS_SCHEMA`` (a JSON Schema for
-    their YAML parameters, without ``kind``); built-ins keep theirs in
-    ``schemas/*.schema.json`` as ``$defs["<category>.<kind>"]``.
-    """
-
-    Spec: ClassVar[type]
-    PARAMS_SCHEMA: ClassVar[dict | None] = None
-
-    @classmethod
-    def make_spec(cls, params: dict[str, Any], ctx: ModelContext):
-        """Default: YAML params (minus ``kind``) plus ``dim=ctx.d_model`` when the spec has it."""
-        fields = {f.name for f in dataclasses.fields(cls.Spec)}
-        values = {k: v for k, v in params.items() if k != "kind"}
-        if "dim" in fields and "dim" not in values:
-            values["dim"] = ctx.d_model
-        return cls.Spec(**values)
+    Spec: ClassVar[type[Kind]]
 
 
 def mark_residual(linear: nn.Linear) -> nn.Linear:

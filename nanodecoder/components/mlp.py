@@ -6,24 +6,16 @@ so a routed expert of kind ``swiglu`` computes exactly what the dense
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Component, ModelContext, mark_residual, no_aux
+from ..config.declare import Kind, context, declared, param, round_up
+from .base import Component, mark_residual, no_aux
 
-
-def hidden_size(params: dict[str, Any], d_model: int, default_mult: float) -> int:
-    """``hidden_size`` if given, else ``hidden_mult * d_model`` rounded up to ``multiple_of``."""
-    if params.get("hidden_size") is not None:
-        return int(params["hidden_size"])
-    mult = params.get("hidden_mult", default_mult)
-    multiple = params.get("multiple_of", 16)
-    return int(multiple * math.ceil(mult * d_model / multiple))
+HIDDEN_MULT_DOC = "Hidden width as a multiple of d_model, rounded up to multiple_of (hidden_size wins when given)."
 
 
 def gelu(h: torch.Tensor, approximate: str = "none") -> torch.Tensor:
@@ -42,7 +34,6 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
 
 # name -> (function of the up-projected activations, up-projection width factor)
 ACTIVATIONS = {"gelu": (gelu, 1), "relu2": (relu2, 1), "swiglu": (swiglu, 2)}
-DEFAULT_MULT = {"gelu": 4.0, "relu2": 4.0, "swiglu": 8.0 / 3.0}
 
 
 class _DenseMLP(Component):
@@ -50,19 +41,21 @@ class _DenseMLP(Component):
 
     ACT: str
 
-    @dataclass(frozen=True)
-    class Spec:
-        dim: int
-        hidden: int
-        bias: bool = False
-        dropout: float = 0.0
-        approximate: str = "none"
+    @declared
+    class Spec(Kind):
+        hidden_size: int | None = param(None, doc="Hidden width of the MLP; overrides hidden_mult.", minimum=1)
+        hidden_mult: float = param(4.0, doc=HIDDEN_MULT_DOC, exclusive_minimum=0)
+        multiple_of: int = param(16, doc="Round a hidden_mult-derived width up to a multiple of this.", minimum=1)
+        bias: bool = param(False, doc="Biases on the MLP projections.")
+        dropout: float = param(0.0, doc="Dropout on the MLP output.", minimum=0, maximum=1)
+        dim: int = context("d_model")
 
-    @classmethod
-    def make_spec(cls, params: dict[str, Any], ctx: ModelContext):
-        return cls.Spec(dim=ctx.d_model, hidden=hidden_size(params, ctx.d_model, DEFAULT_MULT[cls.ACT]),
-                        bias=params.get("bias", False), dropout=params.get("dropout", 0.0),
-                        approximate=params.get("approximate", "none"))
+        @property
+        def hidden(self) -> int:
+            """The hidden width: ``hidden_size``, else ``hidden_mult * d_model`` rounded up to ``multiple_of``."""
+            if self.hidden_size is not None:
+                return self.hidden_size
+            return round_up(self.hidden_mult * self.dim, self.multiple_of)
 
     def __init__(self, spec):
         super().__init__()
@@ -80,18 +73,31 @@ class _DenseMLP(Component):
 
 
 class GeluMLP(_DenseMLP):
-    """GPT-2's MLP: Linear -> GELU (exact, or ``approximate: tanh`` as in GPT-2) -> Linear."""
+    """Linear -> GELU -> Linear (GPT-2): exact, or ``approximate: tanh`` as in GPT-2."""
     ACT = "gelu"
+
+    @declared
+    class Spec(_DenseMLP.Spec):
+        approximate: Literal["none", "tanh"] = param(
+            "none", doc="GELU form: exact 'none' (nanoGPT) or 'tanh' (original GPT-2).")
 
     def activate(self, h):
         return gelu(h, self.spec.approximate)
 
 
 class SwiGLUMLP(_DenseMLP):
-    """LLaMA's gated MLP: down(silu(gate(x)) * up(x)); gate and up share one matmul."""
+    """SiLU-gated MLP (LLaMA): down(silu(gate x) * up x); gate and up share one matmul."""
     ACT = "swiglu"
+
+    @declared
+    class Spec(_DenseMLP.Spec):
+        hidden_mult: float = param(8.0 / 3.0, doc=HIDDEN_MULT_DOC, exclusive_minimum=0)
 
 
 class ReLU2MLP(_DenseMLP):
     """Squared-ReLU MLP (Primer, modded-nanoGPT)."""
     ACT = "relu2"
+
+
+#: the dense MLP kinds an MoE expert can be (same activation, same default width)
+DENSE = {"gelu": GeluMLP, "swiglu": SwiGLUMLP, "relu2": ReLU2MLP}

@@ -30,131 +30,98 @@ step on every rank.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Literal
 
 import torch
 
-from ..model.init import InitSpec
-from ..registry import suggest
-from .base import Component, ModelContext
-from .mlp import ACTIVATIONS, DEFAULT_MULT, hidden_size
-from .moe_dispatch import DROP_POLICIES, combine, expert_capacity, gather_tokens, plan_dispatch
-from .moe_experts import DISPATCH_KINDS, Experts, grouped_mm_shapes_ok
-from .routers import ROUTERS, load_balancing_loss, mean_entropy, router_z_loss
-
-LB_LOSS_TYPES = ("batch", "sequence")
-_PARAMS = ("kind", "n_experts", "top_k", "expert_kind", "expert_hidden", "expert_hidden_mult",
-           "n_shared_experts", "router", "capacity_factor", "eval_capacity_factor", "min_capacity",
-           "drop_policy", "lb_loss_coef", "lb_loss_type", "z_loss_coef", "bias", "dispatch")
-
-
-class MoEConfigError(ValueError):
-    """An ``mlp: {kind: moe}`` block that passed the schema but is inconsistent."""
-
-
-def resolve_router(kind: str):
-    """Built-in routers come from ``ROUTERS``; other names from the (plug-in) registry."""
-    if kind in ROUTERS:
-        return ROUTERS[kind]
-    from ..registry import get
-    return get("router", kind)
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise MoEConfigError(message)
-
+from ..config.declare import Kind, choice, context, declared, param, round_up
+from .base import Component
+from .mlp import DENSE
+from .moe_dispatch import DropPolicy, combine, expert_capacity, gather_tokens, plan_dispatch
+from .moe_experts import Dispatch, Experts, grouped_mm_shapes_ok
+from .routers import load_balancing_loss, mean_entropy, router_z_loss
 
 class MoE(Component):
-    """Routed experts (+ optional shared experts) with capacity, aux losses and statistics."""
+    """Mixture-of-Experts feed-forward layer: a router picks top_k of n_experts routed experts per token;
+    optional always-on shared experts."""
 
-    @dataclass(frozen=True)
-    class Spec:
-        dim: int
-        n_experts: int
-        top_k: int
-        hidden: int                       # expert hidden size H
-        router: Any                       # the router's own frozen spec
-        router_kind: str = "topk"
-        expert_kind: str = "swiglu"
-        n_shared_experts: int = 0
-        capacity_factor: float | None = None       # None: dropless in training
-        eval_capacity_factor: float | None = None  # None: dropless in eval
-        min_capacity: int = 4
-        drop_policy: str = "priority"
-        lb_loss_coef: float = 0.01
-        lb_loss_type: str = "batch"
-        z_loss_coef: float = 0.001
-        bias: bool = False
-        dispatch: str = "auto"
+    @declared
+    class Spec(Kind):
+        n_experts: int = param(doc="Number of routed experts E.", minimum=1)
+        top_k: int = param(doc="Experts per token k (at most n_experts; the router 'switch' needs 1).", minimum=1)
+        expert_kind: Literal["swiglu", "gelu", "relu2"] = param(
+            "swiglu", doc="Activation of every expert (routed and shared), as the dense MLP kind of the same name.")
+        expert_hidden: int | None = param(None, doc="Hidden size of each expert (excludes expert_hidden_mult).",
+                                          minimum=1)
+        expert_hidden_mult: float | None = param(
+            None, doc="Hidden size as a multiple of d_model, rounded up to a multiple of 16 (null: the dense "
+                      "default of expert_kind, 8/3 for swiglu, 4 otherwise).", exclusive_minimum=0)
+        n_shared_experts: int = param(0, doc="Always-on experts of the same hidden size applied to every token "
+                                             "and added to the routed output (DeepSeek style).", minimum=0)
+        router: Kind = choice("router", default="topk", doc="The router.")
+        capacity_factor: float | None = param(
+            None, doc="Training capacity per expert = max(min_capacity, ceil(factor * tokens * top_k / "
+                      "n_experts)), tokens = B*T of the forward; NOT rounded to even. null: dropless. With a "
+                      "capacity, whether a token is dropped depends on other tokens of the batch, later ones "
+                      "included.", exclusive_minimum=0)
+        eval_capacity_factor: float | Literal["train"] | None = param(
+            "train", doc="Capacity factor in eval mode; 'train': the same as capacity_factor; null: dropless in "
+                         "eval (causal inference).", exclusive_minimum=0)
+        min_capacity: int = param(4, doc="Lower bound of the capacity per expert.", minimum=0)
+        drop_policy: DropPolicy = param(
+            "priority", doc="Who is dropped when an expert overflows. priority: every token's first choice is "
+                            "served before any second choice, and so on; within a choice rank earlier tokens of "
+                            "the flattened B*T batch first. position: earlier tokens first, each token's choices "
+                            "in rank order.")
+        lb_loss_coef: float = param(0.01, doc="Weight of the load-balancing loss in aux['loss'] (0 still logs it).",
+                                    minimum=0)
+        lb_loss_type: Literal["batch", "sequence"] = param(
+            "batch", doc="Load-balancing loss n_experts * sum_i f_i * P_i (1 at perfect balance) over the whole "
+                         "batch or per sequence then averaged (DeepSeek-V3).")
+        z_loss_coef: float = param(0.001, doc="Weight of the router z-loss, mean over tokens of logsumexp(logits)^2 "
+                                              "in fp32.", minimum=0)
+        bias: bool = param(False, doc="Biases in the expert projections.")
+        dispatch: Dispatch = param(
+            "auto", doc="Expert compute path, same weights and results either way: grouped_mm (torch._grouped_mm; "
+                        "needs d_model and the expert hidden size to be multiples of 4), loop (one matmul per "
+                        "expert on its contiguous slice), auto (grouped_mm where torch can run it, else loop). "
+                        "grouped_mm falls back to the loop where torch cannot run it: fp32 under torch.compile, "
+                        "bf16 with sizes not multiples of 8, CUDA in anything but bf16.")
+        dim: int = context("d_model")
 
-    @classmethod
-    def make_spec(cls, params: dict[str, Any], ctx: ModelContext) -> "MoE.Spec":
-        """Turn the validated ``mlp`` block into a spec (derived sizes computed here, once).
+        @property
+        def hidden(self) -> int:
+            """The expert hidden size H."""
+            if self.expert_hidden is not None:
+                return self.expert_hidden
+            mult = self.expert_hidden_mult or DENSE[self.expert_kind].Spec.hidden_mult
+            return round_up(mult * self.dim, 16)
 
-        ``eval_capacity_factor`` absent: same as ``capacity_factor``; given as
-        ``null``: dropless in eval even when training drops.
-        """
-        unknown = [k for k in params if k not in _PARAMS]
-        _check(not unknown, "; ".join(f"moe: unknown parameter '{k}'{suggest(k, _PARAMS)}" for k in unknown))
-        _check("n_experts" in params and "top_k" in params, "moe: 'n_experts' and 'top_k' are required")
-        n, k = int(params["n_experts"]), int(params["top_k"])
-        _check(n >= 1, f"n_experts: {n} must be >= 1")
-        _check(1 <= k <= n, f"top_k: {k} must be between 1 and n_experts ({n})")
-        kind = params.get("expert_kind", "swiglu")
-        _check(kind in ACTIVATIONS, f"expert_kind: unknown '{kind}'{suggest(kind, ACTIVATIONS)} "
-                                    f"(available: {', '.join(sorted(ACTIVATIONS))})")
-        _check(not ("expert_hidden" in params and "expert_hidden_mult" in params),
-               "moe: give expert_hidden or expert_hidden_mult, not both")
-        hidden = hidden_size({"hidden_size": params.get("expert_hidden"),
-                              "hidden_mult": params.get("expert_hidden_mult", DEFAULT_MULT[kind]),
-                              "multiple_of": 16}, ctx.d_model, DEFAULT_MULT[kind])
-        _check(hidden >= 1, f"expert hidden size must be >= 1 (got {hidden})")
-        factor = params.get("capacity_factor")
-        eval_factor = params.get("eval_capacity_factor", factor)
-        for name, f in (("capacity_factor", factor), ("eval_capacity_factor", eval_factor)):
-            _check(f is None or f > 0, f"{name}: {f} must be > 0 (or null for dropless)")
-        choices = {"drop_policy": DROP_POLICIES, "lb_loss_type": LB_LOSS_TYPES, "dispatch": DISPATCH_KINDS}
-        for name, allowed in choices.items():
-            value = params.get(name, allowed[0] if name != "dispatch" else "auto")
-            _check(value in allowed, f"{name}: '{value}' is not one of {', '.join(allowed)}")
-        dispatch = params.get("dispatch", "auto")
-        _check(dispatch != "grouped_mm" or grouped_mm_shapes_ok(ctx.d_model, hidden, torch.float32),
-               f"dispatch: grouped_mm needs d_model ({ctx.d_model}) and the expert hidden size "
-               f"({hidden}) to be multiples of 4; use dispatch: auto or loop")
-        for name in ("lb_loss_coef", "z_loss_coef", "min_capacity", "n_shared_experts"):
-            _check(params.get(name, 0) >= 0, f"{name}: {params.get(name)} must be >= 0")
-        router_params = dict(params.get("router") or {"kind": "topk"})
-        router_kind = router_params.get("kind", "topk")
-        router_params.update(kind=router_kind, n_experts=n, top_k=k)
-        try:
-            router_spec = resolve_router(router_kind).make_spec(router_params, ctx)
-        except (ValueError, TypeError) as e:
-            raise MoEConfigError(str(e)) from None
-        return cls.Spec(
-            dim=ctx.d_model, n_experts=n, top_k=k, hidden=hidden, router=router_spec,
-            router_kind=router_kind, expert_kind=kind,
-            n_shared_experts=int(params.get("n_shared_experts", 0)),
-            capacity_factor=factor, eval_capacity_factor=eval_factor,
-            min_capacity=int(params.get("min_capacity", 4)),
-            drop_policy=params.get("drop_policy", "priority"),
-            lb_loss_coef=float(params.get("lb_loss_coef", 0.01)),
-            lb_loss_type=params.get("lb_loss_type", "batch"),
-            z_loss_coef=float(params.get("z_loss_coef", 0.001)),
-            bias=bool(params.get("bias", False)), dispatch=dispatch)
+        @property
+        def eval_factor(self) -> float | None:
+            return self.capacity_factor if self.eval_capacity_factor == "train" else self.eval_capacity_factor
+
+        def check(self):
+            if self.top_k > self.n_experts:
+                yield ("top_k",), (f"top_k ({self.top_k}) must be <= n_experts ({self.n_experts}); each token picks "
+                                   "top_k distinct experts")
+            if self.expert_hidden is not None and self.expert_hidden_mult is not None:
+                yield ("expert_hidden_mult",), "give 'expert_hidden' or 'expert_hidden_mult', not both"
+            elif self.dispatch == "grouped_mm" and not grouped_mm_shapes_ok(self.dim, self.hidden, torch.float32):
+                yield ("dispatch",), (f"grouped_mm needs d_model ({self.dim}) and the expert hidden size "
+                                      f"({self.hidden}) to be multiples of 4; use dispatch: auto or loop")
 
     def __init__(self, spec: "MoE.Spec"):
         super().__init__()
         self.spec = spec
-        self.router = resolve_router(spec.router_kind)(spec.router)
+        self.router = spec.router.build()
         self.experts = Experts(spec.n_experts, spec.dim, spec.hidden, spec.expert_kind,
                                spec.bias, spec.dispatch)
         self.shared = (Experts(spec.n_shared_experts, spec.dim, spec.hidden, spec.expert_kind,
                                spec.bias) if spec.n_shared_experts else None)
 
     @torch.no_grad()
-    def init_weights(self, init: InitSpec) -> None:
+    def init_weights(self, init) -> None:
         """Experts (3-D, down-projections residual; switch: routed use ``expert=True``),
         shared experts, router (fan_in d_model) and noise weights (zero)."""
         self.experts.initialize(init, routed=True)
@@ -165,7 +132,7 @@ class MoE(Component):
     def capacity(self, n_tokens: int) -> int | None:
         """Slots per expert for a forward of ``n_tokens`` tokens in the current mode."""
         s = self.spec
-        factor = s.capacity_factor if self.training else s.eval_capacity_factor
+        factor = s.capacity_factor if self.training else s.eval_factor
         return expert_capacity(factor, n_tokens, s.top_k, s.n_experts, s.min_capacity)
 
     def forward(self, x: torch.Tensor):
@@ -213,7 +180,7 @@ class MoE(Component):
     def extra_repr(self) -> str:
         s = self.spec
         cap = "dropless" if s.capacity_factor is None else f"capacity_factor={s.capacity_factor}"
-        return f"n_experts={s.n_experts}, top_k={s.top_k}, router={s.router_kind}, {cap}"
+        return f"n_experts={s.n_experts}, top_k={s.top_k}, router={s.router.kind}, {cap}"
 
 
 def _data_parallel() -> bool:
@@ -241,11 +208,4 @@ def _lb_over_ranks(probs: torch.Tensor, routed: torch.Tensor, n_experts: int) ->
     return n_experts * (both[0] * p).sum()
 
 
-def register(regs) -> None:
-    """Add ``mlp: moe`` and every built-in router kind to the registries."""
-    regs["mlp"].add("moe", MoE)
-    for name, cls in ROUTERS.items():
-        regs["router"].add(name, cls)
-
-
-__all__ = ["MoE", "MoEConfigError", "register", "resolve_router"]
+__all__ = ["MoE"]

@@ -34,11 +34,12 @@ it up to an even number.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 
-DROP_POLICIES = ("priority", "position")
+DropPolicy = Literal["priority", "position"]
+DROP_POLICIES = get_args(DropPolicy)
 
 
 def expert_capacity(factor: float | None, n_tokens: int, top_k: int, n_experts: int,

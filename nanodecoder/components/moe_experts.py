@@ -18,13 +18,16 @@ Two ways to apply them:
 """
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import nn
 
-from ..model.init import InitSpec, init_tensor
+from .init import DEFAULT_INIT, init_tensor
 from .mlp import ACTIVATIONS
 
-DISPATCH_KINDS = ("auto", "loop", "grouped_mm")
+Dispatch = Literal["auto", "grouped_mm", "loop"]
+DISPATCH_KINDS = get_args(Dispatch)
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -78,10 +81,10 @@ class Experts(nn.Module):
         self.down = nn.Parameter(torch.empty(n, hidden, dim))
         self.up_bias = nn.Parameter(torch.zeros(n, self.width * hidden)) if bias else None
         self.down_bias = nn.Parameter(torch.zeros(n, dim)) if bias else None
-        self.initialize(InitSpec(), routed=True)
+        self.initialize(DEFAULT_INIT, routed=True)
 
     @torch.no_grad()
-    def initialize(self, init: InitSpec, routed: bool) -> None:
+    def initialize(self, init, routed: bool) -> None:
         """Up-projections fan_in D, down-projections fan_in H and residual; biases zero."""
         init_tensor(self.up, init, self.dim, expert=routed)
         init_tensor(self.down, init, self.hidden, residual=True, expert=routed)

@@ -1,23 +1,22 @@
 """Normalisation layers: ``layernorm`` and ``rmsnorm``."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config.declare import Kind, context, declared, param
 from .base import Component
 
 
 class LayerNorm(Component):
-    """LayerNorm with an optional bias (GPT-2 has one, nanoGPT's ``bias=False`` has not)."""
+    """LayerNorm (GPT-2), with an optional bias (nanoGPT's ``bias=False`` has none)."""
 
-    @dataclass(frozen=True)
-    class Spec:
-        dim: int
-        bias: bool = True
-        eps: float = 1e-5
+    @declared
+    class Spec(Kind):
+        bias: bool = param(True, doc="Learnable bias (GPT-2: true; nanoGPT bias=False: false).")
+        eps: float = param(1e-5, doc="Epsilon added to the variance.", exclusive_minimum=0)
+        dim: int = context("d_model")
 
     def __init__(self, spec: "LayerNorm.Spec"):
         super().__init__()
@@ -35,12 +34,12 @@ class LayerNorm(Component):
 
 
 class RMSNorm(Component):
-    """Root-mean-square norm (no centring, no bias), computed in float32."""
+    """RMSNorm (LLaMA): root-mean-square norm, no centring, no bias, computed in float32."""
 
-    @dataclass(frozen=True)
-    class Spec:
-        dim: int
-        eps: float = 1e-6
+    @declared
+    class Spec(Kind):
+        eps: float = param(1e-6, doc="Epsilon added to the mean square.", exclusive_minimum=0)
+        dim: int = context("d_model")
 
     def __init__(self, spec: "RMSNorm.Spec"):
         super().__init__()

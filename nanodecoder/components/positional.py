@@ -7,26 +7,20 @@ attention layer.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 from torch import nn
 
-from .base import Component, ModelContext
+from ..config.declare import Kind, context, declared, param
+from .base import Component
 
 
 class LearnedPositional(Component):
-    """One learned vector per position (GPT-2's ``wpe``)."""
+    """Learned absolute position embeddings (GPT-2), one per context position."""
 
-    @dataclass(frozen=True)
-    class Spec:
-        context_length: int
-        dim: int
-
-    @classmethod
-    def make_spec(cls, params: dict[str, Any], ctx: ModelContext):
-        return cls.Spec(context_length=ctx.context_length, dim=ctx.d_model)
+    @declared
+    class Spec(Kind):
+        context_length: int = context()
+        dim: int = context("d_model")
 
     def __init__(self, spec):
         super().__init__()
@@ -41,17 +35,15 @@ class LearnedPositional(Component):
 
 
 class RoPE(Component):
-    """Rotary embeddings (Su et al. 2021), pairing dimension i with i + head_dim/2
-    (the "rotate half" layout of GPT-NeoX and Hugging Face LLaMA)."""
+    """Rotary position embedding applied to queries and keys (Su et al. 2021), pairing dimension i with
+    i + head_dim/2 (the "rotate half" layout of GPT-NeoX and Hugging Face LLaMA)."""
 
-    @dataclass(frozen=True)
-    class Spec:
-        head_dim: int
-        theta: float = 10000.0
+    ROTATES_HEADS = True       # the head dimension must be even and the same in every layer
 
-    @classmethod
-    def make_spec(cls, params: dict[str, Any], ctx: ModelContext):
-        return cls.Spec(head_dim=ctx.head_dim, theta=float(params.get("theta", 10000.0)))
+    @declared
+    class Spec(Kind):
+        theta: float = param(10000.0, doc="RoPE base frequency (LLaMA-3 uses 500000).", exclusive_minimum=0)
+        head_dim: int = context("block.attention.head_dim")
 
     def __init__(self, spec):
         super().__init__()

@@ -37,17 +37,15 @@ logits, or for ``sigmoid`` the affinities normalised per token to sum 1.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import math
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.init import InitSpec, init_tensor
-from .base import Component, ModelContext
+from ..config.declare import PARENT, Kind, context, declared, param
+from .base import Component
+from .init import DEFAULT_INIT, init_tensor
 
 
 class RouterOutput(NamedTuple):
@@ -72,38 +70,24 @@ def no_autocast(x: torch.Tensor):
 class Router(Component):
     """Base router: a bias-free linear map ``[D] -> [E]`` (weight ``[E, D]``, fp32).
 
-    Subclasses extend ``Spec`` (which always carries ``dim``, ``n_experts``
-    and ``top_k``, filled in by the MoE layer) and implement ``route``.
+    Subclasses extend ``Spec`` (whose ``dim``, ``n_experts`` and ``top_k`` come
+    from the enclosing MoE layer) and implement ``route``.
     """
 
-    @dataclass(frozen=True)
-    class Spec:
-        dim: int
-        n_experts: int
-        top_k: int
-
-    @classmethod
-    def make_spec(cls, params: dict[str, Any], ctx: ModelContext):
-        fields = {f.name for f in dataclasses.fields(cls.Spec)}
-        values = {k: v for k, v in params.items() if k != "kind"}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"router '{params.get('kind', cls.__name__)}': unknown parameter(s) "
-                             f"{', '.join(unknown)} (allowed: {', '.join(sorted(fields - {'dim', 'n_experts', 'top_k'}))})")
-        values.setdefault("dim", ctx.d_model)
-        spec = cls.Spec(**values)
-        if not 1 <= spec.top_k <= spec.n_experts:
-            raise ValueError(f"top_k: {spec.top_k} must be between 1 and n_experts ({spec.n_experts})")
-        return spec
+    @declared
+    class Spec(Kind):
+        dim: int = context("d_model")
+        n_experts: int = context()
+        top_k: int = context()
 
     def __init__(self, spec):
         super().__init__()
         self.spec = spec
         self.weight = nn.Parameter(torch.empty(spec.n_experts, spec.dim, dtype=torch.float32))
-        self.initialize(InitSpec())
+        self.initialize(DEFAULT_INIT)
 
     @torch.no_grad()
-    def initialize(self, init: InitSpec) -> None:
+    def initialize(self, init) -> None:
         """Called by ``MoE.init_weights``: gpt2 normal(0, std) or switch fan_in = d_model."""
         init_tensor(self.weight, init, self.spec.dim)
 
@@ -130,11 +114,13 @@ class Router(Component):
 
 
 class TopKRouter(Router):
-    """Softmax top-k; ``renormalize`` the k weights to sum 1 (Mixtral) or not (OLMoE); k=1: never."""
+    """Softmax over all expert logits, top-k."""
 
-    @dataclass(frozen=True)
+    @declared
     class Spec(Router.Spec):
-        renormalize: bool = True
+        renormalize: bool = param(True, doc="Divide the k selected probabilities by their sum (Mixtral) or keep "
+                                            "the full-softmax probabilities (OLMoE). Ignored for top_k 1 (the "
+                                            "full-softmax probability is used so the router learns).")
 
     def route(self, x):
         logits = self.linear(x)
@@ -146,21 +132,18 @@ class TopKRouter(Router):
 
 
 class SwitchRouter(Router):
-    """Switch Transformer top-1: weight = full-softmax probability; optional input jitter."""
+    """Switch Transformer top-1 router; the weight is the full-softmax probability. Needs top_k 1."""
 
-    @dataclass(frozen=True)
+    @declared
     class Spec(Router.Spec):
-        jitter: float = 0.0
+        jitter: float = param(0.0, doc="Multiplicative noise on the router input, uniform in [1-jitter, "
+                                       "1+jitter], training only (0: off; Switch used 0.01).",
+                              minimum=0, exclusive_maximum=1)
 
-    @classmethod
-    def make_spec(cls, params, ctx):
-        spec = super().make_spec(params, ctx)
-        if spec.top_k != 1:
-            raise ValueError(f"router 'switch' routes each token to one expert: top_k must be 1 (got {spec.top_k}); "
-                             "for k > 1 use router kind 'topk' with renormalize: false")
-        if not 0.0 <= spec.jitter < 1.0:
-            raise ValueError(f"router.jitter: {spec.jitter} must be in [0, 1)")
-        return spec
+        def check(self):
+            if self.top_k != 1:
+                yield (PARENT, "top_k"), (f"router 'switch' sends each token to one expert, so top_k must be 1 "
+                                          f"(got {self.top_k}); for top_k > 1 use router kind 'topk'")
 
     def route(self, x):
         eps = self.spec.jitter
@@ -174,7 +157,9 @@ class SwitchRouter(Router):
 
 
 class SigmoidRouter(Router):
-    """DeepSeek-V3 sigmoid router with an auxiliary-loss-free balancing bias.
+    """DeepSeek-V3 router: sigmoid affinities, experts chosen by affinity + a per-expert balancing bias (updated
+    once per optimizer step, not by the optimizer); weights = chosen affinities normalised to sum 1 (raw affinity
+    for top_k 1) times routed_scaling_factor.
 
     The bias (``expert_bias``, persistent fp32 buffer) only changes which
     experts are chosen, never the weights.  In training mode each forward adds
@@ -183,19 +168,12 @@ class SigmoidRouter(Router):
     per optimizer step.
     """
 
-    @dataclass(frozen=True)
+    @declared
     class Spec(Router.Spec):
-        routed_scaling_factor: float = 1.0
-        bias_update_speed: float = 0.001
-
-    @classmethod
-    def make_spec(cls, params, ctx):
-        spec = super().make_spec(params, ctx)
-        if spec.routed_scaling_factor <= 0:
-            raise ValueError(f"router.routed_scaling_factor: {spec.routed_scaling_factor} must be > 0")
-        if spec.bias_update_speed < 0:
-            raise ValueError(f"router.bias_update_speed: {spec.bias_update_speed} must be >= 0")
-        return spec
+        routed_scaling_factor: float = param(1.0, doc="Scale of the routed weights.", exclusive_minimum=0)
+        bias_update_speed: float = param(0.001, doc="Bias update speed gamma: bias += gamma * sign(mean load - "
+                                                    "load), centred, per optimizer step (0 freezes the bias).",
+                                         minimum=0)
 
     def __init__(self, spec):
         super().__init__(spec)
@@ -203,7 +181,7 @@ class SigmoidRouter(Router):
         self.register_buffer("load_counts", torch.zeros(spec.n_experts, dtype=torch.int64), persistent=False)
 
     @torch.no_grad()
-    def initialize(self, init: InitSpec) -> None:
+    def initialize(self, init) -> None:
         """Router weight as usual; bias and counts zero (also after ``to_empty``)."""
         super().initialize(init)
         if hasattr(self, "expert_bias"):
@@ -247,7 +225,8 @@ class SigmoidRouter(Router):
 
 
 class NoisyTopKRouter(Router):
-    """Noisy top-k gating (Shazeer et al. 2017); noise only in training mode.
+    """Noisy top-k gating (Shazeer et al. 2017): logits + softplus(x W_noise) * N(0,1) in training only; weights
+    = softmax over the k selected noisy logits (full-softmax probability for top_k 1).
 
     ``noise_weight`` starts at zero as in the paper, so the initial noise std
     is softplus(0) = ln 2 for every expert (zero noise weights do NOT mean
@@ -260,7 +239,7 @@ class NoisyTopKRouter(Router):
         self.noise_weight = nn.Parameter(torch.zeros(spec.n_experts, spec.dim, dtype=torch.float32))
 
     @torch.no_grad()
-    def initialize(self, init: InitSpec) -> None:
+    def initialize(self, init) -> None:
         super().initialize(init)
         if hasattr(self, "noise_weight"):
             self.noise_weight.zero_()
@@ -284,12 +263,6 @@ class NoisyTopKRouter(Router):
         return RouterOutput(indices, weights, logits, expert_softmax(logits))
 
 
-ROUTERS: dict[str, type[Router]] = {
-    "topk": TopKRouter,
-    "switch": SwitchRouter,
-    "sigmoid": SigmoidRouter,
-    "noisy_topk": NoisyTopKRouter,
-}
 
 
 def expert_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -331,8 +304,3 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 def mean_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of the entropy (nats) of each token's router distribution."""
     return torch.special.entr(probs).sum(dim=-1).mean()
-
-
-def max_entropy(n_experts: int) -> float:
-    """Entropy of the uniform router, for reading ``router_entropy``."""
-    return math.log(n_experts)

@@ -1,25 +1,29 @@
-"""Blueprint loading and validation: YAML -> validated, resolved dict (+ line map).
+"""The config core: declarations, YAML loading, validation and messages (imports nothing above it).
 
-    bp = load_blueprint("blueprints/gpt2_124m.yaml", ["model.n_layers=4"])
+    bp = load_blueprint("blueprints/gpt2_124m.yaml", ["model.n_layers=4"], root=RunSpec, catalog=catalog)
     bp.raw        # the resolved blueprint (extends merged, --set applied)
     bp.lines      # key path tuple -> (file, line)
     bp.to_yaml()  # what gets saved with a run; loads back to the same raw
 
+``root`` is the declared class of the whole file and ``catalog`` the registered
+kinds (the command-line layer passes both, ``nanodecoder/cli/blueprint.py``).
 Every problem is collected and raised at once as a BlueprintError.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from ..resources import resolve_blueprint
+from .declare import build
 from .errors import BlueprintError, Problem, sort_problems
-from .loader import LineMap, display, dotted, load_file, locate
+from .loader import LineMap, display, dotted, load_file, locate, parse_yaml
 from .overrides import apply_overrides
-from .semantic import model_checks
-from .validate import schema_problems
+from .registry import Catalog, RegistryError, suggest
+from .validate import problems
 
 
 @dataclass
@@ -33,42 +37,47 @@ class Blueprint:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.raw, sort_keys=False, default_flow_style=None)
 
+    def problem(self, path: tuple, message: str) -> Problem:
+        """A problem located at ``path`` of this blueprint (its file and line)."""
+        file, line = locate(self.lines, path, str(self.path))
+        return Problem(file, dotted(path), line, message)
 
-def load_blueprint(path: str | Path, overrides: list[str] | None = None, *, validate: bool = True) -> Blueprint:
+
+def load_blueprint(path: str | Path, overrides: list[str] | None = None, *, root, catalog: Catalog,
+                   validate: bool = True) -> Blueprint:
     """Load ``path`` (a file, or a shipped blueprint's name), apply ``extends`` and
-    ``--set`` overrides, validate, and return the resolved Blueprint.
+    ``--set`` overrides, validate against ``root`` and return the resolved Blueprint.
 
     Raises BlueprintError listing every problem found.
     """
     path = Path(resolve_blueprint(path))
     raw, lines = load_file(path)
-    problems = apply_overrides(raw, lines, list(overrides or []))
+    found = apply_overrides(raw, lines, list(overrides or []))
     shown = display(path)
     if validate:
-        problems += check(raw, lines, shown)
-    if problems:
+        found += problems(raw, lines, shown, root, catalog)
+    if found:
         files = list(dict.fromkeys([shown] + [f for f, _ in lines.values()]))
         keys = [o.partition("=")[0].strip() or o for o in overrides or []]
-        raise BlueprintError(sort_problems(problems, files, keys))
+        raise BlueprintError(sort_problems(found, files, keys))
     name = raw.get("name") or path.stem
     return Blueprint(path=path, name=str(name), raw=raw, lines=lines)
 
 
-def check(raw: dict, lines: LineMap, shown: str) -> list[Problem]:
-    """Schema problems, then the semantic ones among the values that passed the schema."""
-    found = schema_problems(raw, lines, shown)
-    bad = [p for p, _ in found]
-    problems = [problem for _, problem in found]
-
-    def clean(path: tuple) -> bool:
-        """No schema problem at or under ``path``."""
-        return not any(p[:len(path)] == path for p in bad)
-
-    if isinstance(raw.get("model"), dict):
-        for p, message in model_checks(raw, clean):
-            file, line = locate(lines, p, shown)
-            problems.append(Problem(file, dotted(p), line, message))
-    return problems
+def load_declared(path: Path, root, catalog: Catalog | None = None) -> tuple[Any, dict]:
+    """``(built object, raw)`` of a YAML file whose whole content is the declared class ``root``
+    (e.g. a runtime profile), validated with the blueprint's reader, checks and messages."""
+    shown = display(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BlueprintError([Problem(shown, "", None, f"cannot read the file: {e}")]) from None
+    raw, lines = parse_yaml(text, shown)
+    found = problems(raw, lines, shown, root, catalog or {})
+    if found:
+        raise BlueprintError(sort_problems(found, [shown]))
+    return build(root, raw, catalog), raw
 
 
-__all__ = ["Blueprint", "BlueprintError", "Problem", "load_blueprint"]
+__all__ = ["Blueprint", "BlueprintError", "Catalog", "LineMap", "Problem", "RegistryError", "build", "dotted",
+           "load_blueprint", "load_declared", "locate", "suggest"]

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 from jsonschema.exceptions import best_match
 
-from ..registry import suggest
+from .registry import suggest
 from .schema import target
 
 _TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
@@ -47,6 +47,8 @@ def _desc(schema: dict) -> str:
     """A schema's description to follow "expected": no final dot, first word in lower case
     unless it is an acronym or a name (``RoPE``, ``AdamW``)."""
     d = schema.get("description", "").strip().rstrip(".")
+    if d and schema.get("default") not in (None, "") and not isinstance(schema["default"], (dict, list)):
+        d += f" (default {show(schema['default'])})"
     word = d.split(" ", 1)[0]
     return d[0].lower() + d[1:] if word and (len(word) == 1 or word[1:].islower()) else d
 
@@ -197,9 +199,6 @@ def explain(err, files: dict) -> Iterator[tuple[tuple, str]]:
         keys = [k for k in value["required"] if k in inst] if isinstance(inst, dict) else value["required"]
         yield path + (keys[-1],), (f"give {' or '.join(repr(k) for k in keys)}, "
                                    f"{'not both' if len(keys) == 2 else 'only one of them'}")
-    elif kind == "not" and "x-missing" in schema:
-        yield path, (f"cannot be checked: the schema {schema['x-missing']} is missing from this "
-                     "installation; update or reinstall nanodecoder")
     elif kind in ("oneOf", "anyOf") and err.context:
         # the branch the value was meant for fails a deeper rule than "wrong type" or "not this constant"
         deeper = [e for e in err.context if e.validator not in ("type", "enum", "const")]

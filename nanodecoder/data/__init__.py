@@ -1,42 +1,31 @@
 """The data pipeline: sources -> tokenizer -> prepared token files -> batches.
 
-    spec = DataSpec.from_dict(blueprint["data"])
+    spec = run_spec.data                                        # a built DataSpec
     prep = prepare_data(spec, base_dir=blueprint_folder)       # cached, hashed
     check_fits(prep, context_length, vocab_size)
     sampler = BatchSampler(prep.train, batch_size, context_length, mode=spec.sampling,
                            seed=seed, rank=rank, world_size=world_size)
     x, y = sampler.next_batch()
 
-Nothing registers at import: :func:`register` adds the built-in sources and
-tokenizers to the registries given (called from the one built-ins file).
+Nothing registers at import: :func:`register` (``kinds.py``) adds the built-in
+sources and tokenizers to the catalog it is given.
 """
 from __future__ import annotations
 
 from .bpe import BpeTokenizer, TiktokenTokenizer
 from .checks import bits_per_byte, check_fits, unigram_loss
 from .errors import DataError
+from .kinds import data_catalog, load_tokenizer, register, tokenizer_vocab_size
 from .prepare import Prepared, cache_root, load_prepared, prepare_data
 from .sampler import BatchSampler
 from .sources import Corpus, DataSource, TextSource, UrlSource
 from .spec import DataSpec
 from .stdlib import PythonStdlibSource
-from .tokenizers import ByteTokenizer, CharTokenizer, Tokenizer, load_tokenizer, tokenizer_vocab_size
-
-SOURCES = {"python_stdlib": PythonStdlibSource, "text": TextSource, "url": UrlSource}
-TOKENIZERS = {"byte": ByteTokenizer, "char": CharTokenizer, "bpe": BpeTokenizer, "tiktoken": TiktokenTokenizer}
-
-
-def register(regs) -> None:
-    """Add the built-in data sources and tokenizers to ``regs`` (category -> Registry)."""
-    for name, cls in SOURCES.items():
-        regs["data_source"].add(name, cls)
-    for name, cls in TOKENIZERS.items():
-        regs["tokenizer"].add(name, cls)
-
+from .tokenizers import ByteTokenizer, CharTokenizer, Tokenizer
 
 __all__ = [
     "BatchSampler", "BpeTokenizer", "ByteTokenizer", "CharTokenizer", "Corpus", "DataError", "DataSource",
     "DataSpec", "Prepared", "PythonStdlibSource", "TextSource", "TiktokenTokenizer", "Tokenizer", "UrlSource",
-    "bits_per_byte", "cache_root", "check_fits", "unigram_loss", "load_prepared", "load_tokenizer", "prepare_data",
-    "register", "tokenizer_vocab_size",
+    "bits_per_byte", "cache_root", "check_fits", "data_catalog", "unigram_loss", "load_prepared", "load_tokenizer",
+    "prepare_data", "register", "tokenizer_vocab_size",
 ]

@@ -12,13 +12,17 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+import rustbpe
+import tiktoken
+
+from ..config.declare import Kind, declared, param
+from ..config.registry import suggest
 from .errors import DataError
 from .sources import Corpus
 from .tokenizers import META_FILE, Tokenizer
@@ -37,7 +41,6 @@ class RanksTokenizer(Tokenizer):
 
     @classmethod
     def from_saved(cls, meta, directory) -> "RanksTokenizer":
-        import tiktoken
 
         ranks = read_ranks(Path(directory) / RANKS_FILE)
         enc = tiktoken.Encoding(meta.get("name") or cls.kind, pat_str=meta["pattern"],
@@ -94,7 +97,7 @@ def read_ranks(path: Path) -> dict[bytes, int]:
 
 
 class BpeTokenizer(RanksTokenizer):
-    """Byte-level BPE trained with rustbpe (GPT-4 split pattern) on the train split.
+    """Byte-level BPE (GPT-4 split pattern) trained with rustbpe on the train split; its last id is <|endoftext|>.
 
     ``vocab_size`` counts the end-of-text token (the last id).  A corpus too
     small to learn that many merges gives a smaller vocabulary, never a larger.
@@ -102,16 +105,10 @@ class BpeTokenizer(RanksTokenizer):
 
     kind = "bpe"
 
-    @dataclass(frozen=True)
-    class Spec:
-        kind: str = "bpe"
-        vocab_size: int = 4096
-
-        def __post_init__(self):
-            if not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool) \
-                    or not 257 <= self.vocab_size <= 2 ** 20:
-                raise DataError(f"data.tokenizer.vocab_size: {self.vocab_size!r} must be an integer "
-                                "from 257 to 1048576")
+    @declared
+    class Spec(Kind):
+        vocab_size: int = param(4096, doc="Number of token ids including <|endoftext|>; a corpus too small to "
+                                          "learn that many merges gives fewer.", minimum=257, maximum=2 ** 20)
 
     @classmethod
     def known_vocab_size(cls, spec) -> int:
@@ -126,8 +123,6 @@ class BpeTokenizer(RanksTokenizer):
 
     @classmethod
     def build(cls, spec, corpus: Corpus) -> "BpeTokenizer":
-        import rustbpe
-        import tiktoken
 
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(iter(corpus.train), spec.vocab_size - 1)
@@ -138,21 +133,18 @@ class BpeTokenizer(RanksTokenizer):
 
 
 class TiktokenTokenizer(RanksTokenizer):
-    """A named tiktoken encoding (``gpt2``, ``cl100k_base``, ``o200k_base``, ...).
+    """A named tiktoken encoding; needs tiktoken's cached file (fetched once online, or TIKTOKEN_CACHE_DIR pointing at
+    a copy).
 
     Its ranks are copied into the saved folder, so a run loads offline.
     """
 
     kind = "tiktoken"
 
-    @dataclass(frozen=True)
-    class Spec:
-        kind: str = "tiktoken"
-        name: str = ""
-
-        def __post_init__(self):
-            if not self.name:
-                raise DataError("data.tokenizer.name: required, a tiktoken encoding such as gpt2 or cl100k_base")
+    @declared
+    class Spec(Kind):
+        name: str = param(doc="The encoding's name: gpt2, r50k_base, p50k_base, cl100k_base, o200k_base, ...",
+                          min_length=1)
 
     @classmethod
     def known_vocab_size(cls, spec) -> int:
@@ -168,10 +160,6 @@ class TiktokenTokenizer(RanksTokenizer):
 
 def get_named_encoding(name: str):
     """``tiktoken.get_encoding(name)`` with one-line errors for unknown or unreachable encodings."""
-    import tiktoken
-
-    from ..registry import suggest
-
     known = tiktoken.list_encoding_names()
     if name not in known:
         raise DataError(f"data.tokenizer.name: unknown tiktoken encoding '{name}'{suggest(name, known)} "

@@ -11,6 +11,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .errors import DataError
 
 _CHUNK = 1 << 16
@@ -64,7 +66,6 @@ def fetch(url: str, sha256: str, dest_dir: Path, timeout: float = 60.0, progress
 
 
 def _download(url: str, out, timeout: float, progress: bool) -> str:
-    from tqdm import tqdm
 
     h = hashlib.sha256()
     request = urllib.request.Request(url, headers={"User-Agent": "nanodecoder"})

@@ -31,16 +31,22 @@ import shutil
 import socket
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import platformdirs
+from tqdm import tqdm
+
+from ..config.declare import to_yaml
 
 from .errors import DataError
+from .download import sha256_of
+from .kinds import load_tokenizer
 from .sources import DOC_SEPARATOR
-from .spec import DataSpec, lookup
-from .tokenizers import Tokenizer, load_tokenizer
+from .spec import DataSpec
+from .tokenizers import Tokenizer
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -60,7 +66,6 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     if os.environ.get("NANODECODER_CACHE"):
         return Path(os.environ["NANODECODER_CACHE"]).expanduser()
     try:
-        import platformdirs
         return Path(platformdirs.user_cache_dir("nanodecoder"))
     except ImportError:
         return Path.home() / ".cache" / "nanodecoder"
@@ -83,22 +88,21 @@ class Prepared:
 
 
 def cache_key(spec: DataSpec, fingerprint: dict[str, Any], tokenizer_salt: dict[str, Any]) -> str:
-    payload = {"format": FORMAT_VERSION, "source": asdict(spec.source), "content": fingerprint,
-               "tokenizer": asdict(spec.tokenizer), "tokenizer_salt": tokenizer_salt}
+    payload = {"format": FORMAT_VERSION, "source": to_yaml(spec.source), "content": fingerprint,
+               "tokenizer": to_yaml(spec.tokenizer), "tokenizer_salt": tokenizer_salt}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def prepare_data(spec: DataSpec, base_dir: str | Path = ".", cache_dir: str | Path | None = None,
-                 progress: bool = True, registries=None) -> Prepared:
+                 progress: bool = True) -> Prepared:
     """Return the prepared data for ``spec``, tokenizing it first unless it is cached.
 
     ``base_dir`` is the blueprint's folder (relative source paths start there);
     ``cache_dir`` overrides the cache root; ``progress`` shows tqdm bars on stderr.
     """
     root = cache_root(cache_dir)
-    source = lookup("data_source", spec.source.kind, registries)(
-        spec.source, base_dir=Path(base_dir), cache_root=root)
-    tok_cls = lookup("tokenizer", spec.tokenizer.kind, registries)
+    source = spec.source.build(base_dir=Path(base_dir), cache_root=root)
+    tok_cls = spec.tokenizer.impl
     key = cache_key(spec, source.fingerprint(), tok_cls.cache_salt(spec.tokenizer))
     parent = root / "prepared"
     final = parent / f"{spec.source.kind}-{spec.tokenizer.kind}-{key[:16]}"
@@ -117,7 +121,7 @@ def prepare_data(spec: DataSpec, base_dir: str | Path = ".", cache_dir: str | Pa
             publish(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return load_prepared(final, registries=registries)
+    return load_prepared(final, tokenizer_cls=tok_cls)
 
 
 def publish(tmp: Path, final: Path) -> None:
@@ -167,8 +171,8 @@ def build_prepared(folder: Path, spec: DataSpec, key: str, source, tok_cls, prog
              for s in SPLITS}
     manifest = {
         "format_version": FORMAT_VERSION, "key": key, "dtype": dtype.name,
-        "source": asdict(spec.source), "source_info": corpus.info,
-        "tokenizer": {**tokenizer.info(), "spec": asdict(spec.tokenizer)},
+        "source": to_yaml(spec.source), "source_info": corpus.info,
+        "tokenizer": {**tokenizer.info(), "spec": to_yaml(spec.tokenizer)},
         "separator": "eot" if tokenizer.eot_id is not None else DOC_SEPARATOR,
         "n_tokens": {s: stats[s]["n_tokens"] for s in SPLITS},
         "n_bytes": {s: stats[s]["n_bytes"] for s in SPLITS},
@@ -205,7 +209,6 @@ def text_pieces(doc: str, limit: int = PIECE_CHARS) -> list[str]:
 
 def write_split(path: Path, docs, tokenizer: Tokenizer, dtype: np.dtype, name: str,
                 progress: bool) -> dict[str, Any]:
-    from tqdm import tqdm
 
     if tokenizer.eot_id is not None:
         sep_ids, sep_bytes = np.array([tokenizer.eot_id]), 0
@@ -247,7 +250,7 @@ def write_split(path: Path, docs, tokenizer: Tokenizer, dtype: np.dtype, name: s
     return {**counts, "size": path.stat().st_size, "sha256": h.hexdigest()}
 
 
-def load_prepared(folder: str | Path, registries=None, verify_checksums: bool = False) -> Prepared:
+def load_prepared(folder: str | Path, catalog=None, verify_checksums: bool = False, tokenizer_cls=None) -> Prepared:
     """Open a prepared folder, checking its manifest and file sizes (and SHA-256 if asked)."""
     folder = Path(folder)
     fix = f"delete {folder} and run again to prepare it afresh"
@@ -265,7 +268,7 @@ def load_prepared(folder: str | Path, registries=None, verify_checksums: bool = 
         arrays = {s: _open_split(folder, manifest, s, dtype, verify_checksums, fix) for s in SPLITS}
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"prepared data at {folder} has a damaged {MANIFEST} ({e!r}); {fix}") from None
-    tokenizer = load_tokenizer(folder / TOKENIZER_DIR, registries)
+    tokenizer = load_tokenizer(folder / TOKENIZER_DIR, catalog, tokenizer_cls)
     return Prepared(tokenizer, arrays["train"], arrays["val"], manifest, folder)
 
 
@@ -284,7 +287,6 @@ def _open_split(folder: Path, manifest: dict, split: str, dtype: np.dtype, verif
         raise DataError(f"prepared data at {folder} is damaged: {info['name']} is {got}, "
                         f"expected {expected}; {fix}")
     if verify:
-        from .download import sha256_of
         if sha256_of(path) != info["sha256"]:
             raise DataError(f"prepared data at {folder} is damaged: {info['name']} fails its SHA-256; {fix}")
     if n == 0:

@@ -15,13 +15,16 @@ non-overlapping windows ``[k*T, k*T+T]`` in an order shuffled per epoch.
 """
 from __future__ import annotations
 
+import typing
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from .errors import DataError
-from .spec import SAMPLING_MODES
+from .spec import DataSpec
+
+_MODES = typing.get_args(typing.get_type_hints(DataSpec)["sampling"])
 
 STATE_VERSION = 1
 
@@ -31,8 +34,8 @@ class BatchSampler:
 
     def __init__(self, tokens: np.ndarray, batch_size: int, context_length: int, mode: str = "random",
                  seed: int = 0, rank: int = 0, world_size: int = 1):
-        if mode not in SAMPLING_MODES:
-            raise DataError(f"sampling mode '{mode}' is not one of {', '.join(SAMPLING_MODES)}")
+        if mode not in _MODES:
+            raise DataError(f"sampling mode '{mode}' is not one of {', '.join(_MODES)}")
         if batch_size < 1 or context_length < 1:
             raise DataError(f"batch_size ({batch_size}) and context_length ({context_length}) must be >= 1")
         if not 0 <= rank < world_size:

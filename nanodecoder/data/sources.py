@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..config.declare import Kind, declared, param
 from .download import fetch
 from .errors import DataError
-from .spec import check_fraction
 
 #: Text put between documents when the tokenizer has no end-of-text token.
 DOC_SEPARATOR = "\n\n"
+VAL_FRACTION_DOC = "Fraction of the text, from its end, held out for validation."
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,7 @@ class Corpus:
 class DataSource(ABC):
     """Base of the registered sources; see the module docstring for the protocol."""
 
-    kind: ClassVar[str]
-    Spec: ClassVar[type]
-    PARAMS_SCHEMA: ClassVar[dict | None] = None
+    Spec: ClassVar[type[Kind]]
 
     def __init__(self, spec, base_dir: Path, cache_root: Path):
         self.spec = spec
@@ -115,23 +114,18 @@ def file_digest(text: str) -> str:
 
 
 class TextSource(DataSource):
-    """Your own UTF-8 text: one file, a directory (every non-hidden file in it,
-    recursively) or a glob (``**`` allowed).  Relative paths are relative to
-    the blueprint's folder.  Files are read in sorted order, each one a document.
+    """Your own UTF-8 text: one file, a folder (every non-hidden file, recursively) or a glob; the last val_fraction
+    (cut at a line boundary) is validation.
+
+    Relative paths are relative to the blueprint's folder.  Files are read in
+    sorted order, each one a document.
     """
 
-    kind = "text"
-
-    @dataclass(frozen=True)
-    class Spec:
-        kind: str = "text"
-        path: str = ""
-        val_fraction: float = 0.1
-
-        def __post_init__(self):
-            if not self.path:
-                raise DataError("data.source.path: required; give a file, a directory or a glob")
-            check_fraction("data.source.val_fraction", self.val_fraction)
+    @declared
+    class Spec(Kind):
+        path: str = param(doc="A file, folder or glob (** allowed); relative paths start at the blueprint's folder, "
+                              "~ is expanded.", min_length=1)
+        val_fraction: float = param(0.1, doc=VAL_FRACTION_DOC, exclusive_minimum=0, maximum=0.5)
 
     def __init__(self, spec, base_dir: Path, cache_root: Path):
         super().__init__(spec, base_dir, cache_root)
@@ -176,27 +170,16 @@ def _hidden(rel: Path) -> bool:
 
 
 class UrlSource(DataSource):
-    """One UTF-8 text file downloaded over http(s), checked against its ``sha256``
-    and kept in ``<cache>/downloads``; split like a single ``text`` file.
-    """
+    """A UTF-8 text file downloaded once over http(s) into the cache, refused unless its SHA-256 matches; split
+    like a single text file (kept in ``<cache>/downloads``)."""
 
-    kind = "url"
-
-    @dataclass(frozen=True)
-    class Spec:
-        kind: str = "url"
-        url: str = ""
-        sha256: str = ""
-        val_fraction: float = 0.1
-        timeout: float = 60.0
-
-        def __post_init__(self):
-            if not self.url.startswith(("http://", "https://")):
-                raise DataError(f"data.source.url: '{self.url}' must start with http:// or https://")
-            if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256.lower()):
-                raise DataError("data.source.sha256: required, the 64 hex digits of the file's SHA-256 "
-                                "(run `sha256sum FILE` on a copy you trust)")
-            check_fraction("data.source.val_fraction", self.val_fraction)
+    @declared
+    class Spec(Kind):
+        url: str = param(doc="The http:// or https:// address of the file.", pattern="^https?://")
+        sha256: str = param(doc="The file's SHA-256 as 64 hex digits; a download that differs is an error and is "
+                                "not kept.", pattern="^[0-9a-fA-F]{64}$")
+        val_fraction: float = param(0.1, doc=VAL_FRACTION_DOC, exclusive_minimum=0, maximum=0.5)
+        timeout: float = param(60.0, doc="Seconds to wait for the server before giving up.", exclusive_minimum=0)
 
     def fingerprint(self) -> dict[str, Any]:
         return {"sha256": self.spec.sha256.lower()}

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterable
 
 import numpy as np
 
+from ..config.declare import Kind
 from .errors import DataError
 from .sources import DOC_SEPARATOR, Corpus
-from .spec import lookup
 
 META_FILE = "tokenizer.json"
 
@@ -39,8 +38,7 @@ class Tokenizer(ABC):
     """
 
     kind: ClassVar[str]
-    Spec: ClassVar[type]
-    PARAMS_SCHEMA: ClassVar[dict | None] = None
+    Spec: ClassVar[type[Kind]] = Kind
     vocab_size: int
     eot_id: int | None = None
 
@@ -96,14 +94,10 @@ class Tokenizer(ABC):
 
 
 class ByteTokenizer(Tokenizer):
-    """The 256 byte values of the UTF-8 text; no end-of-text token."""
+    """One token per UTF-8 byte: 256 ids, any text, no end-of-text token."""
 
     kind = "byte"
     vocab_size = 256
-
-    @dataclass(frozen=True)
-    class Spec:
-        kind: str = "byte"
 
     @classmethod
     def known_vocab_size(cls, spec) -> int:
@@ -129,13 +123,12 @@ class ByteTokenizer(Tokenizer):
 
 
 class CharTokenizer(Tokenizer):
-    """One id per character seen in the corpus (train and val), in code point order."""
+    """One token per character seen in the corpus (train and validation); other characters cannot be encoded.
+
+    Ids follow code point order.
+    """
 
     kind = "char"
-
-    @dataclass(frozen=True)
-    class Spec:
-        kind: str = "char"
 
     def __init__(self, chars: Iterable[str]):
         self.chars = sorted(set(chars))
@@ -174,30 +167,3 @@ class CharTokenizer(Tokenizer):
 
     def meta(self) -> dict[str, Any]:
         return {"chars": self.chars}
-
-
-def load_tokenizer(directory: str | Path, registries=None) -> Tokenizer:
-    """Restore a tokenizer saved with ``save(directory)``; needs no data and no network."""
-    path = Path(directory) / META_FILE
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"no tokenizer in {directory} (missing {META_FILE})") from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable ({e}); prepare the data again") from None
-    if not isinstance(meta, dict) or "kind" not in meta:
-        raise DataError(f"{path}: not a tokenizer description; prepare the data again")
-    try:
-        return lookup("tokenizer", meta["kind"], registries).from_saved(meta, Path(directory))
-    except KeyError as e:
-        raise DataError(f"{path}: missing field {e}; prepare the data again") from None
-
-
-def tokenizer_vocab_size(spec, registries=None) -> int | None:
-    """The vocabulary size if known without the corpus (byte, bpe, tiktoken), else None (char).
-
-    ``spec`` is a ``DataSpec`` or a tokenizer spec.  For ``bpe`` it is the
-    configured size, an upper bound reached on any corpus of useful size.
-    """
-    tspec = getattr(spec, "tokenizer", spec)
-    return lookup("tokenizer", tspec.kind, registries).known_vocab_size(tspec)

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..data import DataError
+from .hellaswag import NORMALIZATION, evaluate_hellaswag, load_items
 from .spec import EvalSpec
+from .text import evaluate_text, read_text
 
 
 def _path(raw: str, base_dir: Path) -> Path:
@@ -40,7 +42,6 @@ def build_periodic_evals(spec: EvalSpec | None, tokenizer, base_dir: Path) -> li
     if spec is None:
         return out
     if spec.hellaswag is not None:
-        from .hellaswag import NORMALIZATION, evaluate_hellaswag, load_items
         hs = spec.hellaswag
         hs_path = _path(hs.data, base_dir)
         items = load_items(hs_path, hs.limit)
@@ -55,7 +56,6 @@ def build_periodic_evals(spec: EvalSpec | None, tokenizer, base_dir: Path) -> li
                                           f"{r['hellaswag_acc_norm']:.4f} ({NORMALIZATION}) on "
                                           f"{r['hellaswag_n']} items"))
     if spec.text is not None:
-        from .text import evaluate_text, read_text
         ts = spec.text
         text_path = _path(ts.data, base_dir)
         text = read_text(text_path)

@@ -1,4 +1,4 @@
-"""The typed, frozen spec of a blueprint's ``eval:`` section (``schemas/eval.schema.json``).
+"""The ``eval:`` section, declared::
 
     eval:
       hellaswag: {data: data/hellaswag_val.jsonl, every: 500, limit: 1000}
@@ -9,48 +9,38 @@ validation loss is evaluated (``train.eval_every`` and after the last step).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from ..config.declare import declared, param
+
+EVERY_DOC = ("Evaluate every this many steps and after the last step (0: only after the last step); null: whenever "
+             "the validation loss is evaluated (train.eval_every).")
 
 
-def _build(cls, raw: Mapping[str, Any] | None):
-    if raw is None:
-        return None
-    names = {f.name for f in fields(cls)}
-    unknown = set(raw) - names
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)} (the schema should have caught them)")
-    return cls(**dict(raw))
-
-
-@dataclass(frozen=True)
+@declared
 class HellaSwagEvalSpec:
-    data: str
-    every: int | None = None
-    limit: int | None = None
-    batch_size: int = 8
+    """Completion-style HellaSwag: each ending scored by its summed (acc) and per-token mean (acc_norm)
+    log-likelihood given the context."""
+    SCHEMA_NAME = "hellaswag_eval"
+    data: str = param(doc="The HellaSwag validation JSONL (data/hellaswag_val.jsonl of github.com/rowanz/hellaswag); "
+                          "relative paths start at the blueprint's folder.", min_length=1)
+    every: int | None = param(None, doc=EVERY_DOC, minimum=0)
+    limit: int | None = param(None, doc="Score only the first N items (null: all 10,042).", minimum=1)
+    batch_size: int = param(8, doc="Items per forward pass (4 rows each).", minimum=1)
 
 
-@dataclass(frozen=True)
+@declared
 class TextEvalSpec:
-    data: str
-    every: int | None = None
-    stride: int | None = None
-    batch_size: int = 8
+    """Loss per token and bits per byte on a UTF-8 text file."""
+    data: str = param(doc="The UTF-8 text file; relative paths start at the blueprint's folder.", min_length=1)
+    every: int | None = param(None, doc=EVERY_DOC, minimum=0)
+    stride: int | None = param(None, doc="Tokens between window starts; null: context_length (non-overlapping "
+                                         "chunks); smaller: sliding windows with more context per scored token.",
+                               minimum=1)
+    batch_size: int = param(8, doc="Windows per forward pass.", minimum=1)
 
 
-@dataclass(frozen=True)
+@declared
 class EvalSpec:
-    hellaswag: HellaSwagEvalSpec | None = None
-    text: TextEvalSpec | None = None
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any] | None) -> "EvalSpec | None":
-        if not raw:
-            return None
-        raw = dict(raw)
-        spec = cls(hellaswag=_build(HellaSwagEvalSpec, raw.pop("hellaswag", None)),
-                   text=_build(TextEvalSpec, raw.pop("text", None)))
-        if raw:
-            raise ValueError(f"EvalSpec: unknown keys {sorted(raw)} (the schema should have caught them)")
-        return spec
+    """Evaluations run during training, each on its own schedule."""
+    hellaswag: HellaSwagEvalSpec | None = param(None, doc="HellaSwag accuracy (hellaswag_acc, hellaswag_acc_norm).")
+    text: TextEvalSpec | None = param(None, doc="Loss and bits per byte on a fixed text file (text_loss, text_bpb), "
+                                                "comparable across tokenizers.")

@@ -9,31 +9,22 @@ from the weights and tokenizer of the run named by ``finetune.from``::
       from: ../runs/dense_gpt      # a run directory, or a folder of runs (the newest)
       data: instruction_data.json  # Alpaca records: instruction, input, output
 
-``register(regs)`` adds the ``finetune`` kinds (called from ``builtins.py``).
+``register(catalog)`` adds the ``finetune`` kinds, one line each.
 Answer an instruction with a tuned run: ``python -m nanodecoder.finetune.answer RUN_DIR "..."``.
 """
 from __future__ import annotations
 
-from .spec import ClassificationSpec, FinetuneSpec, InstructionSpec, TemplateSpec
+from .classification import ClassificationTuning
+from .instruction import InstructionTuning
+from .setup import dry_run, prepare_finetune
+from .spec import ClassificationSpec, InstructionSpec, TemplateSpec
 
 
-def register(regs) -> None:
+def register(catalog) -> None:
     """Add ``finetune: instruction | classification``."""
-    from .classification import ClassificationTuning
-    from .instruction import InstructionTuning
-    regs["finetune"].add("instruction", InstructionTuning)
-    regs["finetune"].add("classification", ClassificationTuning)
+    catalog["finetune"].add("instruction", InstructionTuning)
+    catalog["finetune"].add("classification", ClassificationTuning)
 
 
-def prepare_finetune(bp, base_dir, resume=None):
-    from .setup import prepare_finetune as prepare
-    return prepare(bp, base_dir, resume)
-
-
-def dry_run(bp, task, spec) -> int:
-    from .setup import dry_run as run
-    return run(bp, task, spec)
-
-
-__all__ = ["ClassificationSpec", "FinetuneSpec", "InstructionSpec", "TemplateSpec", "dry_run", "prepare_finetune",
-           "register"]
+__all__ = ["ClassificationSpec", "ClassificationTuning", "InstructionSpec", "InstructionTuning", "TemplateSpec",
+           "dry_run", "prepare_finetune", "register"]

@@ -75,13 +75,6 @@ class ClassificationTuning(FinetuneTask):
     Spec = ClassificationSpec
     generates_text = False
 
-    @classmethod
-    def problems(cls, spec, model_spec) -> list[tuple[tuple, str]]:
-        n = spec.train_last_blocks
-        if n is not None and n > model_spec.n_layers:
-            return [(("train_last_blocks",), f"{n} is more than the model's {model_spec.n_layers} blocks")]
-        return []
-
     def load(self) -> None:
         spec = self.spec
         examples = load_examples(self.path(spec.data), spec.n_classes, spec.text_field, spec.label_field)

@@ -32,7 +32,7 @@ from .batches import pad_rows
 from .records import load_instructions, split_off
 from .spec import InstructionSpec
 from .task import FinetuneTask
-from .template import PromptTemplate, template_problems
+from .template import PromptTemplate
 
 Encoded = tuple[list[int], int]      # (tokens, prompt length)
 
@@ -57,10 +57,6 @@ def pack(encoded: list[Encoded], window: int, seed: int = 0) -> list[list[Encode
 class InstructionTuning(FinetuneTask):
     kind = "instruction"
     Spec = InstructionSpec
-
-    @classmethod
-    def problems(cls, spec, model_spec) -> list[tuple[tuple, str]]:
-        return template_problems(spec.template)
 
     def load(self) -> None:
         spec = self.spec

@@ -6,21 +6,26 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
-from ..config import BlueprintError, Problem, load_blueprint
-from ..config.loader import dotted, locate
+from ..config import BlueprintError, dotted
+from ..config.declare import to_yaml
+from ..data import load_tokenizer
+from ..train.checkpoint import load_model_weights
 from ..train.rundir import RunDir, RunDirError
+
+#: reads a run's saved blueprint into ``(Blueprint, RunSpec)`` (the command-line layer's loader)
+ReadBlueprint = Callable[[Path], tuple[Any, Any]]
 
 
 @dataclass
 class SourceRun:
     run: RunDir
-    raw: dict            # the source run's resolved blueprint
+    spec: Any            # the source run's RunSpec, its vocabulary resolved
     tokenizer: object
     checkpoint: Path
 
     def load_weights(self, model) -> None:
-        from ..train.checkpoint import load_model_weights
         load_model_weights(model, self.checkpoint)
 
 
@@ -37,9 +42,8 @@ def _newest_run(folder: Path) -> Path | None:
     return None
 
 
-def open_source(raw_path: str, base_dir: Path, which: str = "best") -> SourceRun:
+def open_source(raw_path: str, base_dir: Path, which: str, read_blueprint: ReadBlueprint) -> SourceRun:
     """A run directory, or a folder of runs (``runs/dense_gpt``: the newest with a checkpoint)."""
-    from ..data import load_tokenizer
     path = Path(raw_path) if os.path.isabs(raw_path) else Path(base_dir) / raw_path
     if not (path / RunDir.BLUEPRINT).is_file() and path.is_dir():
         path = _newest_run(path) or path
@@ -51,8 +55,10 @@ def open_source(raw_path: str, base_dir: Path, which: str = "best") -> SourceRun
     if which == "best" and run.checkpoints.best() is None:
         which = "latest"
     checkpoint = run.checkpoints.resolve(which)
-    raw = load_blueprint(run / RunDir.BLUEPRINT).raw
-    return SourceRun(run, raw, load_tokenizer(run / RunDir.TOKENIZER), checkpoint)
+    tokenizer = load_tokenizer(run / RunDir.TOKENIZER)
+    _, spec = read_blueprint(run / RunDir.BLUEPRINT)
+    spec = dataclasses.replace(spec, model=spec.model.with_vocab(tokenizer.vocab_size))
+    return SourceRun(run, spec, tokenizer, checkpoint)
 
 
 def diff(a, b, prefix: tuple = ()) -> list[tuple]:
@@ -62,32 +68,30 @@ def diff(a, b, prefix: tuple = ()) -> list[tuple]:
     return [] if a == b else [prefix]
 
 
-def check_against_source(bp, source: SourceRun, model_spec) -> None:
+def _at(tree: dict, path: tuple):
+    for key in path:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def check_against_source(bp, spec, source: SourceRun) -> None:
     """Refuse a blueprint whose model or tokenizer is not the source run's (dropout may change)."""
-    from ..model import build_model_spec
     problems = []
-    src_spec = build_model_spec(source.raw["model"], source.tokenizer.vocab_size)
-    if dataclasses.replace(src_spec, dropout=0.0) != dataclasses.replace(model_spec, dropout=0.0):
-        paths = [p for p in diff(bp.raw["model"], source.raw["model"], ("model",)) if p != ("model", "dropout")]
-        detail = "; ".join(f"{dotted(p)} is {_get(bp.raw, p)!r} here, {_get(source.raw, p)!r} there"
-                           for p in paths[:4]) or "the resolved architectures differ"
-        file, line = locate(bp.lines, ("model",), str(bp.path))
-        problems.append(Problem(file, "model", line,
-                                f"fine-tuning starts from the weights of {source.run}, so the model must be that "
-                                f"run's model (only dropout may change): {detail}; copy the source blueprint's "
-                                "model section (or extend the source blueprint)"))
-    mine, theirs = (bp.raw.get("data") or {}).get("tokenizer"), (source.raw.get("data") or {}).get("tokenizer")
-    if mine is not None and mine != theirs:
-        file, line = locate(bp.lines, ("data", "tokenizer"), str(bp.path))
-        problems.append(Problem(file, "data.tokenizer", line,
-                                f"fine-tuning uses the tokenizer of {source.run} ({theirs}), this blueprint names "
-                                f"{mine}; the vocabularies must match: remove data.tokenizer or make it the "
-                                "source run's"))
+    mine, theirs = (dataclasses.replace(s.model, dropout=0.0) for s in (spec, source.spec))
+    if mine != theirs:
+        here, there = {"model": to_yaml(mine)}, {"model": to_yaml(theirs)}
+        detail = "; ".join(f"{dotted(p)} is {_at(here, p)!r} here, {_at(there, p)!r} there"
+                           for p in diff(here, there)[:4]) or "the resolved architectures differ"
+        problems.append(bp.problem(("model",), f"fine-tuning starts from the weights of {source.run}, so the model "
+                                               f"must be that run's model (only dropout may change): {detail}; copy "
+                                               "the source blueprint's model section (or extend the source "
+                                               "blueprint)"))
+    if spec.data is not None and source.spec.data is not None \
+            and to_yaml(spec.data.tokenizer) != to_yaml(source.spec.data.tokenizer):
+        problems.append(bp.problem(("data", "tokenizer"), f"fine-tuning uses the tokenizer of {source.run} "
+                                                          f"({to_yaml(source.spec.data.tokenizer)}), this blueprint "
+                                                          f"names {to_yaml(spec.data.tokenizer)}; the vocabularies "
+                                                          "must match: remove data.tokenizer or make it the source "
+                                                          "run's"))
     if problems:
         raise BlueprintError(problems)
-
-
-def _get(raw: dict, path: tuple):
-    for key in path:
-        raw = raw.get(key) if isinstance(raw, dict) else None
-    return raw

@@ -1,91 +1,83 @@
-"""Typed, frozen specs of the blueprint's ``finetune:`` section (``schemas/finetune.schema.json``).
+"""The ``finetune:`` section, declared: a registered task kind (category ``finetune``) and its parameters.
 
-``finetune.kind`` picks a registered fine-tuning task (category ``finetune``:
-``instruction`` or ``classification``); the other keys are that kind's
-parameters, turned into the kind's ``Spec``.  The YAML key ``from`` (a Python
-keyword) is the field ``source``.
+``finetune.kind`` picks ``instruction`` or ``classification``; the other keys
+are that kind's parameters.  The YAML key ``from`` (a Python keyword) is the
+field ``source``.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Literal
+
+from ..config.declare import Kind, context, declared, param
 
 ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                  "the request.\n\n### Instruction:\n{instruction}{input}\n\n### Response:\n")
 ALPACA_INPUT = "\n\n### Input:\n{input}"
 DEFAULT_END_TEXT = "\n\n### End"       # ends each response when the tokenizer has no end-of-text token
-BATCHING = ("pad", "pack")
+
+FROM_DOC = ("The run to start from (its weights and tokenizer): a run directory, or a folder of runs such as "
+            "../runs/dense_gpt (the newest with a checkpoint); relative paths start at the blueprint's folder.")
+FROM_CHECKPOINT_DOC = ("Which checkpoint of the source run: best (falls back to latest when the run has no best), "
+                       "latest, or a folder name like step_000500.")
+VAL_DATA_DOC = "A separate validation file in the same format; null holds out val_fraction of data instead."
+VAL_FRACTION_DOC = ("Fraction of the records held out for validation (a fixed, seeded choice; at least one record) "
+                    "when val_data is null.")
 
 
-@dataclass(frozen=True)
+@declared
 class TemplateSpec:
-    """How a record becomes a prompt: ``{instruction}`` and ``{input}`` are replaced in ``prompt``;
-    ``{input}`` there becomes ``input`` (with the record's input in it) or nothing when the input is empty."""
-    prompt: str = ALPACA_PROMPT
-    input: str = ALPACA_INPUT
-    end: str | None = None           # None: the tokenizer's end-of-text token, else DEFAULT_END_TEXT
+    """How a record becomes the prompt. {instruction} and {input} are replaced in 'prompt'; its {input} becomes the
+    'input' text (with the record's input in it), or nothing when the record's input is empty. The response follows
+    the prompt, then the end marker."""
+    prompt: str = param(ALPACA_PROMPT, doc="The prompt; must contain {instruction} and {input}.")
+    input: str = param(ALPACA_INPUT, doc="What {input} in the prompt becomes for a record with a non-empty input; "
+                                         "must contain {input}.")
+    end: str | None = param(None, doc="Text that ends every response (and stops answers); null: the tokenizer's "
+                                      "end-of-text token, or '\\n\\n### End' for tokenizers without one (byte, "
+                                      "char).")
+
+    def check(self):
+        for key, needed in (("prompt", ("{instruction}", "{input}")), ("input", ("{input}",))):
+            missing = [p for p in needed if p not in getattr(self, key)]
+            if missing:
+                yield (key,), f"the {key} template must contain {' and '.join(missing)}"
 
 
-@dataclass(frozen=True)
-class InstructionSpec:
-    data: str
-    source: str
-    kind: str = "instruction"
-    from_checkpoint: str = "best"
-    val_data: str | None = None
-    val_fraction: float = 0.05
-    template: TemplateSpec = field(default_factory=TemplateSpec)
-    batching: str = "pad"
-    loss_on_prompt: bool = False
+@declared
+class InstructionSpec(Kind):
+    source: str = param(doc=FROM_DOC, key="from", min_length=1)
+    from_checkpoint: str = param("best", doc=FROM_CHECKPOINT_DOC, min_length=1)
+    data: str = param(doc="Alpaca-style records: a JSON list of objects (or a .jsonl file) with 'instruction', "
+                          "'output' and optional 'input' (relative paths start at the blueprint's folder).",
+                      min_length=1)
+    val_data: str | None = param(None, doc=VAL_DATA_DOC)
+    val_fraction: float = param(0.05, doc=VAL_FRACTION_DOC, exclusive_minimum=0, maximum=0.5)
+    template: TemplateSpec = param(factory=TemplateSpec, doc="The prompt template (Alpaca unless given).")
+    batching: Literal["pad", "pack"] = param(
+        "pad", doc="pad: one record per row, padded to the longest row of the batch; pack: records packed (once, "
+                   "seeded order) into windows of context_length + 1 tokens, one window per row.")
+    loss_on_prompt: bool = param(False, doc="Also learn the prompt tokens (default: loss on the response and its "
+                                            "end marker only; prompt targets are -1).")
 
 
-@dataclass(frozen=True)
-class ClassificationSpec:
-    data: str
-    source: str
-    n_classes: int
-    kind: str = "classification"
-    from_checkpoint: str = "best"
-    val_data: str | None = None
-    val_fraction: float = 0.1
-    text_field: str = "text"
-    label_field: str = "label"
-    train_last_blocks: int | None = None
+@declared
+class ClassificationSpec(Kind):
+    source: str = param(doc=FROM_DOC, key="from", min_length=1)
+    from_checkpoint: str = param("best", doc=FROM_CHECKPOINT_DOC, min_length=1)
+    data: str = param(doc="Labelled texts: CSV with a header row, JSONL, or a JSON list of objects, each with a text "
+                          "and an integer label in 0..n_classes-1 (relative paths start at the blueprint's folder).",
+                      min_length=1)
+    val_data: str | None = param(None, doc=VAL_DATA_DOC)
+    n_classes: int = param(doc="Number of classes K; labels are 0..K-1.", minimum=2)
+    val_fraction: float = param(0.1, doc=VAL_FRACTION_DOC, exclusive_minimum=0, maximum=0.5)
+    text_field: str = param("text", doc="Name of the text field (CSV column or JSON key).", min_length=1)
+    label_field: str = param("label", doc="Name of the label field (CSV column or JSON key).", min_length=1)
+    train_last_blocks: int | None = param(
+        None, doc="Train only the last N transformer blocks, the final norm and the head (0: the head alone); the "
+                  "rest is frozen (requires_grad false). null trains everything.", minimum=0)
+    n_layers: int = context("model.n_layers")
 
-
-def params_from_yaml(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """YAML keys -> Spec field names (``from`` -> ``source``, ``template`` -> TemplateSpec)."""
-    params = copy.deepcopy(dict(raw))
-    if "from" in params:
-        params["source"] = params.pop("from")
-    if isinstance(params.get("template"), Mapping):
-        params["template"] = TemplateSpec(**params["template"])
-    return params
-
-
-def params_to_yaml(spec) -> dict[str, Any]:
-    out = {}
-    for f in dataclasses.fields(spec):
-        value = getattr(spec, f.name)
-        out["from" if f.name == "source" else f.name] = \
-            dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
-    return out
-
-
-@dataclass(frozen=True)
-class FinetuneSpec:
-    """The chosen task kind and its typed parameters."""
-    kind: str
-    params: Any
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any] | None, registries=None) -> "FinetuneSpec | None":
-        if not raw:
-            return None
-        if registries is None:
-            from ..registry import registries as all_registries
-            registries = all_registries()
-        task = registries["finetune"].get(raw["kind"])
-        return cls(kind=raw["kind"], params=task.Spec(**params_from_yaml(raw)))
+    def check(self):
+        n = self.train_last_blocks
+        if n is not None and n > self.n_layers:
+            yield ("train_last_blocks",), f"{n} is more than the model's {self.n_layers} blocks"

@@ -17,6 +17,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..data import DataError
+from ..model import build_model
+from ..train.trainer import Trainer
 from .batches import UnitBatches
 
 
@@ -34,11 +37,6 @@ class FinetuneTask:
         self.load()
 
     # ---- what a kind defines ------------------------------------------------------------
-    @classmethod
-    def problems(cls, spec, model_spec) -> list[tuple[tuple, str]]:
-        """Cross-field problems of the kind's parameters: ``(path under finetune, message)``."""
-        return []
-
     def load(self) -> None:
         """Read and encode the data into ``train_units`` / ``val_units``."""
         raise NotImplementedError
@@ -62,7 +60,6 @@ class FinetuneTask:
         """A data file named in the blueprint (relative paths start at the blueprint's folder)."""
         path = Path(raw) if os.path.isabs(raw) else self.base_dir / raw
         if not path.is_file():
-            from ..data import DataError
             raise DataError(f"finetune.{key}: {path} does not exist (relative paths start at the blueprint's "
                             f"folder, {self.base_dir}); name another file with --set finetune.{key}=/path/to/file")
         return path
@@ -78,8 +75,6 @@ class FinetuneTask:
 
     def make_trainer(self, spec, runtime):
         """The Trainer of a fine-tuning run: source weights (fresh runs), this task's batches and evaluation."""
-        from ..model import build_model
-        from ..train.trainer import Trainer
         model = build_model(spec.model, device=runtime.device, seed=spec.train.seed)
         if self.source is not None:            # None when resuming: the run's own checkpoint is loaded next
             self.source.load_weights(model)

@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from ..data import DataError
+from ..model.generate import next_token
 from .records import Instruction
 from .spec import DEFAULT_END_TEXT, TemplateSpec
 
@@ -32,16 +35,6 @@ _FIELDS = re.compile(r"\{(instruction|input)\}")
 
 def _fill(template: str, values: dict[str, str]) -> str:
     return _FIELDS.sub(lambda m: values.get(m.group(1), m.group(0)), template)
-
-
-def template_problems(spec: TemplateSpec) -> list[tuple[tuple, str]]:
-    """Placeholders a template must contain, as ``(relative path, message)``."""
-    out = []
-    for key, needed in (("prompt", ("{instruction}", "{input}")), ("input", ("{input}",))):
-        missing = [p for p in needed if p not in getattr(spec, key)]
-        if missing:
-            out.append((("template", key), f"the {key} template must contain {' and '.join(missing)}"))
-    return out
 
 
 class PromptTemplate:
@@ -80,3 +73,34 @@ class PromptTemplate:
         if self.end_text and self.end_text in text:
             return text[:text.index(self.end_text)], True
         return text, False
+
+
+@torch.no_grad()
+def answer(model, template: PromptTemplate, instruction: str, input: str = "", *, max_new_tokens: int = 256,
+           temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 1337,
+           device: torch.device | str = "cpu") -> str:
+    """The model's response to ``instruction`` (generation stops at the template's end marker)."""
+    ctx = model.spec.context_length
+    seq = torch.tensor([template.tokenizer.encode(template.prompt(instruction, input))], device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_kv_cache(1, ctx)
+        pending = seq[:, -ctx:]
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            if cache is not None and cache.pos + pending.size(1) <= ctx:
+                logits = model(pending, cache=cache).logits[:, -1, :]
+            else:  # past the context length: re-read the last window (uncached)
+                cache = None
+                logits = model(seq[:, -ctx:]).logits[:, -1, :]
+            tok = next_token(logits, temperature, top_k, top_p, gen)
+            seq, pending = torch.cat([seq, tok], dim=1), tok
+            out.append(int(tok))
+            text, done = template.response(out)
+            if done:
+                return text
+        return template.response(out)[0]
+    finally:
+        model.train(was_training)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .decoder import Decoder
-from .init import init_model
+from ..components.init import init_model
 from .spec import ModelSpec
 
 

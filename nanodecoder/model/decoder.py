@@ -38,12 +38,14 @@ class Decoder(nn.Module):
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
+        if spec.vocab_size == "auto":
+            raise ValueError("model.vocab_size is 'auto' but no tokenizer vocabulary size is known yet")
         self.spec = spec
         self.wte = nn.Embedding(spec.vocab_size, spec.d_model)
         self.pos = spec.positional.build()
         self.drop = nn.Dropout(spec.dropout)
         self.blocks = nn.ModuleList(Block(b) for b in spec.blocks)
-        self.norm = spec.final_norm.build()
+        self.norm = spec.final.build()
         self.head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
         if spec.tie_embeddings:
             self.head.weight = self.wte.weight
@@ -88,7 +90,7 @@ class Decoder(nn.Module):
         """Empty per-layer caches for incremental decoding of up to ``max_len`` positions."""
         max_len = max_len or self.spec.context_length
         p = self.wte.weight
-        return KVCache(LayerKVCache(batch_size, b.attn.spec.n_kv_heads, max_len, b.attn.spec.head_dim,
+        return KVCache(LayerKVCache(batch_size, b.attn.spec.kv_heads, max_len, b.attn.spec.head_dim,
                                     p.device, p.dtype) for b in self.blocks)
 
     @torch.no_grad()

@@ -1,122 +1,162 @@
-"""The typed model spec: frozen dataclasses built once from the validated ``model:`` section.
+"""The ``model:`` section, declared: the architecture as frozen, typed specs.
 
-Derived values (head_dim, hidden sizes, the per-layer blocks after overrides,
-the vocabulary size from the tokenizer) are computed here and nowhere else.
+Every parameter is declared once here or in its component's ``Spec``;
+derived values (the per-layer blocks after overrides, the head dimension, the
+vocabulary after padding) are properties computed here and only here.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Any
+import dataclasses
+import functools
+from typing import Literal
 
-from ..components.base import ModelContext
-from ..registry import registries
-from .init import InitSpec
-
-
-@dataclass(frozen=True)
-class ComponentSpec:
-    """A chosen component: its registry category, kind, and its own typed spec."""
-    category: str
-    kind: str
-    spec: Any
-
-    def build(self):
-        return registries()[self.category].get(self.kind)(self.spec)
+from ..components import model_catalog
+from ..config.declare import Kind, build, choice, declared, param, round_up
+from ..config.registry import Catalog
 
 
-@dataclass(frozen=True)
+@declared
+class LayerRange:
+    """Every N-th layer from start, stop excluded."""
+    start: int = param(0, doc="First layer.", minimum=0)
+    stop: int | None = param(None, doc="Stop before this layer (null: after the last layer).", minimum=0)
+    every: int = param(1, doc="Take every N-th layer from start.", minimum=1)
+
+    def indices(self, n_layers: int) -> list[int]:
+        return list(range(self.start, n_layers if self.stop is None else self.stop, self.every))
+
+
+@declared
 class BlockSpec:
-    norm: ComponentSpec
-    attention: ComponentSpec
-    mlp: ComponentSpec
+    """The parts of one transformer block (pre-norm residual: x + attn(norm(x)), x + mlp(norm(x)))."""
+    norm: Kind = choice("norm", default="layernorm", doc="Norm before attention and before the MLP.")
+    attention: Kind = choice("attention", doc="The attention layer.")
+    mlp: Kind = choice("mlp", doc="The feed-forward layer (dense or moe).")
 
 
-@dataclass(frozen=True)
+PARTS = ("norm", "attention", "mlp")
+
+
+@declared
+class OverrideSpec:
+    """Replace block parts in chosen layers; later overrides win."""
+    layers: tuple[int, ...] | LayerRange = param(
+        doc="Which layers this override applies to: a list of indices ([0, 1]) or a range {start, stop, every} "
+            "(every N-th layer from start, stop excluded).", minimum=0, min_items=1)
+    norm: Kind | None = choice("norm", default=None, doc="Norm for these layers (replaces the whole norm block).")
+    attention: Kind | None = choice("attention", default=None,
+                                    doc="Attention for these layers (replaces the whole block).")
+    mlp: Kind | None = choice("mlp", default=None, doc="MLP for these layers (replaces the whole block).")
+
+    def indices(self, n_layers: int) -> list[int]:
+        return list(self.layers) if isinstance(self.layers, tuple) else self.layers.indices(n_layers)
+
+    def parts(self) -> dict[str, Kind]:
+        return {p: getattr(self, p) for p in PARTS if getattr(self, p) is not None}
+
+
+def _layers_word(n: int) -> str:
+    return f"the model has {n} layer{'s' if n != 1 else ''} (0..{n - 1})"
+
+
+@declared
 class ModelSpec:
-    vocab_size: int
-    context_length: int
-    d_model: int
-    n_layers: int
-    dropout: float
-    tie_embeddings: bool
-    positional: ComponentSpec
-    blocks: tuple[BlockSpec, ...]
-    final_norm: ComponentSpec
-    init: InitSpec
+    """The model architecture."""
+    vocab_size: int | Literal["auto"] = param("auto", doc="Vocabulary size, or 'auto' to take it from the "
+                                                          "tokenizer.", minimum=1)
+    pad_vocab_to: int = param(1, doc="Round the vocabulary up to a multiple of this (nanoGPT pads 50257 to "
+                                     "50304 for speed).", minimum=1)
+    context_length: int = param(doc="Maximum sequence length (tokens).", minimum=1)
+    d_model: int = param(doc="Width of the residual stream.", minimum=1)
+    n_layers: int = param(doc="Number of transformer blocks.", minimum=1)
+    dropout: float = param(0.0, doc="Dropout on embeddings and residual branches.", minimum=0, maximum=1)
+    tie_embeddings: bool = param(True, doc="Share the token embedding with the output head.")
+    block: BlockSpec = param(doc="The block used in every layer unless an override says otherwise.")
+    overrides: tuple[OverrideSpec, ...] = param(
+        (), doc="Per-layer variations, e.g. MoE every 2nd layer or the first layer dense.")
+    positional: Kind = choice("positional", default="learned", doc="Positional encoding.")
+    final_norm: Kind | None = choice("norm", default=None, doc="Norm before the output head (null: the block "
+                                                               "norm).")
+    init: Kind = choice("init", default="gpt2", doc="Weight initialisation scheme.")
+
+    @functools.cached_property
+    def blocks(self) -> tuple[BlockSpec, ...]:
+        """The block of every layer, overrides applied in order."""
+        layers = [{p: getattr(self.block, p) for p in PARTS} for _ in range(self.n_layers)]
+        for ov in self.overrides:
+            for i in ov.indices(self.n_layers):
+                if 0 <= i < self.n_layers:
+                    layers[i].update(ov.parts())
+        return tuple(BlockSpec(**parts) for parts in layers)
 
     @property
     def head_dim(self) -> int:
-        return self.blocks[0].attention.spec.head_dim
+        return self.blocks[0].attention.head_dim
+
+    @property
+    def final(self) -> Kind:
+        """The norm before the output head."""
+        return self.final_norm if self.final_norm is not None else self.block.norm
+
+    def with_vocab(self, tokenizer_vocab: int | None) -> "ModelSpec":
+        """This spec with ``vocab_size`` an integer: the tokenizer's where it is ``auto``, padded
+        (unchanged while it is ``auto`` and no tokenizer size is known: building the model then refuses)."""
+        vocab = self.vocab_size
+        if vocab == "auto":
+            if tokenizer_vocab is None:
+                return self
+            vocab = tokenizer_vocab
+        return dataclasses.replace(self, vocab_size=round_up(vocab, self.pad_vocab_to))
+
+    def definitions(self):
+        """``(relative path, BlockSpec or OverrideSpec)`` of every block written in the blueprint."""
+        yield ("block",), self.block
+        for j, ov in enumerate(self.overrides):
+            yield ("overrides", j), ov
+
+    def check(self):
+        n = self.n_layers
+        for j, ov in enumerate(self.overrides):
+            at = ("overrides", j, "layers")
+            if isinstance(ov.layers, tuple):
+                for k, i in enumerate(ov.layers):
+                    if i >= n:
+                        yield at + (k,), f"layer {i} does not exist; {_layers_word(n)}"
+                continue
+            start, stop = ov.layers.start, ov.layers.stop
+            if start >= n:
+                yield at + ("start",), f"start {start} selects no layer; {_layers_word(n)}"
+            elif stop is not None and stop > n:
+                yield at + ("stop",), (f"stop {stop} is past the last layer; {_layers_word(n)} "
+                                       "(stop: null goes to the end)")
+            elif stop is not None and stop <= start:
+                yield at + ("stop",), f"stop {stop} selects no layer; it must be greater than start ({start})"
+        if getattr(self.positional.impl, "ROTATES_HEADS", False):
+            yield from self._rotary_checks()
+
+    def _rotary_checks(self):
+        seen: dict[int, tuple] = {}
+        for at, definition in self.definitions():
+            attn = getattr(definition, "attention", None)
+            if attn is None or not hasattr(attn, "head_dim") or attn.dim % attn.n_heads:
+                continue              # the attention's own check reports an indivisible d_model
+            where = at + ("attention", "n_heads")
+            if attn.head_dim % 2:
+                yield where, (f"RoPE needs an even head dimension, but d_model/n_heads = {attn.dim}/{attn.n_heads} "
+                              f"= {attn.head_dim}; change n_heads or d_model")
+                continue
+            seen.setdefault(attn.head_dim, at)
+            if len(seen) > 1 and attn.head_dim not in list(seen)[:1]:
+                first, first_at = next(iter(seen.items()))
+                shown = "model." + ".".join(f"[{p}]" if isinstance(p, int) else p for p in first_at)
+                yield where, (f"with RoPE every layer needs the same head dimension; this block gives "
+                              f"{attn.head_dim}, {shown.replace('.[', '[')}.attention gives {first}")
+                return
 
 
-DEFAULT_NORM = {"kind": "layernorm"}
-DEFAULT_POSITIONAL = {"kind": "learned"}
+def build_model_spec(model: dict, vocab_size: int | None = None, catalog: Catalog | None = None) -> ModelSpec:
+    """A validated ``model:`` mapping as a ModelSpec, its vocabulary resolved (see :meth:`ModelSpec.with_vocab`).
 
-
-def selected_layers(selector: Any, n_layers: int) -> list[int]:
-    """Layer indices named by an override's ``layers`` (a list or {start, stop, every})."""
-    if isinstance(selector, list):
-        return list(selector)
-    start = selector.get("start", 0)
-    stop = selector.get("stop")
-    return list(range(start, n_layers if stop is None else stop, selector.get("every", 1)))
-
-
-def layer_blocks(model: dict) -> list[dict]:
-    """The raw ``{norm, attention, mlp}`` dict of every layer, overrides applied in order."""
-    base = dict(model["block"])
-    base.setdefault("norm", DEFAULT_NORM)
-    layers = [dict(base) for _ in range(model["n_layers"])]
-    for ov in model.get("overrides", []):
-        for i in selected_layers(ov["layers"], model["n_layers"]):
-            if 0 <= i < len(layers):
-                layers[i].update({k: v for k, v in ov.items() if k != "layers"})
-    return layers
-
-
-def padded_vocab(vocab_size: int, multiple: int) -> int:
-    return multiple * math.ceil(vocab_size / multiple)
-
-
-def component(category: str, params: dict, ctx: ModelContext) -> ComponentSpec:
-    cls = registries()[category].get(params["kind"])
-    return ComponentSpec(category, params["kind"], cls.make_spec(params, ctx))
-
-
-def build_model_spec(model: dict, vocab_size: int | None = None) -> ModelSpec:
-    """Turn a validated ``model:`` dict into a ModelSpec.
-
-    ``vocab_size`` is the tokenizer's; it is used when the blueprint says
-    ``vocab_size: auto`` (the default) and must not exceed an explicit value.
+    ``catalog``: the registered kinds (default: the model kinds and plug-ins).
     """
-    declared = model.get("vocab_size", "auto")
-    if declared == "auto":
-        if vocab_size is None:
-            raise ValueError("model.vocab_size is 'auto' but no tokenizer vocabulary size is known yet")
-        vocab = vocab_size
-    else:
-        vocab = declared
-    vocab = padded_vocab(vocab, model.get("pad_vocab_to", 1))
-    ctx = ModelContext(d_model=model["d_model"], n_layers=model["n_layers"],
-                       context_length=model["context_length"], vocab_size=vocab)
-    blocks = []
-    for i, raw in enumerate(layer_blocks(model)):
-        lctx = ModelContext(**{**ctx.__dict__, "layer": i})
-        blocks.append(BlockSpec(norm=component("norm", raw["norm"], lctx),
-                                attention=component("attention", raw["attention"], lctx),
-                                mlp=component("mlp", raw["mlp"], lctx)))
-    head_dim = blocks[0].attention.spec.head_dim
-    pctx = ModelContext(**{**ctx.__dict__, "head_dim": head_dim})
-    init_raw = model.get("init", {})
-    init = InitSpec(kind=init_raw.get("kind", "gpt2"), std=init_raw.get("std", 0.02), n_layers=model["n_layers"],
-                    zero_init_output=init_raw.get("zero_init_output", False), scale=init_raw.get("scale", 0.1),
-                    expert_scale=init_raw.get("expert_scale"))
-    return ModelSpec(
-        vocab_size=vocab, context_length=model["context_length"], d_model=model["d_model"],
-        n_layers=model["n_layers"], dropout=model.get("dropout", 0.0),
-        tie_embeddings=model.get("tie_embeddings", True),
-        positional=component("positional", model.get("positional", DEFAULT_POSITIONAL), pctx),
-        blocks=tuple(blocks),
-        final_norm=component("norm", model.get("final_norm", model["block"].get("norm", DEFAULT_NORM)), ctx),
-        init=init)
+    return build(ModelSpec, model, catalog or model_catalog()).with_vocab(vocab_size)

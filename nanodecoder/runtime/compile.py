@@ -26,6 +26,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..model.block import Block
 from .profiles import RuntimeSetupError
 
 
@@ -35,7 +36,6 @@ class CompileFailed(RuntimeSetupError):
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's transformer blocks (the units that are compiled and sharded)."""
-    from ..model.block import Block
     return [m for m in model.modules() if isinstance(m, Block)]
 
 

@@ -7,7 +7,10 @@ fixed order: device -> precision -> compile -> data-parallel wrap (DDP or FSDP2)
 from __future__ import annotations
 
 import contextlib
+import gc
 import random
+import resource
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,7 +202,6 @@ class Runtime:
         """Leave the process group (after every rank got here).  Drop the wrapped model first:
         DDP and FSDP hold the group, which would otherwise outlive this call."""
         if self.is_distributed:
-            import gc
             gc.collect()          # the wrappers sit in reference cycles (hooks -> module)
             dist_.teardown()
 
@@ -235,8 +237,6 @@ class Runtime:
         """Peak accelerator memory, or the process's peak resident set on the CPU."""
         if self.is_cuda:
             return int(torch.cuda.max_memory_allocated(self.device))
-        import resource
-        import sys
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(rss if sys.platform == "darwin" else rss * 1024)
 

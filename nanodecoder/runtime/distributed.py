@@ -11,6 +11,7 @@ torchrun then stops the others.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from datetime import timedelta
 from typing import Any, Iterable
 
@@ -72,7 +73,6 @@ def broadcast_text(text: str, src: int = 0) -> str:
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel.  Buffers are not broadcast each forward: the MoE balancing bias
     is kept identical by its own all-reduce, and per-rank load counts must stay per rank."""
-    import warnings
     from torch.nn.parallel import DistributedDataParallel
     with warnings.catch_warnings():     # torch 2.13 deprecates the flag but advises it for rank-local buffers
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)

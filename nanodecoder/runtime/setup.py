@@ -6,6 +6,7 @@ from typing import Mapping
 import torch
 
 from .core import Runtime
+from .distributed import init_process_group
 from .hardware import Launch, keep_freed_host_memory, peak_flops, pick_device, pick_precision, set_tf32
 from .profiles import Profile, RuntimeSetupError, RuntimeSpec, resolve_profile
 
@@ -36,7 +37,6 @@ def setup_runtime(spec: RuntimeSpec | None = None, *, env: Mapping[str, str] | N
     set_tf32(device, profile.tf32)
     cached = profile.cache_host_memory and device.type == "cpu" and keep_freed_host_memory()
     if launch.world_size > 1:
-        from .distributed import init_process_group
         init_process_group(device, launch.rank, launch.world_size, profile.timeout_s)
     peak, source = peak_flops(profile, device, precision)
     return Runtime(device=device, precision=precision, rank=launch.rank, world_size=launch.world_size,

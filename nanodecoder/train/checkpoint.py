@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -170,7 +170,6 @@ def verify_checkpoint(path: Path) -> dict:
 
 
 def _load_safetensors(f: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
     try:
         with safe_open(str(f), framework="pt") as sf:
             meta = sf.metadata() or {}

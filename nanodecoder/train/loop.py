@@ -16,8 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from tqdm.auto import tqdm
+
+from ..model.generate import sample_text
 from .checkpoint import load_model_weights, load_state
 from .metrics import MetricsLog, MoEMonitor
+from .plots import plot_expert_load, plot_losses
 from .rundir import RunDir
 from .summary import end_summary, start_summary
 from .trainer import NonFiniteLoss, Trainer
@@ -89,7 +93,6 @@ class _Progress:
         self.bar = None
         self.silent = silent        # ranks other than 0 print nothing
         if enabled:
-            from tqdm.auto import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def echo(self, text: str) -> None:
@@ -241,14 +244,12 @@ def _finite(x: float) -> float | None:
 
 
 def _plots(run: RunDir, rows, moe: MoEMonitor, name: str, step: int) -> None:
-    from .plots import plot_expert_load, plot_losses
     plot_losses(rows, run / RunDir.LOSS_PLOT, title=name)
     if moe.load:
         plot_expert_load(moe.load, run / RunDir.LOAD_PLOT, step)
 
 
 def _write_samples(trainer: Trainer, tokenizer, sample, run: RunDir) -> None:
-    from ..sample import sample_text
     with trainer.runtime.eager():   # every rank (FSDP forwards are collective); rank 0 writes
         texts = sample_text(trainer.raw_model, tokenizer, sample.prompt, max_new_tokens=sample.max_new_tokens,
                             temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p,

@@ -1,9 +1,8 @@
 """Optimizers, looked up by ``train.optimizer.kind`` in the ``optimizer`` registry.
 
-A registered optimizer is a class with ``build(params, model, lr, device)``
-returning a ``torch.optim.Optimizer``; ``params`` are the blueprint keys besides
-``kind`` (validated by ``schemas/train.schema.json``, or by the class's
-``PARAMS_SCHEMA`` for a plug-in).
+A registered optimizer is a class with a declared ``Spec`` (its YAML
+parameters) and ``build(spec, model, lr, device)`` returning a
+``torch.optim.Optimizer``.
 
 Weight decay (documented decision): parameters with two or more dimensions
 (linear weights, 3-D expert tensors, router weights) are decayed; biases, norm
@@ -13,11 +12,12 @@ them) are decayed by default, as in nanoGPT, so its recipes reproduce; set
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Literal
 
 import torch
 from torch import nn
+
+from ..config.declare import Kind, declared, param
 
 
 def embedding_param_ids(model: nn.Module) -> set[int]:
@@ -55,17 +55,9 @@ def fused_devices() -> tuple[str, ...]:
         return ("cuda",)
 
 
-@dataclass(frozen=True)
-class AdamWConfig:
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    decay_embeddings: bool = True
-    implementation: str = "auto"
-
-
 class AdamW:
-    """torch's AdamW with nanoGPT-style parameter groups; the fused kernel where torch has one.
+    """AdamW (decoupled weight decay). Weight decay applies to parameters with two or more dimensions (matrices,
+    expert tensors and, unless decay_embeddings is false, embeddings); biases and norm weights are never decayed.
 
     ``auto`` picks the fused (single-kernel) AdamW on every device type torch
     ships one for (CUDA and the CPU among them) and ``foreach`` elsewhere.  On
@@ -73,8 +65,17 @@ class AdamW:
     (2.6 vs 18.3 ms for the 5.7M parameters of moe_gpt.yaml).
     """
 
-    Config = AdamWConfig
-    PARAMS_SCHEMA: ClassVar[dict | None] = None  # built-in: schema lives in train.schema.json
+    @declared
+    class Spec(Kind):
+        betas: tuple[float, float] = param((0.9, 0.95), doc="Coefficients of the running averages of the gradient "
+                                                            "and its square.", minimum=0, exclusive_maximum=1)
+        eps: float = param(1e-8, doc="Added to the denominator for numerical stability.", exclusive_minimum=0)
+        weight_decay: float = param(0.1, doc="Decoupled weight decay of the decayed parameter group.", minimum=0)
+        decay_embeddings: bool = param(True, doc="Whether embedding tables (and a head tied to them) are "
+                                                 "weight-decayed, as in nanoGPT; false follows litgpt/OLMo.")
+        implementation: Literal["auto", "fused", "foreach", "for-loop"] = param(
+            "auto", doc="Kernel choice: 'auto' is the fused kernel where torch has one (CUDA, CPU) and foreach "
+                        "elsewhere.")
 
     @staticmethod
     def kernel_flags(implementation: str, device: torch.device) -> dict[str, bool]:
@@ -84,18 +85,12 @@ class AdamW:
                 "for-loop": {"foreach": False}}[implementation]
 
     @classmethod
-    def build(cls, params: Mapping[str, Any], model: nn.Module, lr: float,
-              device: torch.device) -> torch.optim.Optimizer:
-        cfg = AdamWConfig(**{k: (tuple(v) if k == "betas" else v) for k, v in params.items()})
-        groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
-        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps,
-                                 **cls.kernel_flags(cfg.implementation, device))
+    def build(cls, spec: "AdamW.Spec", model: nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
+        groups = param_groups(model, spec.weight_decay, spec.decay_embeddings)
+        return torch.optim.AdamW(groups, lr=lr, betas=spec.betas, eps=spec.eps,
+                                 **cls.kernel_flags(spec.implementation, device))
 
 
-def build_optimizer(choice, model: nn.Module, lr: float, device: torch.device,
-                    registry=None) -> torch.optim.Optimizer:
-    """Build ``choice`` (a ``Choice``: kind + params) from the optimizer registry."""
-    if registry is None:
-        from ..registry import registries
-        registry = registries()["optimizer"]
-    return registry.get(choice.kind).build(dict(choice.params), model, lr, device)
+def build_optimizer(spec, model: nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer ``spec`` (the built ``train.optimizer`` block) describes, over ``model``'s parameters."""
+    return spec.impl.build(spec, model, lr, device)

@@ -3,14 +3,18 @@
 A schedule is a pure function of the step: ``schedule(step)`` is the learning
 rate of optimizer step ``step`` (0-based: the first update uses ``schedule(0)``).
 Being stateless, a schedule resumes exactly from the step alone.  A registered
-schedule is a class built as ``cls(params, total_steps, base_lr)`` (``base_lr`` is
-``train.lr``, the peak) whose ``factor(step)`` scales ``base_lr``.
+schedule is a class with a declared ``Spec``, built as ``cls(spec, total_steps,
+base_lr)`` (``base_lr`` is ``train.lr``, the peak), whose ``factor(step)``
+scales ``base_lr``.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import ClassVar, Literal
+
+from ..config.declare import Kind, declared, param
+
+WARMUP_DOC = "Steps of linear warm-up from lr/warmup_steps to lr."
 
 
 def warmup(step: int, warmup_steps: int) -> float:
@@ -19,13 +23,12 @@ def warmup(step: int, warmup_steps: int) -> float:
 
 
 class Schedule:
-    """Base class: subclasses define ``Params`` and ``factor``."""
+    """Base class: subclasses declare ``Spec`` and define ``factor``."""
 
-    Params: ClassVar[type]
-    PARAMS_SCHEMA: ClassVar[dict | None] = None  # built-ins: schema lives in train.schema.json
+    Spec: ClassVar[type[Kind]]
 
-    def __init__(self, params: Mapping[str, Any], total_steps: int, base_lr: float):
-        self.p = self.Params(**dict(params))
+    def __init__(self, spec, total_steps: int, base_lr: float):
+        self.p = spec
         self.total_steps = total_steps
         self.base_lr = base_lr
 
@@ -40,23 +43,28 @@ class Schedule:
 
 
 class Constant(Schedule):
-    @dataclass(frozen=True)
-    class Params:
-        warmup_steps: int = 0
+    """Linear warm-up, then the peak learning rate until the end."""
+
+    @declared
+    class Spec(Kind):
+        warmup_steps: int = param(0, doc=WARMUP_DOC, minimum=0)
 
     def factor(self, step: int) -> float:
         return warmup(step, self.p.warmup_steps)
 
 
 class Cosine(Schedule):
-    """Warm-up, half-cosine decay to the floor at ``decay_steps`` (default: all steps), then the floor."""
+    """Linear warm-up, then a half cosine from lr down to the floor at decay_steps, then the floor."""
 
-    @dataclass(frozen=True)
-    class Params:
-        warmup_steps: int = 100
-        decay_steps: int | None = None
-        min_lr: float | None = None
-        min_lr_ratio: float = 0.1
+    @declared
+    class Spec(Kind):
+        warmup_steps: int = param(100, doc=WARMUP_DOC, minimum=0)
+        decay_steps: int | None = param(None, doc="Step at which the cosine reaches the floor; null means "
+                                                  "train.steps.", minimum=1)
+        min_lr: float | None = param(None, doc="Absolute floor of the learning rate; overrides min_lr_ratio when "
+                                               "set.", minimum=0)
+        min_lr_ratio: float = param(0.1, doc="Floor of the learning rate as a fraction of train.lr.",
+                                    minimum=0, maximum=1)
 
     @property
     def floor(self) -> float:
@@ -74,14 +82,18 @@ class Cosine(Schedule):
 
 
 class WSD(Schedule):
-    """Warmup-stable-decay: warm-up, constant, then decay over the last ``decay_fraction`` of the steps."""
+    """Warmup-stable-decay: linear warm-up, constant lr, then a decay to the floor over the last decay_fraction
+    of the steps."""
 
-    @dataclass(frozen=True)
-    class Params:
-        warmup_steps: int = 100
-        decay_fraction: float = 0.2
-        decay_shape: str = "linear"
-        min_lr_ratio: float = 0.0
+    @declared
+    class Spec(Kind):
+        warmup_steps: int = param(100, doc=WARMUP_DOC, minimum=0)
+        decay_fraction: float = param(0.2, doc="Fraction of train.steps, at the end, spent decaying.",
+                                      exclusive_minimum=0, maximum=1)
+        decay_shape: Literal["linear", "cosine", "sqrt"] = param(
+            "linear", doc="Shape of the decay: linear, half cosine, or 1 - sqrt (as in MiniCPM).")
+        min_lr_ratio: float = param(0.0, doc="Floor of the learning rate at the last step as a fraction of "
+                                             "train.lr.", minimum=0, maximum=1)
 
     def factor(self, step: int) -> float:
         decay_steps = max(1, round(self.p.decay_fraction * self.total_steps))
@@ -95,12 +107,9 @@ class WSD(Schedule):
         return self.p.min_lr_ratio + (1.0 - self.p.min_lr_ratio) * shape
 
 
-def build_schedule(choice, total_steps: int, base_lr: float, registry=None) -> Schedule:
-    """Build ``choice`` (a ``Choice``: kind + params) from the schedule registry."""
-    if registry is None:
-        from ..registry import registries
-        registry = registries()["schedule"]
-    return registry.get(choice.kind)(dict(choice.params), total_steps, base_lr)
+def build_schedule(spec, total_steps: int, base_lr: float) -> Schedule:
+    """The schedule ``spec`` (the built ``train.schedule`` block) describes."""
+    return spec.build(total_steps, base_lr)
 
 
 def set_lr(optimizer, lr: float) -> None:

@@ -1,69 +1,46 @@
-"""Typed, frozen specs of the ``train``, ``logging`` and ``sample`` blueprint sections.
-
-``from_dict`` receives the section as validated against ``schemas/train.schema.json``
-(missing keys take the defaults below; the schema documents the same defaults and a
-test keeps the two in agreement).  Derived values are computed once, here.
-"""
+"""The ``train``, ``logging`` and ``sample`` sections, declared (each parameter once, here)."""
 from __future__ import annotations
 
-import copy
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Literal
+
+from ..config.declare import Kind, choice, declared, param
 
 
-def _fields(cls, raw: Mapping[str, Any] | None, nested: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Keys of ``raw`` that are fields of ``cls`` (others are a programming error)."""
-    raw = dict(raw or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(raw) - names
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)} (the schema should have caught them)")
-    raw.update(nested or {})
-    return raw
-
-
-@dataclass(frozen=True)
-class Choice:
-    """A ``kind`` picked from a registry plus that kind's parameters (treat as read-only)."""
-    kind: str
-    params: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any] | None, default_kind: str) -> "Choice":
-        raw = copy.deepcopy(dict(raw or {}))
-        kind = raw.pop("kind", default_kind)
-        return cls(kind=kind, params=raw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, **dict(self.params)}
-
-
-@dataclass(frozen=True)
+@declared
 class TrainSpec:
-    steps: int = 1000
-    batch_size: int = 12
-    grad_accum: int = 1
-    lr: float = 1e-3
-    grad_clip: float | None = 1.0
-    eval_every: int = 250
-    eval_steps: int = 20
-    log_every: int = 10
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    keep_best: bool = True
-    seed: int = 1337
-    nan_policy: str = "stop"
-    max_skipped_steps: int = 10
-    optimizer: Choice = field(default_factory=lambda: Choice("adamw"))
-    schedule: Choice = field(default_factory=lambda: Choice("cosine"))
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any] | None) -> "TrainSpec":
-        raw = dict(raw or {})
-        nested = {"optimizer": Choice.from_dict(raw.pop("optimizer", None), "adamw"),
-                  "schedule": Choice.from_dict(raw.pop("schedule", None), "cosine")}
-        return cls(**_fields(cls, raw, nested))
+    """The training loop: length, batch, learning rate, evaluation, checkpoints and guard rails."""
+    steps: int = param(1000, doc="Number of optimizer steps to train for.", minimum=1)
+    batch_size: int = param(12, doc="Sequences per micro-batch, over all processes: a run launched with torchrun "
+                                    "splits it evenly (batch_size / world_size each, refused when it does not "
+                                    "divide), so the same blueprint trains on the same batches with 1 or N "
+                                    "processes.", minimum=1)
+    grad_accum: int = param(1, doc="Micro-batches accumulated per optimizer step (gradients are synchronised "
+                                   "across processes on the last one only); tokens per step = batch_size * "
+                                   "grad_accum * context_length.", minimum=1)
+    lr: float = param(1e-3, doc="Peak learning rate; the schedule scales it (warm-up, decay).", exclusive_minimum=0)
+    grad_clip: float | None = param(1.0, doc="Clip the global gradient norm to this value; 0 or null disables "
+                                             "clipping.", minimum=0)
+    eval_every: int = param(250, doc="Evaluate on the validation split every this many steps (and after the last "
+                                     "step); 0 evaluates only after the last step.", minimum=0)
+    eval_steps: int = param(20, doc="Validation batches per evaluation; the same batches at every evaluation.",
+                            minimum=1)
+    log_every: int = param(10, doc="Write a metrics row (and sync the loss from the device) every this many "
+                                   "steps.", minimum=1)
+    checkpoint_every: int = param(500, doc="Save a checkpoint every this many steps (and after the last step); 0 "
+                                           "saves only after the last step.", minimum=0)
+    keep_checkpoints: int = param(2, doc="How many of the most recent step checkpoints to keep (the best one is "
+                                         "kept besides).", minimum=1)
+    keep_best: bool = param(True, doc="Save a checkpoint whenever the validation loss improves and keep it as "
+                                      "'best'.")
+    seed: int = param(1337, doc="Seed of model initialisation, dropout and batch sampling.", minimum=0)
+    nan_policy: Literal["stop", "skip"] = param("stop", doc="What a non-finite loss does: 'stop' ends the run "
+                                                            "naming the step, 'skip' drops that batch's update and "
+                                                            "continues.")
+    max_skipped_steps: int = param(10, doc="With nan_policy 'skip': stop anyway after this many skipped steps.",
+                                   minimum=0)
+    optimizer: Kind = choice("optimizer", default="adamw", doc="The optimizer (kind and its parameters).")
+    schedule: Kind = choice("schedule", default="cosine", doc="The learning-rate schedule (kind and its "
+                                                              "parameters).")
 
     @property
     def clip(self) -> float | None:
@@ -85,47 +62,41 @@ class TrainSpec:
         return step == 1 or step == self.steps or step % self.log_every == 0
 
 
-@dataclass(frozen=True)
+@declared
 class WandbSpec:
-    mode: str = "disabled"
-    project: str = "nanodecoder"
-    entity: str | None = None
-    name: str | None = None
-    tags: tuple[str, ...] = ()
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any] | None) -> "WandbSpec":
-        raw = _fields(cls, raw)
-        if "tags" in raw:
-            raw["tags"] = tuple(raw["tags"])
-        return cls(**raw)
+    """Weights & Biases settings; the resolved blueprint is the run config, the metrics are those of metrics.jsonl."""
+    mode: Literal["disabled", "offline", "online"] = param(
+        "disabled", doc="'offline' writes under the run directory without network; 'online' needs WANDB_API_KEY "
+                        "or a netrc login.")
+    project: str = param("nanodecoder", doc="W&B project name.", min_length=1)
+    entity: str | None = param(None, doc="W&B entity (user or team); null uses the account default.")
+    name: str | None = param(None, doc="Run name; null uses <blueprint name>-<timestamp>.")
+    tags: tuple[str, ...] = param((), doc="Tags attached to the W&B run.")
 
 
-@dataclass(frozen=True)
+@declared
 class LoggingSpec:
-    runs_dir: str = "runs"
-    progress: bool = True
-    plots: bool = True
-    empty_expert_warn_after: int = 5
-    wandb: WandbSpec = field(default_factory=WandbSpec)
+    """Where and how a run reports: run directory, progress bar, Weights & Biases."""
+    runs_dir: str = param("runs", doc="Folder under which each run gets <runs_dir>/<blueprint name>/<timestamp>/ "
+                                      "(relative paths are taken from the current directory).", min_length=1)
+    progress: bool = param(True, doc="Show a tqdm progress bar (step, loss, tokens/s, ETA).")
+    plots: bool = param(True, doc="Draw loss.png (and expert_load.png for MoE models) in the run directory at "
+                                  "every evaluation.")
+    empty_expert_warn_after: int = param(5, doc="Warn when an MoE expert received no tokens for this many "
+                                                "consecutive log steps.", minimum=1)
+    wandb: WandbSpec = param(factory=WandbSpec, doc="Weights & Biases logging.")
 
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any] | None) -> "LoggingSpec":
-        raw = dict(raw or {})
-        return cls(**_fields(cls, raw, {"wandb": WandbSpec.from_dict(raw.pop("wandb", None))}))
 
-
-@dataclass(frozen=True)
+@declared
 class SampleSpec:
-    enabled: bool = True
-    prompt: str = "\n"
-    max_new_tokens: int = 200
-    num_samples: int = 1
-    temperature: float = 0.8
-    top_k: int | None = 200
-    top_p: float | None = None
-    seed: int = 1337
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any] | None) -> "SampleSpec":
-        return cls(**_fields(cls, raw))
+    """The sample generated from the trained model at the end of training (written to samples.txt)."""
+    enabled: bool = param(True, doc="Generate a sample at the end of training.")
+    prompt: str = param("\n", doc="Text the sample starts from (an empty prompt starts from the end-of-text token "
+                                  "when the tokenizer has one).")
+    max_new_tokens: int = param(200, doc="Tokens to generate.", minimum=1)
+    num_samples: int = param(1, doc="Number of samples to draw.", minimum=1)
+    temperature: float = param(0.8, doc="Softmax temperature; 0 is greedy decoding.", minimum=0)
+    top_k: int | None = param(200, doc="Keep only the k most likely tokens; null keeps all.", minimum=1)
+    top_p: float | None = param(None, doc="Nucleus sampling: keep the smallest set of tokens whose probability "
+                                          "reaches p; null disables.", exclusive_minimum=0, maximum=1)
+    seed: int = param(1337, doc="Seed of the sampling random generator.", minimum=0)

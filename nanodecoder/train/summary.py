@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import math
 
+from ..config.declare import to_yaml
+from ..data import unigram_loss
+
 
 def human(n: float) -> str:
     for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -18,8 +21,9 @@ def duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def _params(choice) -> str:
-    return "(" + ", ".join(f"{k}={v}" for k, v in choice.params.items()) + ")"
+def _params(spec) -> str:
+    """A built ``train.optimizer`` / ``train.schedule`` block's parameters, as ``(key=value, ...)``."""
+    return "(" + ", ".join(f"{k}={v}" for k, v in to_yaml(spec).items() if k != "kind") + ")"
 
 
 def start_summary(*, name: str, run_dir, params, trainer, runtime, train_tokens: int,
@@ -48,7 +52,6 @@ def start_summary(*, name: str, run_dir, params, trainer, runtime, train_tokens:
     ]
     prep = getattr(trainer, "prep", None)
     if prep is not None and getattr(prep, "train", None) is not None and len(prep.val):
-        from ..data import unigram_loss
         vocab = prep.tokenizer.vocab_size
         lines.append(f"  baselines      uniform {math.log(vocab):.3f}, unigram {unigram_loss(prep):.3f} "
                      "nats/token (val loss should end well below both)")

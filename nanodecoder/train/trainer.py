@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data import BatchSampler, bits_per_byte
+from ..model.params import flops_per_token
 from ..runtime import rng_state, set_rng_state
-from ..params import flops_per_token
 from .optim import AdamW, build_optimizer, param_names
 from .schedule import build_schedule, set_lr
 from .spec import TrainSpec
@@ -60,7 +61,6 @@ class Trainer:
                  sampling: str = "random", batches=None, evaluator=None):
         """``batches`` (a fine-tuning batch source with the BatchSampler interface) replaces the token
         sampler, ``evaluator(trainer) -> {"val_loss", "val_bpb", ...}`` the validation-loss evaluation."""
-        from ..data import BatchSampler
         self.model = model.train()
         self.raw_model = runtime.unwrap(model)
         self.spec = spec
@@ -158,7 +158,6 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean validation cross-entropy over ``eval_steps`` batches (the same batches every time)."""
-        from ..data import bits_per_byte
         if self.evaluator is not None:
             return self.evaluator(self)
         spec = self.spec

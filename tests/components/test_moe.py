@@ -2,24 +2,37 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
-from nanodecoder.components.base import ModelContext
-from nanodecoder.components.moe import MoE, MoEConfigError, register
+from nanodecoder.cli.blueprint import RunSpec
+from nanodecoder.cli.catalog import catalog
+from nanodecoder.components import component_spec, register
+from nanodecoder.components.init import GPT2Init, SwitchInit
+from nanodecoder.components.moe import MoE
 from nanodecoder.components.moe_dispatch import expert_capacity, plan_dispatch
-from nanodecoder.components.routers import ROUTERS, load_balancing_loss
-from nanodecoder.model.init import InitSpec
-from nanodecoder.registry import CATEGORIES, Registry
+from nanodecoder.components.routers import NoisyTopKRouter, SigmoidRouter, SwitchRouter, TopKRouter, load_balancing_loss
+from nanodecoder.config.declare import build
+from nanodecoder.config.registry import new_catalog
+from nanodecoder.config.validate import problems
 
-CTX = ModelContext(d_model=8, n_layers=3, context_length=16, vocab_size=32)
+D_MODEL = 8
 
 
-def make(ctx=CTX, **params) -> MoE:
+def make(d_model=D_MODEL, **params) -> MoE:
     p = {"kind": "moe", "n_experts": 4, "top_k": 2, "expert_hidden": 12, **params}
     torch.manual_seed(0)
-    return MoE(MoE.make_spec(p, ctx))
+    return component_spec("mlp", p, d_model=d_model).build()
+
+
+def moe_problems(d_model=D_MODEL, **params) -> list[str]:
+    """The validation messages of a small blueprint whose block MLP is this MoE."""
+    mlp = {"kind": "moe", "n_experts": 4, "top_k": 2, "expert_hidden": 12, **params}
+    raw = {"model": {"vocab_size": 32, "context_length": 16, "d_model": d_model, "n_layers": 3,
+                     "block": {"attention": {"kind": "causal", "n_heads": 2}, "mlp": mlp}}}
+    return [f"{p.path}: {p.message}" for p in problems(raw, {}, "bp.yaml", RunSpec, catalog())]
 
 
 # ----------------------------------------------------------------- capacity
@@ -83,7 +96,7 @@ def test_priority_and_position_drop_order():
 def _steered(policy="priority") -> tuple[MoE, torch.Tensor]:
     """Tokens 0-2 route (1, 0), tokens 3-5 route (0, 1); expert 2 gets nothing."""
     moe = make(n_experts=3, capacity_factor=0.75, min_capacity=0, drop_policy=policy, bias=True,
-               router={"kind": "topk", "renormalize": False}, ctx=ModelContext(4, 1, 8, 8)).train()
+               router={"kind": "topk", "renormalize": False}, d_model=4).train()
     with torch.no_grad():
         moe.router.weight.copy_(torch.tensor([[2.0, 3, 0, 0], [3, 2, 0, 0], [0, 0, 5, 0]]))
     x = torch.zeros(1, 6, 4)
@@ -125,7 +138,7 @@ def test_capacity_makes_training_non_causal_but_dropless_eval_is_causal():
 @pytest.mark.parametrize("empty", [1, 2])
 def test_empty_expert_still_gets_zero_gradients(dispatch, empty):
     _, x = _steered()
-    moe = make(n_experts=3, dispatch=dispatch, bias=True, n_shared_experts=1, ctx=ModelContext(4, 1, 8, 8),
+    moe = make(n_experts=3, dispatch=dispatch, bias=True, n_shared_experts=1, d_model=4,
                router={"kind": "topk"}).train()
     rows = [[2.0, 3, 0, 0], [3, 2, 0, 0]]
     rows.insert(empty, [0, 0, 0, 0])
@@ -199,8 +212,9 @@ def test_grouped_mm_and_loop_agree_in_bf16_and_router_stays_fp32_under_autocast(
 def test_auto_dispatch_falls_back_for_unaligned_sizes():
     moe = make(expert_hidden=10)        # 10 floats = 40 bytes: not a multiple of 16
     assert not moe.experts.use_grouped_mm(torch.randn(3, 8))
-    with pytest.raises(MoEConfigError, match="multiples of 4"):
-        make(expert_hidden=10, dispatch="grouped_mm")
+    (message,) = moe_problems(expert_hidden=10, dispatch="grouped_mm")
+    assert message.startswith("model.block.mlp.dispatch: grouped_mm needs d_model (8) and the expert hidden size "
+                              "(10) to be multiples of 4")
 
 
 # ----------------------------------------------------------------- init
@@ -212,9 +226,9 @@ def _trunc_std(sigma: float) -> float:
 
 
 def test_switch_init_statistics():
-    moe = make(ctx=ModelContext(64, 4, 16, 32), n_experts=4, expert_hidden=128, n_shared_experts=1,
+    moe = make(d_model=64, n_experts=4, expert_hidden=128, n_shared_experts=1,
                router={"kind": "noisy_topk"})
-    moe.init_weights(InitSpec(kind="switch", scale=0.1, expert_scale=0.05))
+    moe.init_weights(build(SwitchInit.Spec, {"scale": 0.1, "expert_scale": 0.05}, kind="switch", impl=SwitchInit))
     assert _trunc_std(1.0) == pytest.approx(0.8796, abs=1e-4)
     checks = [(moe.experts.up, 0.05, 64, 0.02), (moe.experts.down, 0.05, 128, 0.02),
               (moe.shared.up, 0.1, 64, 0.03), (moe.shared.down, 0.1, 128, 0.03),
@@ -227,10 +241,10 @@ def test_switch_init_statistics():
 
 
 def test_gpt2_init_scales_residual_down_projections():
-    moe = make(ctx=ModelContext(64, 4, 16, 32), expert_hidden=128, bias=True)
+    moe = make(d_model=64, expert_hidden=128, bias=True)
     with torch.no_grad():
         moe.experts.up_bias.fill_(1.0)
-    moe.init_weights(InitSpec(kind="gpt2", std=0.02, n_layers=8))
+    moe.init_weights(build(GPT2Init.Spec, {"std": 0.02}, ctx={"n_layers": 8}, kind="gpt2", impl=GPT2Init))
     assert moe.experts.up.std().item() == pytest.approx(0.02, rel=0.03)
     assert moe.experts.down.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.03)
     assert torch.count_nonzero(moe.experts.up_bias) == 0
@@ -248,33 +262,35 @@ def test_inactive_params_and_meta_build():
 
 
 def test_expert_hidden_mult_rounds_up_to_16():
-    spec = MoE.make_spec({"kind": "moe", "n_experts": 4, "top_k": 1, "expert_hidden_mult": 0.7},
-                         ModelContext(100, 1, 8, 8))
+    spec = component_spec("mlp", {"kind": "moe", "n_experts": 4, "top_k": 1, "expert_hidden_mult": 0.7}, d_model=100)
     assert spec.hidden == 80   # 70 -> 80
-    assert MoE.make_spec({"kind": "moe", "n_experts": 4, "top_k": 1}, ModelContext(96, 1, 8, 8)).hidden == 256
+    assert component_spec("mlp", {"kind": "moe", "n_experts": 4, "top_k": 1}, d_model=96).hidden == 256
 
 
 @pytest.mark.parametrize("params,message", [
-    ({"top_k": 5}, r"top_k: 5 must be between 1 and n_experts \(4\)"),
-    ({"expert_hidden_mult": 2.0}, "not both"),
-    ({"router": {"kind": "switch"}}, "top_k must be 1"),
-    ({"router": {"kind": "topk", "jitter": 0.1}}, "unknown parameter"),
+    ({"top_k": 5}, r"^model.block.mlp.top_k: top_k \(5\) must be <= n_experts \(4\)"),
+    ({"expert_hidden_mult": 2.0}, "^model.block.mlp.expert_hidden_mult: give 'expert_hidden' or "
+                                  "'expert_hidden_mult', not both$"),
+    ({"router": {"kind": "switch"}}, "^model.block.mlp.top_k: router 'switch' .* top_k must be 1"),
+    ({"router": {"kind": "topk", "jitter": 0.1}}, "^model.block.mlp.router.jitter: unknown key 'jitter' for "
+                                                  "router kind 'topk'"),
     ({"top_kk": 2}, "did you mean 'top_k'"),
-    ({"capacity_factor": 0}, "must be > 0"),
-    ({"drop_policy": "random"}, "drop_policy"),
+    ({"capacity_factor": 0}, "^model.block.mlp.capacity_factor: 0 is out of range; expected a value > 0$"),
+    ({"drop_policy": "random"}, "^model.block.mlp.drop_policy: unknown value 'random'"),
     ({"expert_kind": "swiglu2"}, "did you mean 'swiglu'"),
 ])
 def test_spec_errors(params, message):
-    with pytest.raises(MoEConfigError, match=message):
-        make(**params)
+    got = moe_problems(**params)
+    assert len(got) == 1 and re.search(message, got[0]), got
 
 
 def test_register():
-    regs = {c: Registry(c) for c in CATEGORIES}
+    regs = new_catalog()
     register(regs)
     assert regs["mlp"].get("moe") is MoE
-    assert regs["router"].names() == sorted(ROUTERS)
-    assert regs["router"].get("sigmoid") is ROUTERS["sigmoid"]
+    assert regs["router"].names() == ["noisy_topk", "sigmoid", "switch", "topk"]
+    assert [regs["router"].get(k) for k in ("noisy_topk", "sigmoid", "switch", "topk")] == [
+        NoisyTopKRouter, SigmoidRouter, SwitchRouter, TopKRouter]
 
 
 @pytest.mark.parametrize("policy", ["priority", "position"])

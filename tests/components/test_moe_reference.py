@@ -7,18 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanodecoder.components.base import ModelContext
+from nanodecoder.components import component_spec
 from nanodecoder.components.moe import MoE
 
 D, E, H = 8, 4, 12
-CTX = ModelContext(d_model=D, n_layers=2, context_length=16, vocab_size=32)
 
 
 def build(router: dict, top_k: int, **params) -> MoE:
     p = {"kind": "moe", "n_experts": E, "top_k": top_k, "expert_hidden": H, "router": router,
          "min_capacity": 0, **params}
     torch.manual_seed(0)
-    moe = MoE(MoE.make_spec(p, CTX))
+    moe: MoE = component_spec("mlp", p, d_model=D).build()
     with torch.no_grad():  # non-trivial biases and router so every term matters
         for name, prm in moe.named_parameters():
             if "bias" in name or name == "router.noise_weight":
@@ -50,7 +49,7 @@ def expert(P: dict, prefix: str, e: int, v: torch.Tensor, kind: str) -> torch.Te
 
 def route_token(moe: MoE, P: dict, v: torch.Tensor, noise: torch.Tensor | None):
     """(chosen experts, weights, clean logits, probs) of one token, by the documented formulas."""
-    s, kind, k = moe.spec.router, moe.spec.router_kind, moe.spec.top_k
+    s, kind, k = moe.spec.router, moe.spec.router.kind, moe.spec.top_k
     logits = P["router.weight"] @ v
     def top(score):
         return sorted(range(E), key=lambda e: -float(score[e].detach()))[:k]
@@ -82,7 +81,7 @@ def reference(moe: MoE, x: torch.Tensor, noise: torch.Tensor | None):
     B, T, _ = x.shape
     flat = xs.reshape(B * T, D)
     routes = [route_token(moe, P, flat[t], None if noise is None else noise[t]) for t in range(B * T)]
-    factor = spec.capacity_factor if moe.training else spec.eval_capacity_factor
+    factor = spec.capacity_factor if moe.training else spec.eval_factor
     cap = math.inf if factor is None else max(spec.min_capacity, math.ceil(factor * B * T * spec.top_k / E))
     used = [0] * E
     keep = {}

@@ -1,4 +1,4 @@
-"""schemas/moe.schema.json: a valid Draft 2020-12 schema that agrees with the code."""
+"""The generated schema of the MoE layer and its routers: valid Draft 2020-12, in agreement with the declarations."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,22 +7,16 @@ from pathlib import Path
 
 import pytest
 from jsonschema import Draft202012Validator
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT202012
 
-from nanodecoder.components.base import ModelContext
-from nanodecoder.components.moe import _PARAMS, MoE
-from nanodecoder.components.routers import ROUTERS
+from nanodecoder.cli.blueprint import RunSpec
+from nanodecoder.cli.catalog import catalog
+from nanodecoder.components import component_spec
+from nanodecoder.components.moe import MoE
+from nanodecoder.config.declare import params as declared_params
+from nanodecoder.config.validate import problems
 
-SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "schemas" / "moe.schema.json").read_text())
-URI = "https://schemas.nanodecoder.invalid/"
-
-
-def validator() -> Draft202012Validator:
-    """Validate an mlp block the way the model schema does: a $ref into moe.schema.json."""
-    moe = {**SCHEMA, "$id": URI + "moe.schema.json"}
-    registry = Registry().with_resource(moe["$id"], Resource.from_contents(moe, default_specification=DRAFT202012))
-    return Draft202012Validator({"$ref": URI + "moe.schema.json#/$defs/mlp.moe"}, registry=registry)
+SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "schemas" / "blueprint.schema.json").read_text())
+ROUTERS = catalog()["router"]
 
 
 def test_is_a_valid_schema_without_id():
@@ -43,25 +37,35 @@ def _walk(node, path=""):
 
 
 def test_every_property_has_a_description():
-    props = list(_walk(SCHEMA))
+    defs = SCHEMA["$defs"]
+    props = [p for key in defs if key == "mlp.moe" or key.startswith("router") for p in _walk(defs[key], key)]
     assert len(props) > 20
     assert not [p for p, sub in props if not sub.get("description")]
 
 
 def test_schema_agrees_with_code():
     defs = SCHEMA["$defs"]
-    assert set(defs["mlp.moe"]["properties"]) == set(_PARAMS)
+    assert set(defs["mlp.moe"]["properties"]) == {"kind"} | {f.name for f, _ in declared_params(MoE.Spec)}
     assert defs["mlp.moe"]["additionalProperties"] is False
-    assert defs["mlp.moe"]["properties"]["router"] == {"$ref": "#/$defs/router",
+    assert defs["mlp.moe"]["properties"]["router"] == {"$ref": "#/$defs/router", "default": {"kind": "topk"},
                                                        "description": defs["mlp.moe"]["properties"]["router"]["description"]}
-    assert sorted(defs["router"]["properties"]["kind"]["enum"]) == sorted(ROUTERS)
-    for kind, cls in ROUTERS.items():
+    assert defs["router"]["properties"]["kind"]["enum"] == ROUTERS.names()
+    for kind in ROUTERS.names():
+        cls = ROUTERS.get(kind)
         block = defs[f"router.{kind}"]
-        fields = {f.name for f in dataclasses.fields(cls.Spec)} - {"dim", "n_experts", "top_k"}
+        fields = {f.name for f, _ in declared_params(cls.Spec)}
         assert set(block["properties"]) == fields | {"kind"}, kind
+        assert {"dim", "n_experts", "top_k"} <= {f.name for f in dataclasses.fields(cls.Spec)}
         assert block["additionalProperties"] is False and block["properties"]["kind"]["const"] == kind
     thens = [entry["then"]["$ref"] for entry in defs["router"]["allOf"]]
     assert thens == [f"#/$defs/router.{k}" for k in defs["router"]["properties"]["kind"]["enum"]]
+
+
+def mlp_problems(mlp: dict) -> list[str]:
+    """Every validation message (schema and cross-field checks) of a blueprint whose block MLP is ``mlp``."""
+    raw = {"model": {"vocab_size": 32, "context_length": 16, "d_model": 32, "n_layers": 2,
+                     "block": {"attention": {"kind": "causal", "n_heads": 2}, "mlp": mlp}}}
+    return [f"{p.path}: {p.message}" for p in problems(raw, {}, "bp.yaml", RunSpec, catalog())]
 
 
 GOOD = [
@@ -95,15 +99,11 @@ BAD = [
 
 @pytest.mark.parametrize("params", GOOD)
 def test_examples_validate_and_build(params):
-    errors = list(validator().iter_errors(params))
-    assert not errors, [e.message for e in errors]
-    MoE.make_spec(params, ModelContext(d_model=32, n_layers=2, context_length=16, vocab_size=32))
+    assert mlp_problems(params) == []
+    assert isinstance(component_spec("mlp", params, d_model=32).build(), MoE)
 
 
 @pytest.mark.parametrize("params,word", BAD)
 def test_bad_params_fail(params, word):
-    errors = list(validator().iter_errors(params))
-    assert errors
-    text = " ".join(e.message + " " + ".".join(map(str, e.absolute_path)) + " " + json.dumps(e.instance)
-                    for e in errors)
-    assert word in text
+    got = mlp_problems(params)
+    assert got and word in " ".join(got), got

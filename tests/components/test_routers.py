@@ -7,18 +7,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanodecoder.components.base import ModelContext
+from nanodecoder.components import component_spec, model_catalog
+from nanodecoder.components.init import DEFAULT_INIT
 from nanodecoder.components.moe import MoE
-from nanodecoder.components.routers import ROUTERS, NoisyTopKRouter, Router, TopKRouter
-from nanodecoder.model.init import InitSpec
+from nanodecoder.components.routers import NoisyTopKRouter, Router, TopKRouter
+from nanodecoder.config.declare import build
 
-CTX = ModelContext(d_model=8, n_layers=1, context_length=16, vocab_size=32)
+ROUTERS = {k: model_catalog()["router"].get(k) for k in model_catalog()["router"].names()}
 
 
 def router(kind: str, k: int = 2, n: int = 4, **params):
     cls = ROUTERS[kind]
     torch.manual_seed(0)
-    r = cls(cls.make_spec({"kind": kind, "n_experts": n, "top_k": k, **params}, CTX))
+    r = cls(build(cls.Spec, params, ctx={"d_model": 8, "n_experts": n, "top_k": k}, kind=kind, impl=cls))
     with torch.no_grad():
         r.weight.normal_(0.0, 0.5)
     return r
@@ -94,8 +95,8 @@ def test_sigmoid_weights_and_bias_only_changes_selection():
 
 
 def _skewed_moe(**router_params) -> tuple[MoE, torch.Tensor]:
-    spec = MoE.make_spec({"kind": "moe", "n_experts": 4, "top_k": 1, "expert_hidden": 8,
-                          "router": {"kind": "sigmoid", **router_params}}, CTX)
+    spec = component_spec("mlp", {"kind": "moe", "n_experts": 4, "top_k": 1, "expert_hidden": 8,
+                                  "router": {"kind": "sigmoid", **router_params}}, d_model=8)
     torch.manual_seed(0)
     moe = MoE(spec)
     with torch.no_grad():
@@ -198,6 +199,6 @@ def test_init_weights_resets_buffers_after_to_empty():
     real = meta.to_empty(device="cpu")
     real.router.expert_bias.fill_(float("nan"))
     real.router.load_counts.fill_(7)
-    real.init_weights(InitSpec())
+    real.init_weights(DEFAULT_INIT)
     assert torch.equal(real.router.expert_bias, torch.zeros(4))
     assert torch.equal(real.router.load_counts, torch.zeros(4, dtype=torch.int64))

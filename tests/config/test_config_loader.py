@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nanodecoder.config import BlueprintError, load_blueprint
+from nanodecoder.cli.blueprint import load_blueprint
+from nanodecoder.config import BlueprintError
 from nanodecoder.config.loader import dotted, parse_yaml
 
 BASE = """\

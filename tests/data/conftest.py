@@ -7,14 +7,15 @@ from types import SimpleNamespace
 
 import pytest
 
+from nanodecoder.config import build
+from nanodecoder.config.registry import new_catalog
 from nanodecoder.data import DataSpec, register
-from nanodecoder.registry import CATEGORIES, Registry
 
 
 @pytest.fixture
 def regs():
     """Registries holding only the built-in data kinds (no plug-ins, no other modules)."""
-    out = {c: Registry(c) for c in CATEGORIES}
+    out = new_catalog()
     register(out)
     return out
 
@@ -30,8 +31,8 @@ def cache(tmp_path, monkeypatch):
 @pytest.fixture
 def make_spec(regs):
     def make(source, tokenizer=None, sampling="random"):
-        return DataSpec.from_dict({"source": source, "tokenizer": tokenizer or {"kind": "byte"},
-                                   "sampling": sampling}, registries=regs)
+        return build(DataSpec, {"source": source, "tokenizer": tokenizer or {"kind": "byte"},
+                                "sampling": sampling}, regs)
     return make
 
 

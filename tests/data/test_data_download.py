@@ -57,10 +57,10 @@ def test_http_error_and_refused_connection_give_one_line(tmp_path, http_server):
 def test_url_source_prepares_once_and_splits_like_a_single_file(cache, http_server, make_spec, regs):
     http_server.files["/play.txt"] = BODY
     spec = make_spec({"kind": "url", "url": http_server.url + "/play.txt", "sha256": SHA, "timeout": 5})
-    prep = prepare_data(spec, progress=False, registries=regs)
+    prep = prepare_data(spec, progress=False)
     text = prep.tokenizer.decode(prep.train.tolist()) + prep.tokenizer.decode(prep.val.tolist())
     assert text.encode() == BODY
     assert prep.tokenizer.decode(prep.val.tolist()).startswith("To be, or not to be, line 180.")
     assert (cache / "downloads" / f"{SHA[:16]}-play.txt").is_file()
-    again = prepare_data(spec, progress=False, registries=regs)
+    again = prepare_data(spec, progress=False)
     assert again.cache_dir == prep.cache_dir and http_server.hits == ["/play.txt"]

@@ -7,12 +7,12 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 import nanodecoder.data.prepare as prepare_mod
+from nanodecoder.config.declare import Kind, declared
 from nanodecoder.data.download import sha256_of
 from nanodecoder.data import (ByteTokenizer, DataError, bits_per_byte, cache_root, check_fits, load_prepared,
                               prepare_data)
@@ -32,7 +32,7 @@ def text_spec(make_spec, tokenizer=None, path="input.txt"):
 
 
 def test_prepared_tokens_manifest_and_bytes_match_the_text(cache, corpus, make_spec, regs):
-    prep = prepare_data(text_spec(make_spec), base_dir=corpus, progress=False, registries=regs)
+    prep = prepare_data(text_spec(make_spec), base_dir=corpus, progress=False)
     m = prep.manifest
     assert prep.cache_dir.parent == cache / "prepared" and prep.cache_dir.name.startswith("text-byte-")
     assert isinstance(prep.train, np.memmap) and prep.train.dtype == np.uint16 and m["dtype"] == "uint16"
@@ -46,7 +46,7 @@ def test_prepared_tokens_manifest_and_bytes_match_the_text(cache, corpus, make_s
         f = prep.cache_dir / m["files"][split]["name"]
         assert m["files"][split]["size"] == f.stat().st_size
         assert m["files"][split]["sha256"] == sha256_of(f)
-    assert load_prepared(prep.cache_dir, registries=regs, verify_checksums=True).manifest == m
+    assert load_prepared(prep.cache_dir, catalog=regs, verify_checksums=True).manifest == m
     assert sorted(p.name for p in prep.cache_dir.iterdir()) == ["manifest.json", "tokenizer", "train.bin", "val.bin"]
 
 
@@ -55,12 +55,11 @@ def test_documents_are_joined_by_eot_or_by_separator_text(cache, corpus, make_sp
     for i in range(4):
         (corpus / "docs" / f"{i}.txt").write_text(f"document {i}\n" * 30)
     bpe = prepare_data(text_spec(make_spec, {"kind": "bpe", "vocab_size": 300}, "docs"), base_dir=corpus,
-                       progress=False, registries=regs)
+                       progress=False)
     eot = bpe.tokenizer.eot_id
     assert bpe.manifest["separator"] == "eot" and int((bpe.train == eot).sum()) == 3
     assert bpe.manifest["n_bytes"]["train"] + bpe.manifest["n_bytes"]["val"] == 4 * 30 * 11
-    byte = prepare_data(text_spec(make_spec, {"kind": "byte"}, "docs"), base_dir=corpus, progress=False,
-                        registries=regs)
+    byte = prepare_data(text_spec(make_spec, {"kind": "byte"}, "docs"), base_dir=corpus, progress=False)
     assert byte.manifest["separator"] == "\n\n"
     assert byte.tokenizer.decode(byte.train.tolist()).count("\n\ndocument") == 3
 
@@ -68,15 +67,14 @@ def test_documents_are_joined_by_eot_or_by_separator_text(cache, corpus, make_sp
 def test_second_prepare_is_a_cache_hit_and_settings_change_the_folder(cache, corpus, make_spec, regs,
                                                                       monkeypatch):
     spec = text_spec(make_spec)
-    first = prepare_data(spec, base_dir=corpus, progress=False, registries=regs)
+    first = prepare_data(spec, base_dir=corpus, progress=False)
     monkeypatch.setattr(prepare_mod, "build_prepared", lambda *a, **k: pytest.fail("must not rebuild"))
-    assert prepare_data(spec, base_dir=corpus, progress=False, registries=regs).cache_dir == first.cache_dir
+    assert prepare_data(spec, base_dir=corpus, progress=False).cache_dir == first.cache_dir
     monkeypatch.undo()
     monkeypatch.setenv("NANODECODER_CACHE", str(cache))
-    other_tok = prepare_data(text_spec(make_spec, {"kind": "char"}), base_dir=corpus, progress=False,
-                             registries=regs)
+    other_tok = prepare_data(text_spec(make_spec, {"kind": "char"}), base_dir=corpus, progress=False)
     (corpus / "input.txt").write_text(SHAKES + "More text.\n")
-    other_text = prepare_data(spec, base_dir=corpus, progress=False, registries=regs)
+    other_text = prepare_data(spec, base_dir=corpus, progress=False)
     assert len({first.cache_dir, other_tok.cache_dir, other_text.cache_dir}) == 3
 
 
@@ -89,30 +87,30 @@ def test_cache_root_comes_from_argument_env_or_user_cache(tmp_path, monkeypatch)
 
 
 def test_damaged_cache_is_a_clear_error_naming_the_folder(cache, corpus, make_spec, regs):
-    prep = prepare_data(text_spec(make_spec), base_dir=corpus, progress=False, registries=regs)
+    prep = prepare_data(text_spec(make_spec), base_dir=corpus, progress=False)
     folder = prep.cache_dir
     del prep
     with open(folder / "val.bin", "r+b") as f:
         f.truncate(10)
     with pytest.raises(DataError, match=f"{folder} is damaged: val.bin is 10 bytes, expected .*; delete") as e:
-        prepare_data(text_spec(make_spec), base_dir=corpus, progress=False, registries=regs)
+        prepare_data(text_spec(make_spec), base_dir=corpus, progress=False)
     assert "\n" not in str(e.value)
     (folder / "manifest.json").write_text("{")
     with pytest.raises(DataError, match="unreadable manifest.json"):
-        load_prepared(folder, registries=regs)
+        load_prepared(folder, catalog=regs)
     (folder / "manifest.json").unlink()
     with pytest.raises(DataError, match=f"{folder} is incomplete \\(no manifest.json\\); delete {folder}"):
-        load_prepared(folder, registries=regs)
+        load_prepared(folder, catalog=regs)
 
 
 def test_checksums_are_verified_on_request(cache, corpus, make_spec, regs):
-    folder = prepare_data(text_spec(make_spec), base_dir=corpus, progress=False, registries=regs).cache_dir
+    folder = prepare_data(text_spec(make_spec), base_dir=corpus, progress=False).cache_dir
     data = bytearray((folder / "train.bin").read_bytes())
     data[0] ^= 1
     (folder / "train.bin").write_bytes(bytes(data))
-    load_prepared(folder, registries=regs)                       # sizes still agree
+    load_prepared(folder, catalog=regs)                       # sizes still agree
     with pytest.raises(DataError, match="train.bin fails its SHA-256"):
-        load_prepared(folder, registries=regs, verify_checksums=True)
+        load_prepared(folder, catalog=regs, verify_checksums=True)
 
 
 def test_interrupted_preparation_leaves_nothing_behind(cache, corpus, make_spec, regs, monkeypatch):
@@ -125,7 +123,7 @@ def test_interrupted_preparation_leaves_nothing_behind(cache, corpus, make_spec,
 
     monkeypatch.setattr(prepare_mod, "write_split", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        prepare_data(text_spec(make_spec), base_dir=corpus, progress=False, registries=regs)
+        prepare_data(text_spec(make_spec), base_dir=corpus, progress=False)
     assert list((cache / "prepared").iterdir()) == []
 
 
@@ -137,11 +135,11 @@ def test_losing_the_race_uses_the_winners_folder(cache, corpus, make_spec, regs,
     def racing(folder, *args, **kwargs):
         calls.append(folder)
         if len(calls) == 1:      # another process prepares and publishes the same data meanwhile
-            prepare_data(spec, base_dir=corpus, progress=False, registries=regs)
+            prepare_data(spec, base_dir=corpus, progress=False)
         return real(folder, *args, **kwargs)
 
     monkeypatch.setattr(prepare_mod, "build_prepared", racing)
-    prep = prepare_data(spec, base_dir=corpus, progress=False, registries=regs)
+    prep = prepare_data(spec, base_dir=corpus, progress=False)
     assert len(calls) == 2 and [p.name for p in (cache / "prepared").iterdir()] == [prep.cache_dir.name]
     assert prep.tokenizer.decode(prep.train.tolist()) + prep.tokenizer.decode(prep.val.tolist()) == SHAKES
 
@@ -156,7 +154,7 @@ def test_temporary_folders_of_dead_processes_are_removed(cache, corpus, make_spe
     for name, owner in owners.items():
         (parent / f".tmp-{name}").mkdir(parents=True)
         (parent / f".tmp-{name}" / "owner.json").write_text(json.dumps(owner))
-    prepare_data(text_spec(make_spec), base_dir=corpus, progress=False, registries=regs)
+    prepare_data(text_spec(make_spec), base_dir=corpus, progress=False)
     assert sorted(p.name for p in parent.glob(".tmp-*")) == [".tmp-alive", ".tmp-elsewhere"]
 
 
@@ -166,9 +164,9 @@ class WideTokenizer(ByteTokenizer):
     kind = "wide"
     vocab_size = 70_000
 
-    @dataclass(frozen=True)
-    class Spec:
-        kind: str = "wide"
+    @declared
+    class Spec(Kind):
+        pass
 
     def encode_array(self, text):
         return super().encode_array(text).astype(np.int64) + 65_600
@@ -179,15 +177,15 @@ class WideTokenizer(ByteTokenizer):
 
 def test_large_vocabularies_are_stored_as_uint32(cache, corpus, make_spec, regs):
     regs["tokenizer"].add("wide", WideTokenizer, origin="test")
-    prep = prepare_data(text_spec(make_spec, {"kind": "wide"}), base_dir=corpus, progress=False, registries=regs)
+    prep = prepare_data(text_spec(make_spec, {"kind": "wide"}), base_dir=corpus, progress=False)
     assert prep.train.dtype == np.uint32 and int(prep.train.max()) > 65_535
     assert prep.tokenizer.decode(prep.train.tolist()) + prep.tokenizer.decode(prep.val.tolist()) == SHAKES
 
 
 def test_progress_bars_go_to_stderr_and_can_be_turned_off(cache, corpus, make_spec, regs, capsys):
-    prepare_data(text_spec(make_spec), base_dir=corpus, progress=False, registries=regs)
+    prepare_data(text_spec(make_spec), base_dir=corpus, progress=False)
     assert capsys.readouterr() == ("", "")
-    prepare_data(text_spec(make_spec, {"kind": "char"}), base_dir=corpus, progress=True, registries=regs)
+    prepare_data(text_spec(make_spec, {"kind": "char"}), base_dir=corpus, progress=True)
     out, err = capsys.readouterr()
     assert out == "" and "tokenize train" in err and "tokenize val" in err
 
@@ -195,7 +193,7 @@ def test_progress_bars_go_to_stderr_and_can_be_turned_off(cache, corpus, make_sp
 def test_stdlib_source_prepares_a_capped_corpus(cache, make_spec, regs, tmp_path):
     spec = make_spec({"kind": "python_stdlib", "val_fraction": 0.05, "max_bytes": 60_000},
                      {"kind": "bpe", "vocab_size": 512})
-    prep = prepare_data(spec, base_dir=tmp_path, progress=False, registries=regs)
+    prep = prepare_data(spec, base_dir=tmp_path, progress=False)
     m = prep.manifest
     assert prep.tokenizer.vocab_size == 512 and m["n_bytes"]["train"] + m["n_bytes"]["val"] <= 60_000
     assert m["n_tokens"]["train"] < m["n_bytes"]["train"] / 2 and m["n_tokens"]["val"] > 0
@@ -210,7 +208,7 @@ def test_bits_per_byte_converts_nats_per_token():
 
 
 def test_check_fits_guards_context_and_vocabulary(cache, corpus, make_spec, regs):
-    prep = prepare_data(text_spec(make_spec), base_dir=corpus, progress=False, registries=regs)
+    prep = prepare_data(text_spec(make_spec), base_dir=corpus, progress=False)
     check_fits(prep, context_length=64, vocab_size=256)
     with pytest.raises(DataError, match="byte tokenizer has 256 tokens but the model's vocab_size is 200; "
                                         "set the model's vocab_size to at least 256"):
@@ -225,4 +223,4 @@ def test_an_unwritable_cache_is_a_clear_error(tmp_path, corpus, make_spec, regs)
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     with pytest.raises(DataError, match="cannot write to the cache folder .*set NANODECODER_CACHE"):
-        prepare_data(text_spec(make_spec), base_dir=corpus, cache_dir=blocker, progress=False, registries=regs)
+        prepare_data(text_spec(make_spec), base_dir=corpus, cache_dir=blocker, progress=False)

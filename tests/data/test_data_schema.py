@@ -1,20 +1,36 @@
-"""schemas/data.schema.json: valid JSON Schema, follows the project's conventions, agrees with the code."""
+"""The data section of schemas/blueprint.schema.json: valid JSON Schema, follows the project's conventions,
+agrees with the code."""
 from __future__ import annotations
 
-import dataclasses
 import json
+from dataclasses import MISSING
 from pathlib import Path
 
 import pytest
 from jsonschema import Draft202012Validator
 
+from nanodecoder.cli.blueprint import RunSpec
+from nanodecoder.cli.catalog import builtin_catalog
+from nanodecoder.config.declare import default_of, params, yaml_key
+from nanodecoder.config.validate import schema_of
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "data.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "blueprint.schema.json"
+DATA_DEFS = ("data", "data_source", "tokenizer")
+
+
+def is_data_def(name: str) -> bool:
+    return name.split(".")[0] in DATA_DEFS
 
 
 @pytest.fixture(scope="module")
-def schema():
+def full_schema():
     return json.loads(SCHEMA_PATH.read_text())
+
+
+@pytest.fixture(scope="module")
+def schema(full_schema):
+    """The ``data:`` section as a schema document of its own (its ``$defs`` shared with the blueprint's)."""
+    return {"$schema": full_schema["$schema"], **full_schema["$defs"]["data"], "$defs": full_schema["$defs"]}
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +43,20 @@ def errors(validator, data):
     return sorted((list(e.absolute_path), e.message) for e in validator.iter_errors(data))
 
 
-def test_schema_is_valid_draft_2020_12_without_id(schema):
-    Draft202012Validator.check_schema(schema)
-    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
-    assert "$id" not in schema
+def test_schema_is_valid_draft_2020_12_without_id(full_schema, schema):
+    Draft202012Validator.check_schema(full_schema)
+    assert full_schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert "$id" not in full_schema
+    assert full_schema["properties"]["data"]["$ref"] == "#/$defs/data"
     assert schema["properties"]["source"]["$ref"] == "#/$defs/data_source"
     assert schema["properties"]["tokenizer"]["$ref"] == "#/$defs/tokenizer"
+
+
+def test_the_file_is_what_the_code_generates(full_schema):
+    generated = schema_of(RunSpec, builtin_catalog())
+    data_defs = {k: v for k, v in generated["$defs"].items() if is_data_def(k)}
+    assert data_defs == {k: v for k, v in full_schema["$defs"].items() if is_data_def(k)}
+    assert generated["properties"]["data"] == full_schema["properties"]["data"]
 
 
 def _objects(node, path="$"):
@@ -46,24 +70,27 @@ def _objects(node, path="$"):
             yield from _objects(v, f"{path}[{i}]")
 
 
-def test_every_property_has_a_description_and_objects_are_closed(schema):
-    for path, obj in _objects(schema):
-        if "/if" in path:    # the `if kind == x` conditions are not properties of the data
-            continue
-        for name, prop in obj.get("properties", {}).items():
-            assert prop.get("description"), f"{path}/properties/{name} lacks a description"
-        is_kind_block = path in ("$/$defs/data_source", "$/$defs/tokenizer")
-        if not is_kind_block:
-            assert obj.get("additionalProperties") is False, f"{path} is not closed"
+def test_every_property_has_a_description_and_objects_are_closed(full_schema):
+    defs = {k: v for k, v in full_schema["$defs"].items() if is_data_def(k)}
+    assert set(defs) > {"data", "data_source", "tokenizer", "data_source.text", "tokenizer.bpe"}
+    for name, node in defs.items():
+        for path, obj in _objects(node, f"$/$defs/{name}"):
+            if "/if" in path:    # the `if kind == x` conditions are not properties of the data
+                continue
+            for key, prop in obj.get("properties", {}).items():
+                assert prop.get("description"), f"{path}/properties/{key} lacks a description"
+            is_kind_block = path in ("$/$defs/data_source", "$/$defs/tokenizer")
+            if not is_kind_block:
+                assert obj.get("additionalProperties") is False, f"{path} is not closed"
 
 
 @pytest.mark.parametrize("category", ["data_source", "tokenizer"])
 def test_kind_blocks_follow_the_convention_and_match_the_registry(schema, regs, category):
-    # the lead's validator finds the block as $defs[category] with a `kind` enum (nanodecoder/config/schema.py)
+    # the validator finds the block as $defs[category] with a `kind` enum (nanodecoder/config/schema.py)
     block = schema["$defs"][category]
     assert block["required"] == ["kind"]
-    kinds = sorted(block["properties"]["kind"]["enum"])
-    assert kinds == regs[category].names()
+    kinds = block["properties"]["kind"]["enum"]
+    assert kinds == sorted(kinds) == regs[category].names()
     refs = {b["if"]["properties"]["kind"]["const"]: b["then"]["$ref"] for b in block["allOf"]}
     assert refs == {k: f"#/$defs/{category}.{k}" for k in kinds}
     for k in kinds:
@@ -76,11 +103,14 @@ def test_kind_blocks_follow_the_convention_and_match_the_registry(schema, regs, 
 def test_schema_defaults_equal_the_spec_defaults(schema, regs, category):
     for kind in regs[category].names():
         props = schema["$defs"][f"{category}.{kind}"]["properties"]
-        fields = {f.name: f for f in dataclasses.fields(regs[category].get(kind).Spec)}
-        assert set(props) == set(fields), kind
-        for name, prop in props.items():
-            if "default" in prop:
-                assert fields[name].default == prop["default"], f"{kind}.{name}"
+        fields = {yaml_key(f): f for f, _ in params(regs[category].get(kind).Spec)}
+        assert set(props) == {"kind", *fields}, kind
+        for name, f in fields.items():
+            default = default_of(f)
+            if default is MISSING:
+                assert "default" not in props[name], f"{kind}.{name}"
+            else:
+                assert props[name]["default"] == default, f"{kind}.{name}"
 
 
 def test_valid_sections_pass(validator):

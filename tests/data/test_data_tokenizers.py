@@ -67,7 +67,7 @@ def test_char_vocabulary_is_the_corpus_characters_and_new_ones_are_refused():
 def test_save_and_load_restore_the_same_tokenizer(tmp_path, regs, bpe, make):
     tok = make(bpe)
     tok.save(tmp_path / "tok")
-    back = load_tokenizer(tmp_path / "tok", registries=regs)
+    back = load_tokenizer(tmp_path / "tok", catalog=regs)
     assert type(back) is type(tok)
     assert (back.vocab_size, back.eot_id) == (tok.vocab_size, tok.eot_id)
     text = "abc\n日" if isinstance(tok, CharTokenizer) else "héllo 日本 " + TRAIN[:200]
@@ -77,18 +77,18 @@ def test_save_and_load_restore_the_same_tokenizer(tmp_path, regs, bpe, make):
 
 def test_loading_a_damaged_or_missing_tokenizer_is_a_clear_error(tmp_path, regs, bpe):
     with pytest.raises(DataError, match="no tokenizer in"):
-        load_tokenizer(tmp_path / "nothing", registries=regs)
+        load_tokenizer(tmp_path / "nothing", catalog=regs)
     bpe.save(tmp_path / "tok")
     (tmp_path / "tok" / "tokenizer.json").write_text('{"kind": "bpe"}')
     with pytest.raises(DataError, match="missing field 'pattern'"):
-        load_tokenizer(tmp_path / "tok", registries=regs)
+        load_tokenizer(tmp_path / "tok", catalog=regs)
     bpe.save(tmp_path / "tok")
     (tmp_path / "tok" / RANKS_FILE).write_text("not base64!! 1\n")
     with pytest.raises(DataError, match="unreadable tokenizer ranks"):
-        load_tokenizer(tmp_path / "tok", registries=regs)
+        load_tokenizer(tmp_path / "tok", catalog=regs)
     (tmp_path / "tok" / "tokenizer.json").write_text('{"kind": "sentencepiece"}')
     with pytest.raises(DataError, match="unknown tokenizer kind 'sentencepiece'"):
-        load_tokenizer(tmp_path / "tok", registries=regs)
+        load_tokenizer(tmp_path / "tok", catalog=regs)
 
 
 def test_unknown_tiktoken_name_suggests_the_closest():
@@ -128,7 +128,7 @@ def test_named_tiktoken_encoding_is_saved_whole_and_loads_offline(tmp_path, regs
     assert (tok.vocab_size, tok.eot_id) == (400, 399)
     tok.save(tmp_path / "tok")
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: pytest.fail("loading must not fetch"))
-    back = load_tokenizer(tmp_path / "tok", registries=regs)
+    back = load_tokenizer(tmp_path / "tok", catalog=regs)
     assert isinstance(back, TiktokenTokenizer) and back.encoding.name == "gpt2"
     for text in TRICKY:
         assert back.decode(back.encode(text)) == text

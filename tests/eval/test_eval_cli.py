@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from evalhelpers import HELLASWAG, make_run_dir
-from nanodecoder.eval.__main__ import main
+from nanodecoder.cli.eval import main
 from trainhelpers import REPO, run_dirs, subprocess_env, tiny_raw, write_blueprint
 
 
@@ -51,7 +51,7 @@ def test_usage_errors_exit_2(tmp_path, capsys, argv, message):
 
 
 def test_eval_section_logs_hellaswag_and_bpb_rows_during_training(tmp_path, capsys):
-    from nanodecoder.run import main as run_main
+    from nanodecoder.cli.run import main as run_main
     raw = tiny_raw(tmp_path)
     raw["train"].update({"steps": 4, "eval_every": 4, "checkpoint_every": 4})
     raw["logging"]["plots"] = False
@@ -69,7 +69,7 @@ def test_eval_section_logs_hellaswag_and_bpb_rows_during_training(tmp_path, caps
 
 
 def test_eval_section_errors_are_reported_before_training(tmp_path, capsys):
-    from nanodecoder.run import main as run_main
+    from nanodecoder.cli.run import main as run_main
     raw = tiny_raw(tmp_path)
     raw["eval"] = {"hellaswag": {"data": "nope.jsonl", "evry": 3}}
     assert run_main([str(write_blueprint(tmp_path, raw))]) == 2

@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from evalhelpers import lm_raw, make_run_dir, write_yaml
-from nanodecoder.run import main as run_main
+from nanodecoder.cli.run import main as run_main
 
 
 def separable_csv(path, n: int = 200, seed: int = 0):
@@ -102,8 +102,8 @@ def test_bad_labels_and_settings_exit_2(tmp_path, capsys, change, message):
 
 
 def test_classification_runs_refuse_text_evaluations(tmp_path, capsys):
-    from nanodecoder.eval.__main__ import main as eval_main
-    from nanodecoder.finetune.answer import main as answer_main
+    from nanodecoder.cli.eval import main as eval_main
+    from nanodecoder.cli.answer import main as answer_main
     _, bp = cls_blueprint(tmp_path)
     raw = yaml.safe_load(bp.read_text())
     raw["eval"] = {"text": {"data": "cls.csv"}}

@@ -12,7 +12,7 @@ from nanodecoder.finetune.batches import UnitBatches
 from nanodecoder.finetune.instruction import InstructionTuning
 from nanodecoder.finetune.records import Instruction, load_examples, load_instructions
 from nanodecoder.finetune.spec import InstructionSpec, TemplateSpec
-from nanodecoder.finetune.template import PromptTemplate, template_problems
+from nanodecoder.finetune.template import PromptTemplate
 from nanodecoder.model import build_model, build_model_spec
 
 RECORDS = [{"instruction": "Say hi", "input": "", "output": "hi there"},
@@ -44,8 +44,11 @@ def test_end_marker_is_the_eot_token_or_the_end_text():
     assert with_eot.response(list(b"yes") + [256] + list(b"junk")) == ("yes", True)
     assert plain.response(list(b"yes\n\n### End junk")) == ("yes", True)
     assert plain.response(list(b"unfinished")) == ("unfinished", False)
-    assert template_problems(TemplateSpec(prompt="{instruction} only")) == [
-        (("template", "prompt"), "the prompt template must contain {input}")]
+    assert list(TemplateSpec(prompt="{instruction} only").check()) == [
+        (("prompt",), "the prompt template must contain {input}")]
+    assert list(TemplateSpec(prompt="no fields", input="none").check()) == [
+        (("prompt",), "the prompt template must contain {instruction} and {input}"),
+        (("input",), "the input template must contain {input}")]
 
 
 def task(tmp_path, records=RECORDS, **kw) -> InstructionTuning:

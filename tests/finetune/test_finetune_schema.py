@@ -1,35 +1,39 @@
-"""schemas/finetune.schema.json and eval.schema.json: defaults agree with the specs; sections validate."""
+"""The finetune and eval parts of schemas/blueprint.schema.json: defaults agree with the specs; sections validate."""
 from __future__ import annotations
 
-import dataclasses
 import json
+from dataclasses import MISSING
 
 import pytest
 import yaml
 
 from evalhelpers import lm_raw
-from nanodecoder.config import BlueprintError, load_blueprint
-from nanodecoder.eval.spec import EvalSpec, HellaSwagEvalSpec, TextEvalSpec
-from nanodecoder.finetune.spec import ClassificationSpec, FinetuneSpec, InstructionSpec, TemplateSpec, params_to_yaml
+from nanodecoder.cli.blueprint import load_blueprint, run_spec
+from nanodecoder.config import BlueprintError
+from nanodecoder.config.declare import Kind, default_of, params, to_yaml, yaml_key
+from nanodecoder.eval.spec import HellaSwagEvalSpec, TextEvalSpec
+from nanodecoder.finetune import InstructionTuning
+from nanodecoder.finetune.spec import ClassificationSpec, InstructionSpec, TemplateSpec
 from nanodecoder.resources import blueprints_dir, schemas_dir
 
-FT = json.loads((schemas_dir() / "finetune.schema.json").read_text())["$defs"]
-EV = json.loads((schemas_dir() / "eval.schema.json").read_text())["$defs"]
+DEFS = json.loads((schemas_dir() / "blueprint.schema.json").read_text())["$defs"]
 
 
-@pytest.mark.parametrize("defs, name, cls", [
-    (FT, "finetune.instruction", InstructionSpec), (FT, "finetune.classification", ClassificationSpec),
-    (FT, "template", TemplateSpec), (EV, "hellaswag_eval", HellaSwagEvalSpec), (EV, "text_eval", TextEvalSpec)])
-def test_schema_properties_and_defaults_match_the_specs(defs, name, cls):
-    props = defs[name]["properties"]
-    fields = {("from" if f.name == "source" else f.name): f for f in dataclasses.fields(cls)}
-    assert set(props) == set(fields)
+@pytest.mark.parametrize("name, cls", [
+    ("finetune.instruction", InstructionSpec), ("finetune.classification", ClassificationSpec),
+    ("template", TemplateSpec), ("hellaswag_eval", HellaSwagEvalSpec), ("text_eval", TextEvalSpec)])
+def test_schema_properties_and_defaults_match_the_specs(name, cls):
+    props = DEFS[name]["properties"]
+    fields = {yaml_key(f): f for f, _ in params(cls)}
+    assert set(props) == set(fields) | ({"kind"} if issubclass(cls, Kind) else set())
+    assert "source" not in props and ("from" in props) == issubclass(cls, Kind)
     for key, f in fields.items():
+        default = default_of(f)
         if "default" in props[key]:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             assert props[key]["default"] == default, key
-        elif key not in ("kind", "template"):
-            assert key in defs[name].get("required", []), f"{name}.{key} documents no default and is not required"
+        elif key != "template":
+            assert default is MISSING, f"{name}.{key} has a default the schema does not document"
+            assert key in DEFS[name].get("required", []), f"{name}.{key} documents no default and is not required"
 
 
 def write(tmp_path, **sections):
@@ -44,11 +48,13 @@ def test_sections_become_typed_specs(tmp_path):
     bp = load_blueprint(write(tmp_path, finetune={"kind": "instruction", "from": "runs/x", "data": "d.json",
                                                   "template": {"end": "<END>"}},
                               eval={"hellaswag": {"data": "hs.jsonl", "every": 100}}))
-    ft = FinetuneSpec.from_dict(bp.raw["finetune"])
-    assert ft.kind == "instruction" and ft.params.source == "runs/x" and ft.params.template.end == "<END>"
-    assert ft.params.template.prompt.startswith("Below is an instruction")
-    assert params_to_yaml(ft.params)["from"] == "runs/x"
-    ev = EvalSpec.from_dict(bp.raw["eval"])
+    spec = run_spec(bp)
+    ft = spec.finetune
+    assert isinstance(ft, InstructionSpec) and ft.impl is InstructionTuning
+    assert ft.kind == "instruction" and ft.source == "runs/x" and ft.template.end == "<END>"
+    assert ft.template.prompt.startswith("Below is an instruction")
+    assert to_yaml(ft)["from"] == "runs/x" and "source" not in to_yaml(ft)
+    ev = spec.eval
     assert ev.hellaswag.every == 100 and ev.hellaswag.batch_size == 8 and ev.text is None
 
 
@@ -58,6 +64,8 @@ def test_sections_become_typed_specs(tmp_path):
     ({"finetune": {"kind": "classification", "from": "r", "data": "d.csv"}},
      "missing required key 'n_classes'"),
     ({"finetune": {"kind": "classifier", "from": "r", "data": "d.csv"}}, "did you mean 'classification'?"),
+    ({"finetune": {"kind": "classification", "from": "r", "data": "d.csv", "n_classes": 2, "train_last_blocks": 3}},
+     "finetune.train_last_blocks (line 40): 3 is more than the model's 2 blocks"),
     ({"finetune": {"kind": "instruction", "from": "r", "data": "d", "batching": "packed"}}, "finetune.batching"),
     ({"eval": {"hellaswag": {"data": "x", "limit": 0}}}, "eval.hellaswag.limit"),
     ({"eval": {"mmlu": {}}}, "eval.mmlu"),

@@ -9,7 +9,7 @@ import yaml
 from safetensors.torch import load_file
 
 from evalhelpers import lm_raw, make_run_dir, write_yaml
-from nanodecoder.run import main as run_main
+from nanodecoder.cli.run import main as run_main
 
 RECORDS = [{"instruction": "Say hi", "input": "", "output": "hi there"},
            {"instruction": "Add", "input": "2 3", "output": "5"},
@@ -37,16 +37,18 @@ def sft_blueprint(tmp_path, steps: int = 120, records=RECORDS, **changes) -> tup
 
 
 def test_a_short_sft_reproduces_the_trained_responses(tmp_path, capsys):
-    from nanodecoder.finetune.answer import answer, main as answer_main, run_template
-    from nanodecoder.sample import load_run_model
+    from nanodecoder.cli.answer import main as answer_main, run_template
+    from nanodecoder.cli.sample import load_run_model
+    from nanodecoder.finetune.template import answer
     _, bp = sft_blueprint(tmp_path)
     assert run_main([str(bp)]) == 0
     run = the_run(tmp_path, "sft")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["kind"] == "eval" and rows[-1]["val_loss"] < 0.05 and rows[-1]["val_bpb"] is None
     assert (run / "tokenizer" / "tokenizer.json").is_file() and (run / "ckpt" / "latest").is_file()
-    model, tok, _ = load_run_model(run)
-    template, tuned = run_template(yaml.safe_load((run / "blueprint.yaml").read_text()), tok)
+    model, tok, _, spec = load_run_model(run)
+    assert spec.finetune.kind == "instruction"
+    template, tuned = run_template(spec, tok)
     assert tuned
     for rec in RECORDS:
         assert answer(model, template, rec["instruction"], rec.get("input", "")) == rec["output"]
@@ -68,11 +70,13 @@ def test_sft_resumes_exactly(tmp_path):
 
 
 def test_the_weights_start_from_the_source_run(tmp_path):
-    from nanodecoder.config import load_blueprint
+    from nanodecoder.cli.blueprint import load_blueprint, run_spec
+    from nanodecoder.cli.run import read_source_blueprint
     from nanodecoder.finetune import prepare_finetune
     from nanodecoder.runtime import RuntimeSpec, setup_runtime
     src, bp_path = sft_blueprint(tmp_path)
-    task, spec = prepare_finetune(load_blueprint(bp_path), tmp_path)
+    bp = load_blueprint(bp_path)
+    task, spec = prepare_finetune(bp, run_spec(bp), tmp_path, read_source_blueprint)
     trainer = task.make_trainer(spec, setup_runtime(RuntimeSpec(profile="cpu")))
     saved = load_file(str(src / "ckpt/step_000001/model.safetensors"))
     assert all(torch.equal(trainer.raw_model.state_dict()[k], v) for k, v in saved.items())

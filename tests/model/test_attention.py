@@ -5,16 +5,15 @@ import pytest
 import torch
 
 from nanodecoder.components.attention import CausalSelfAttention
-from nanodecoder.components.base import ModelContext
+from nanodecoder.config.declare import build
 from nanodecoder.components.positional import RoPE
 
 D, T, B = 32, 7, 2
 
 
 def make(n_heads, n_kv_heads, qk_norm=False, bias=True):
-    ctx = ModelContext(d_model=D, n_layers=1, context_length=16, vocab_size=11)
-    spec = CausalSelfAttention.make_spec({"kind": "causal", "n_heads": n_heads, "n_kv_heads": n_kv_heads,
-                                          "qk_norm": qk_norm, "bias": bias}, ctx)
+    spec = build(CausalSelfAttention.Spec, {"n_heads": n_heads, "n_kv_heads": n_kv_heads, "qk_norm": qk_norm,
+                                            "bias": bias}, ctx={"d_model": D}, kind="causal", impl=CausalSelfAttention)
     torch.manual_seed(0)
     attn = CausalSelfAttention(spec).double()
     with torch.no_grad():
@@ -24,8 +23,7 @@ def make(n_heads, n_kv_heads, qk_norm=False, bias=True):
 
 
 def rope_for(head_dim, theta=10000.0):
-    ctx = ModelContext(d_model=D, n_layers=1, context_length=16, vocab_size=11, head_dim=head_dim)
-    return RoPE(RoPE.make_spec({"kind": "rope", "theta": theta}, ctx))
+    return RoPE(RoPE.Spec(kind="rope", impl=RoPE, theta=theta, head_dim=head_dim))
 
 
 def naive(attn, x, rope=None):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nanodecoder.model import build_model, build_model_spec, materialize
-from nanodecoder.params import count_blueprint, count_params
+from nanodecoder.model.params import count_blueprint, count_params
 
 
 def model_cfg(**over):
@@ -74,8 +74,8 @@ def test_per_layer_overrides_every_other_layer():
     spec = build_model_spec(cfg)
     kinds = [b.mlp.kind for b in spec.blocks]
     assert kinds == ["swiglu", "relu2", "swiglu", "relu2"]
-    assert spec.blocks[1].mlp.spec.hidden == 48
-    assert spec.blocks[0].attention.spec.n_heads == 2 and spec.blocks[2].attention.spec.n_heads == 4
+    assert spec.blocks[1].mlp.hidden == 48
+    assert spec.blocks[0].attention.n_heads == 2 and spec.blocks[2].attention.n_heads == 4
 
 
 def test_kv_cache_matches_full_forward():

@@ -3,7 +3,7 @@
     python -m torch.distributed.run --nproc_per_node=2 tests/runtime/dist_worker.py train BLUEPRINT OUT.json
     python -m torch.distributed.run --nproc_per_node=2 tests/runtime/dist_worker.py fail BLUEPRINT OUT.json
 
-``train``: builds the blueprint's Trainer the way ``nanodecoder.run`` does (profile
+``train``: builds the blueprint's Trainer the way ``nanodecoder.cli.run`` does (profile
 from the blueprint, ``Runtime.apply``), trains ``train.steps`` steps, then gathers
 every buffer and parameter from every rank and checks they are identical; rank 0
 writes ``{"losses": [...], "buffers_identical": ..., "params_identical": ...,
@@ -33,13 +33,14 @@ def gathered_equal(tensors: dict[str, torch.Tensor]) -> dict[str, bool]:
 
 
 def main(mode: str, blueprint: str, out: str) -> int:
-    from nanodecoder.run import load, prepare
+    from nanodecoder.cli.blueprint import run_spec
+    from nanodecoder.cli.run import load, prepare
     from nanodecoder.model import build_model
-    from nanodecoder.runtime import RuntimeSpec, setup_runtime
+    from nanodecoder.runtime import setup_runtime
     from nanodecoder.train.trainer import Trainer, seed_everything
     import argparse
     bp, _, base_dir = load(argparse.Namespace(blueprint=blueprint, overrides=[], resume=None))
-    runtime = setup_runtime(RuntimeSpec.from_dict(bp.raw.get("runtime")))
+    runtime = setup_runtime(run_spec(bp).runtime)
     if mode == "fail":
         if runtime.rank == 1:
             raise RuntimeError("injected failure on rank 1")

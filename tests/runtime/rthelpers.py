@@ -83,7 +83,7 @@ def assert_close(got: list[float], want: list[float], rel: float, what: str = "c
 
 
 def train_in_process(blueprint: Path, runs: Path, *extra: str) -> Path:
-    from nanodecoder.run import main
+    from nanodecoder.cli.run import main
     assert main([str(blueprint), "--set", f"logging.runs_dir={runs}", *extra]) == 0
     (run,) = run_dirs(runs)
     return run
@@ -106,6 +106,8 @@ def torchrun(tmp: Path, *args: str, nproc: int = 2, timeout: int = 240) -> subpr
 
 def trainer_for(tmp: Path, raw: dict, **runtime):
     """(Trainer, Runtime) of ``raw`` built the way ``nanodecoder.run`` builds them, with runtime overrides."""
+    from nanodecoder.cli.catalog import catalog
+    from nanodecoder.config.declare import build
     from nanodecoder.data import DataSpec, prepare_data
     from nanodecoder.model import build_model, build_model_spec
     from nanodecoder.runtime import RuntimeSpec, setup_runtime
@@ -114,9 +116,9 @@ def trainer_for(tmp: Path, raw: dict, **runtime):
     raw = copy.deepcopy(raw)
     if not (tmp / "corpus.txt").exists():
         make_corpus(tmp / "corpus.txt")
-    prep = prepare_data(DataSpec.from_dict(raw["data"]), base_dir=tmp, progress=False)
-    rt = setup_runtime(RuntimeSpec.from_dict({"profile": "cpu", **runtime}))
-    spec = TrainSpec.from_dict(raw["train"])
+    prep = prepare_data(build(DataSpec, raw["data"], catalog()), base_dir=tmp, progress=False)
+    rt = setup_runtime(build(RuntimeSpec, {"profile": "cpu", **runtime}))
+    spec = build(TrainSpec, raw["train"], catalog())
     seed_everything(spec.seed)
     mspec = build_model_spec(raw["model"], prep.tokenizer.vocab_size)
     model = rt.apply(build_model(mspec, seed=spec.seed))

@@ -49,14 +49,18 @@ def test_bf16_autocast_and_tf32_track_fp32(tmp_path, raw_fn):
 
 
 def test_grouped_mm_matches_the_expert_loop_and_a_float64_reference_on_cuda():
-    from nanodecoder.components.base import ModelContext
+    from nanodecoder.components import component_spec
     from nanodecoder.components.moe import MoE
-    ctx = ModelContext(d_model=32, n_layers=2, context_length=64, vocab_size=64)
     spec = {"kind": "moe", "n_experts": 8, "top_k": 2, "expert_hidden": 64}
+
+    def moe(dispatch: str) -> MoE:
+        layer = component_spec("mlp", {**spec, "dispatch": dispatch}, d_model=32).build()
+        assert isinstance(layer, MoE) and layer.spec.dispatch == dispatch
+        return layer
     torch.manual_seed(0)
-    layers = {d: MoE(MoE.make_spec({**spec, "dispatch": d}, ctx)).cuda() for d in ("grouped_mm", "loop")}
+    layers = {d: moe(d).cuda() for d in ("grouped_mm", "loop")}
     layers["loop"].load_state_dict(layers["grouped_mm"].state_dict())
-    ref = MoE(MoE.make_spec({**spec, "dispatch": "loop"}, ctx)).double()
+    ref = moe("loop").double()
     ref.load_state_dict(layers["grouped_mm"].state_dict())
     x = torch.randn(4, 64, 32)
     y_ref, _ = ref(x.double())
@@ -88,7 +92,7 @@ def test_compiled_bf16_training_matches_eager_on_cuda_without_recompiling(tmp_pa
 
 
 def test_a_checkpoint_written_on_the_gpu_resumes_on_the_cpu(tmp_path):
-    from nanodecoder.run import main
+    from nanodecoder.cli.run import main
     raw = dense_raw(tmp_path)
     blueprint = write(tmp_path, raw, "dense.yaml")
     run = train_in_process(blueprint, tmp_path / "runs", "--profile", "gpu_mixed")

@@ -66,7 +66,7 @@ def test_fsdp_moe_matches_one_process_and_its_checkpoint_resumes_in_one_process(
     ref = losses(reference["moe"])
     assert_same_losses(losses(run), [r for r in ref if r[0] <= 5], REL)
     # the sharded run's checkpoint holds full tensors: one process continues it exactly
-    from nanodecoder.run import main
+    from nanodecoder.cli.run import main
     assert main(["--resume", str(run), "--profile", "cpu", "--set", "train.steps=10"]) == 0
     assert_same_losses(losses(run), ref, REL)
     from safetensors.torch import load_file

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from nanodecoder.config import BlueprintError, load_blueprint
+from nanodecoder.cli.blueprint import load_blueprint
+from nanodecoder.config import BlueprintError
+from nanodecoder.config.declare import build
 from nanodecoder.resources import schemas_dir
 from nanodecoder.runtime import (Profile, RuntimeSetupError, RuntimeSpec, available_profiles, load_profile,
                                  resolve_profile)
@@ -15,7 +17,7 @@ from nanodecoder.runtime.profiles import SETTINGS
 from rthelpers import REPO, tiny_raw, write
 
 PROFILE_SCHEMA = json.loads((schemas_dir() / "profile.schema.json").read_text())
-RUNTIME = json.loads((schemas_dir() / "train.schema.json").read_text())["$defs"]["runtime"]
+RUNTIME = json.loads((schemas_dir() / "blueprint.schema.json").read_text())["$defs"]["runtime"]
 SHIPPED = ["cpu", "fsdp", "gpu", "gpu_mixed", "multi_gpu_compile"]
 
 
@@ -37,18 +39,33 @@ def test_the_issue_s_profiles_are_shipped_and_valid():
 
 def test_schema_dataclasses_and_the_blueprint_section_agree():
     props = PROFILE_SCHEMA["properties"]
-    assert set(props) == {"description", *SETTINGS} == set(PROFILE_SCHEMA["required"])
+    assert set(props) == {"description", *SETTINGS}
     assert {f.name for f in dataclasses.fields(Profile)} == {"name", "overridden", *props}
     for f in dataclasses.fields(Profile):
         if f.name in SETTINGS:
             assert props[f.name]["default"] == f.default, f.name
-    assert RUNTIME["properties"]["profile"]["enum"] == ["auto", "cpu", "gpu", "gpu_mixed", "multi_gpu_compile",
-                                                        "fsdp"]
-    assert set(RUNTIME["properties"]["profile"]["enum"]) == {"auto", *SHIPPED}
+    assert RUNTIME["properties"]["profile"]["enum"] == ["auto", *SHIPPED]       # kind enums are sorted
     assert set(RUNTIME["properties"]) == {"profile", *SETTINGS}
-    for key in SETTINGS:   # every override is exactly the profile field's schema; absent: the profile's
-        assert RUNTIME["properties"][key]["$ref"] == f"profile.schema.json#/properties/{key}"
+    for key in SETTINGS:   # every override is exactly the profile field's schema (or null); absent: the profile's
+        override = RUNTIME["properties"][key]
+        assert bare(override) == nullable(bare(props[key])), key
+        assert override["default"] is None and props[key]["description"] in override["description"], key
         assert getattr(RuntimeSpec(), key) is None
+
+
+def bare(schema: dict) -> dict:
+    return {k: v for k, v in schema.items() if k not in ("description", "default")}
+
+
+def nullable(schema: dict) -> dict:
+    """``schema`` that also accepts null (how an override of a profile field is written)."""
+    out = dict(schema)
+    if "enum" in out:
+        out["enum"] = [*out["enum"], None] if None not in out["enum"] else out["enum"]
+    else:
+        types = [out["type"]] if isinstance(out["type"], str) else list(out["type"])
+        out["type"] = types if "null" in types else [*types, "null"]
+    return out
 
 
 def test_overrides_apply_and_are_marked():
@@ -69,7 +86,7 @@ def test_overrides_apply_and_are_marked():
 def test_blueprint_runtime_section_and_set_overrides(tmp_path):
     raw = tiny_raw(tmp_path)
     bp = write(tmp_path, raw, "bp.yaml")
-    spec = RuntimeSpec.from_dict(load_blueprint(bp, ["runtime.compile=true", "runtime.profile=gpu"]).raw["runtime"])
+    spec = build(RuntimeSpec, load_blueprint(bp, ["runtime.compile=true", "runtime.profile=gpu"]).raw["runtime"])
     assert resolve_profile(spec).compile and resolve_profile(spec).name == "gpu"
     with pytest.raises(BlueprintError) as e:
         load_blueprint(bp, ["runtime.precision=bf17", "runtime.profil=cpu", "runtime.compile=maybe"])
@@ -77,7 +94,7 @@ def test_blueprint_runtime_section_and_set_overrides(tmp_path):
     assert text.startswith("invalid blueprint (3 problems):")
     assert "--set: runtime.precision: unknown value 'bf17'; did you mean 'bf16'?" in text
     assert "unknown key 'profil'; did you mean 'profile'?" in text
-    assert "--set: runtime.compile: expected true or false, got the string 'maybe'" in text
+    assert "--set: runtime.compile: expected true or false or null, got the string 'maybe'" in text   # null: the profile's
 
 
 def test_a_bad_profile_file_is_reported_like_a_bad_blueprint(tmp_path):
@@ -91,7 +108,7 @@ def test_a_bad_profile_file_is_reported_like_a_bad_blueprint(tmp_path):
         "invalid blueprint (4 problems):",
         f"  {bad}: device (line 2): 'gpu' does not match the pattern ^(auto|cpu|cuda(:[0-9]+)?|mps)$; expected "
         "torch device: 'cpu', 'cuda' (cuda:LOCAL_RANK under torchrun), 'cuda:N' (one process only), 'mps', or "
-        "'auto' (CUDA when available, else the CPU)",
+        "'auto' (CUDA when available, else the CPU) (default 'auto')",
         f"  {bad}: compile (line 5): expected true or false, got the string 'no'; remove the quotes and write "
         "true or false",
         f"  {bad}: timeout_s (line 10): 0 is out of range; expected a value >= 1",
@@ -102,8 +119,17 @@ def test_a_bad_profile_file_is_reported_like_a_bad_blueprint(tmp_path):
         load_profile("mine", path=bad)
 
 
-def test_missing_fields_are_named(tmp_path):
-    bad = tmp_path / "short.yaml"
-    bad.write_text("description: too short\ndevice: cpu\n")
-    with pytest.raises(BlueprintError, match="missing required key 'precision'"):
-        load_profile("short", path=bad)
+def test_a_profile_states_only_what_differs_from_the_declared_defaults(tmp_path):
+    """Only ``description`` is required; every setting left out takes the Profile class's declared default."""
+    assert PROFILE_SCHEMA["required"] == ["description"]
+    short = tmp_path / "short.yaml"
+    short.write_text("description: too short\ndevice: cpu\n")
+    profile = load_profile("short", path=short)
+    assert profile.device == "cpu"
+    for name in SETTINGS:
+        if name != "device":
+            assert getattr(profile, name) == PROFILE_SCHEMA["properties"][name].get("default"), name
+    bad = tmp_path / "nodoc.yaml"
+    bad.write_text("device: cpu\n")
+    with pytest.raises(BlueprintError, match="missing required key 'description'"):
+        load_profile("nodoc", path=bad)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanodecoder.run import main
+from nanodecoder.cli.run import main
 from nanodecoder.runtime import (Launch, Runtime, RuntimeSetupError, RuntimeSpec, calibrate_cpu, describe_plan,
                                  gpu_peak_flops, resolve_profile, setup_runtime)
 from nanodecoder.runtime.hardware import peak_flops, pick_device, pick_precision
@@ -171,7 +171,7 @@ def test_global_batch_must_split_over_the_processes():
 
 
 def test_metrics_report_model_flops_and_mfu(reference, workdir):
-    from nanodecoder.params import flops_per_token
+    from nanodecoder.model.params import flops_per_token
     trainer, rt = trainer_for(workdir, dense_raw(workdir))
     assert trainer.flops_per_token == flops_per_token(trainer.raw_model) > 0
     train = rows(reference["dense"], "train")

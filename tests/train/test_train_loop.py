@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from nanodecoder.data import load_tokenizer
-from nanodecoder.run import main
+from nanodecoder.cli.run import main
 from nanodecoder.train.checkpoint import CheckpointManager, verify_checkpoint
 from nanodecoder.train.metrics import read_rows
 from nanodecoder.train.trainer import Trainer

@@ -7,10 +7,25 @@ import pytest
 import torch
 from torch import nn
 
+from nanodecoder.cli.blueprint import load_blueprint
+from nanodecoder.cli.catalog import catalog
+from nanodecoder.config import BlueprintError
+from nanodecoder.config.declare import BuildError, build, build_choice
+from nanodecoder.config.registry import RegistryError
+from nanodecoder.train import build_optimizer, build_schedule
 from nanodecoder.train.optim import AdamW, param_groups
 from nanodecoder.train.schedule import WSD, Constant, Cosine
-from nanodecoder.train.spec import Choice
-from nanodecoder.train import build_optimizer, build_schedule
+from trainhelpers import write_blueprint
+
+
+def choice(category: str, raw: dict):
+    """The spec of a ``{kind: ..., params}`` block, as the blueprint builds it."""
+    return build_choice(catalog(), category, raw, None, {})
+
+
+def schedule(cls, kind: str, params: dict, total_steps: int, base_lr: float):
+    """A schedule built as the registry builds it: ``cls(spec, total_steps, base_lr)``."""
+    return cls(build(cls.Spec, params, kind=kind, impl=cls), total_steps=total_steps, base_lr=base_lr)
 
 
 class Toy(nn.Module):
@@ -52,8 +67,8 @@ def test_decay_embeddings_false_excludes_embeddings_and_the_tied_head():
 
 def test_adamw_from_registry_uses_the_fused_kernel_on_cpu_and_blueprint_params():
     m = Toy()
-    opt = build_optimizer(Choice("adamw", {"betas": [0.9, 0.99], "eps": 1e-6, "weight_decay": 0.2}),
-                          m, 3e-4, torch.device("cpu"))
+    opt = build_optimizer(choice("optimizer", {"kind": "adamw", "betas": [0.9, 0.99], "eps": 1e-6,
+                                               "weight_decay": 0.2}), m, 3e-4, torch.device("cpu"))
     assert isinstance(opt, torch.optim.AdamW)
     g = opt.param_groups[0]
     assert g["fused"] is True and not g["foreach"]
@@ -67,7 +82,8 @@ def test_fused_and_foreach_adamw_take_the_same_steps():
     torch.manual_seed(0)
     a, b = Toy(), Toy()
     b.load_state_dict(a.state_dict())
-    opts = [build_optimizer(Choice("adamw", {"implementation": impl}), m, 1e-2, torch.device("cpu"))
+    opts = [build_optimizer(choice("optimizer", {"kind": "adamw", "implementation": impl}), m, 1e-2,
+                            torch.device("cpu"))
             for impl, m in (("fused", a), ("foreach", b))]
     for p in a.parameters():
         torch.nn.init.normal_(p)
@@ -83,38 +99,45 @@ def test_fused_and_foreach_adamw_take_the_same_steps():
 
 
 def test_cosine_warmup_decay_and_floor():
-    s = Cosine({"warmup_steps": 10, "min_lr_ratio": 0.1}, total_steps=110, base_lr=1.0)
+    s = schedule(Cosine, "cosine", {"warmup_steps": 10, "min_lr_ratio": 0.1}, total_steps=110, base_lr=1.0)
     assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0)
     assert s(10) == pytest.approx(1.0)
     assert s(60) == pytest.approx(0.1 + 0.9 * 0.5)           # half way through the decay
     assert s(110) == pytest.approx(0.1) and s(500) == pytest.approx(0.1)
     lrs = [s(i) for i in range(10, 111)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))        # monotone decay
-    absolute = Cosine({"warmup_steps": 0, "min_lr": 1e-4, "decay_steps": 50}, total_steps=100, base_lr=1e-3)
+    absolute = schedule(Cosine, "cosine", {"warmup_steps": 0, "min_lr": 1e-4, "decay_steps": 50},
+                        total_steps=100, base_lr=1e-3)
     assert absolute(0) == pytest.approx(1e-3) and absolute(50) == pytest.approx(1e-4)
     assert absolute(75) == pytest.approx(1e-4)
 
 
 def test_wsd_phases_and_shapes():
-    s = WSD({"warmup_steps": 5, "decay_fraction": 0.2}, total_steps=100, base_lr=2.0)
+    s = schedule(WSD, "wsd", {"warmup_steps": 5, "decay_fraction": 0.2}, total_steps=100, base_lr=2.0)
     assert s(0) == pytest.approx(0.4) and s(4) == pytest.approx(2.0)
     assert s(50) == s(79) == pytest.approx(2.0)                 # stable
     assert s(80) == pytest.approx(2.0 * (1 - 1 / 20))           # decay starts
     assert s(99) == pytest.approx(0.0)                          # last step reaches the floor
     for shape in ("cosine", "sqrt"):
-        t = WSD({"warmup_steps": 0, "decay_fraction": 0.5, "decay_shape": shape, "min_lr_ratio": 0.1},
-                total_steps=10, base_lr=1.0)
+        t = schedule(WSD, "wsd", {"warmup_steps": 0, "decay_fraction": 0.5, "decay_shape": shape,
+                                  "min_lr_ratio": 0.1}, total_steps=10, base_lr=1.0)
         vals = [t(i) for i in range(10)]
         assert vals[:5] == [1.0] * 5 and vals[-1] == pytest.approx(0.1)
         assert all(a >= b for a, b in zip(vals, vals[1:]))
-    mid = WSD({"warmup_steps": 0, "decay_fraction": 0.5, "decay_shape": "sqrt"}, total_steps=8, base_lr=1.0)
+    mid = schedule(WSD, "wsd", {"warmup_steps": 0, "decay_fraction": 0.5, "decay_shape": "sqrt"},
+                   total_steps=8, base_lr=1.0)
     assert mid(4) == pytest.approx(1 - math.sqrt(0.25))
 
 
-def test_constant_and_registry_lookup():
-    c = build_schedule(Choice("constant", {"warmup_steps": 4}), total_steps=10, base_lr=0.5)
+def test_constant_and_registry_lookup(tmp_path):
+    c = build_schedule(choice("schedule", {"kind": "constant", "warmup_steps": 4}), total_steps=10, base_lr=0.5)
     assert isinstance(c, Constant)
     assert [c(i) for i in range(6)] == pytest.approx([0.125, 0.25, 0.375, 0.5, 0.5, 0.5])
-    from nanodecoder.registry import RegistryError
     with pytest.raises(RegistryError, match="did you mean 'cosine'"):
-        build_schedule(Choice("cosin"), total_steps=10, base_lr=1.0)
+        catalog()["schedule"].get("cosin")
+    with pytest.raises(BuildError, match="unknown schedule kind 'cosin'.*cosine"):
+        choice("schedule", {"kind": "cosin"})
+    bp = write_blueprint(tmp_path, train={"schedule": {"kind": "cosin"}})     # what a blueprint user sees
+    with pytest.raises(BlueprintError, match=r"train.schedule.kind \(line \d+\): unknown schedule kind "
+                                             r"'cosin'; did you mean 'cosine'"):
+        load_blueprint(bp)

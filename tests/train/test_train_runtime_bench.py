@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from nanodecoder.config.declare import build
 from nanodecoder.runtime import Runtime, RuntimeSetupError, RuntimeSpec, setup_runtime
 from trainhelpers import REPO, write_blueprint
 
@@ -32,7 +33,7 @@ def test_cpu_runtime_describes_itself_and_is_a_no_op_wrapper():
     outer.module = nn.Module()
     outer.module._orig_mod = inner
     assert rt.unwrap(outer) is inner and rt.unwrap(inner) is inner
-    assert setup_runtime(RuntimeSpec.from_dict({"device": "cpu"})).device.type == "cpu"
+    assert setup_runtime(build(RuntimeSpec, {"device": "cpu"})).device.type == "cpu"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

@@ -1,4 +1,5 @@
-"""schemas/train.schema.json: conventions, defaults agreeing with the specs, validation, registry agreement."""
+"""The train, logging, sample and runtime sections of the generated schema (schemas/blueprint.schema.json):
+conventions, defaults agreeing with the declarations, validation, registry agreement."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,16 +7,23 @@ import json
 
 import pytest
 
-from nanodecoder.config.schema import compile_files, schema_files, schema_kinds
+from nanodecoder.cli.blueprint import RunSpec
+from nanodecoder.cli.catalog import builtin_catalog, catalog
+from nanodecoder.config.declare import BuildError, build, params, to_yaml, yaml_key
+from nanodecoder.config.schema import compile_schema
+from nanodecoder.config.validate import schema_of
 from nanodecoder.resources import schemas_dir
 from nanodecoder.runtime import RuntimeSpec
-from nanodecoder.train.optim import AdamWConfig
+from nanodecoder.train.optim import AdamW
 from nanodecoder.train.schedule import WSD, Constant, Cosine
 from nanodecoder.train.spec import LoggingSpec, SampleSpec, TrainSpec, WandbSpec
 
-SCHEMA = json.loads((schemas_dir() / "train.schema.json").read_text())
+SCHEMA = json.loads((schemas_dir() / "blueprint.schema.json").read_text())
+GENERATED = schema_of(RunSpec, builtin_catalog())
 DEFS = SCHEMA["$defs"]
 KIND_BLOCKS = ("optimizer", "schedule")
+SECTIONS = ("train", "logging", "wandb", "sample", "runtime", "optimizer", "optimizer.adamw",
+            "schedule", "schedule.cosine", "schedule.wsd", "schedule.constant")
 
 
 def objects(node, path="#"):
@@ -32,13 +40,17 @@ def objects(node, path="#"):
 def test_top_level_conventions():
     assert SCHEMA["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert "$id" not in SCHEMA
-    for name in ("train", "logging", "sample", "runtime", "optimizer", "optimizer.adamw",
-                 "schedule", "schedule.cosine", "schedule.wsd", "schedule.constant"):
+    for name in SECTIONS:
         assert name in DEFS
 
 
+def test_committed_sections_are_the_generated_ones():
+    for name in SECTIONS:
+        assert DEFS[name] == GENERATED["$defs"][name], f"schemas/blueprint.schema.json $defs/{name} is out of date"
+
+
 def test_every_object_closed_and_every_property_described():
-    for path, obj in objects(SCHEMA):
+    for path, obj in (item for name in SECTIONS for item in objects(DEFS[name], f"#/$defs/{name}")):
         if path.split("/")[-1] in KIND_BLOCKS or path.endswith("/if"):
             continue  # kind blocks are closed by their if/then branches; `if` only tests `kind`
         assert obj.get("additionalProperties") is False, path
@@ -46,26 +58,33 @@ def test_every_object_closed_and_every_property_described():
             assert prop.get("description"), f"{path}/properties/{key} has no description"
 
 
+KINDS = {AdamW.Spec: ("adamw", AdamW), Cosine.Spec: ("cosine", Cosine), WSD.Spec: ("wsd", WSD),
+         Constant.Spec: ("constant", Constant)}
+
+
 @pytest.mark.parametrize("defn, cls", [
     ("train", TrainSpec), ("logging", LoggingSpec), ("wandb", WandbSpec), ("sample", SampleSpec),
-    ("runtime", RuntimeSpec), ("optimizer.adamw", AdamWConfig), ("schedule.cosine", Cosine.Params),
-    ("schedule.wsd", WSD.Params), ("schedule.constant", Constant.Params)])
+    ("runtime", RuntimeSpec), ("optimizer.adamw", AdamW.Spec), ("schedule.cosine", Cosine.Spec),
+    ("schedule.wsd", WSD.Spec), ("schedule.constant", Constant.Spec)])
 def test_schema_defaults_match_the_specs(defn, cls):
-    instance = cls()
-    for f in dataclasses.fields(cls):
-        prop = DEFS[defn]["properties"][f.name]
-        if "default" not in prop:
-            assert f.name in ("optimizer", "schedule", "wandb"), f"{defn}.{f.name} documents no default"
-            continue
+    kind, impl = KINDS.get(cls, (None, None))
+    instance = build(cls, {}, catalog(), **({"kind": kind, "impl": impl} if kind else {}))
+    for f, _ in params(cls):
+        prop = DEFS[defn]["properties"][yaml_key(f)]
         value = getattr(instance, f.name)
+        if "default" not in prop:
+            assert f.name == "wandb" and value == WandbSpec(), f"{defn}.{f.name} documents no default"
+            continue
+        if f.name in KIND_BLOCKS:         # a kind block's default is the kind taken when it is absent
+            assert prop["default"] == {"kind": value.kind}, f"{defn}.{f.name}"
+            continue
         assert (list(value) if isinstance(value, tuple) else value) == prop["default"], f"{defn}.{f.name}"
-    assert set(DEFS[defn]["properties"]) - {"kind"} == {f.name for f in dataclasses.fields(cls)}
+    assert set(DEFS[defn]["properties"]) - {"kind"} == {yaml_key(f) for f, _ in params(cls)}
 
 
 def section_validator(section: str):
-    files = schema_files()
-    files["section.json"] = {"$ref": f"train.schema.json#/$defs/{section}"}
-    return compile_files(files, "section.json")
+    validator, _ = compile_schema({"$ref": f"#/$defs/{section}", "$defs": GENERATED["$defs"]}, "section.json")
+    return validator
 
 
 def errors(section: str, value) -> list[str]:
@@ -102,22 +121,29 @@ def test_invalid_values_are_rejected(section, value, expect):
 
 
 def test_registry_agrees_with_schema_kinds():
-    from nanodecoder.registry import registries
-    files = schema_files()
-    for category in ("optimizer", "schedule"):
-        assert schema_kinds(files, category) == registries()[category].names()
+    for category in KIND_BLOCKS:
+        names = catalog()[category].names()
+        assert DEFS[category]["properties"]["kind"]["enum"] == names
+        assert [b["if"]["properties"]["kind"]["const"] for b in DEFS[category]["allOf"]] == names
+        assert [b["then"]["$ref"] for b in DEFS[category]["allOf"]] == [f"#/$defs/{category}.{n}" for n in names]
 
 
-def test_spec_from_dict_applies_defaults_and_nesting():
-    t = TrainSpec.from_dict({"steps": 5, "optimizer": {"kind": "adamw", "eps": 1e-6},
-                             "schedule": {"kind": "wsd"}})
+def test_build_applies_defaults_and_nesting():
+    t = build(TrainSpec, {"steps": 5, "optimizer": {"kind": "adamw", "eps": 1e-6},
+                          "schedule": {"kind": "wsd"}}, catalog())
     assert t.steps == 5 and t.batch_size == TrainSpec.batch_size
-    assert t.optimizer.kind == "adamw" and dict(t.optimizer.params) == {"eps": 1e-6}
-    assert t.schedule.to_dict() == {"kind": "wsd"}
-    assert dataclasses.asdict(t)["optimizer"] == {"kind": "adamw", "params": {"eps": 1e-6}}
-    assert TrainSpec.from_dict(None).optimizer.kind == "adamw"
-    assert TrainSpec.from_dict({"grad_clip": 0}).clip is None
-    lg = LoggingSpec.from_dict({"wandb": {"mode": "offline", "tags": ["x"]}})
+    assert t.optimizer.kind == "adamw" and t.optimizer.impl is AdamW and t.optimizer.eps == 1e-6
+    assert t.optimizer == build(AdamW.Spec, {"eps": 1e-6}, kind="adamw", impl=AdamW)   # the other params default
+    assert t.schedule.impl is WSD and to_yaml(t.schedule) == {
+        "kind": "wsd", "warmup_steps": 100, "decay_fraction": 0.2, "decay_shape": "linear", "min_lr_ratio": 0.0}
+    assert to_yaml(t)["optimizer"] == {"kind": "adamw", "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1,
+                                       "decay_embeddings": True, "implementation": "auto"}
+    assert dataclasses.is_dataclass(t.optimizer) and t.optimizer.betas == (0.9, 0.95)
+    default = build(TrainSpec, None, catalog())
+    assert default.optimizer.kind == "adamw" and default.schedule.kind == "cosine"
+    assert build(TrainSpec, {"grad_clip": 0}, catalog()).clip is None
+    lg = build(LoggingSpec, {"wandb": {"mode": "offline", "tags": ["x"]}}, catalog())
     assert lg.wandb.tags == ("x",) and lg.runs_dir == "runs"
-    with pytest.raises(ValueError, match="unknown keys"):
-        SampleSpec.from_dict({"temp": 1})
+    with pytest.raises(BuildError, match="unknown keys"):
+        build(SampleSpec, {"temp": 1}, catalog())
+    assert isinstance(BuildError("x"), ValueError)

@@ -73,7 +73,7 @@ def private_env(tmp_root: Path) -> dict[str, str]:
 
 def train_tiny(tmp: Path, argv_extra: list[str] | None = None, raw: dict | None = None) -> Path:
     """Train the tiny blueprint in-process; return its run directory."""
-    from nanodecoder.run import main
+    from nanodecoder.cli.run import main
     bp = write_blueprint(tmp, raw)
     assert main([str(bp), *(argv_extra or [])]) == 0
     (run,) = run_dirs(tmp / "runs")
@@ -82,6 +82,8 @@ def train_tiny(tmp: Path, argv_extra: list[str] | None = None, raw: dict | None 
 
 def make_trainer(tmp: Path, moe: bool = False, model_seed: int = 0, dropout: float = 0.1, **train):
     """A Trainer for the tiny model on the tiny corpus, built without the blueprint loader."""
+    from nanodecoder.cli.catalog import catalog
+    from nanodecoder.config.declare import build
     from nanodecoder.data import DataSpec, prepare_data
     from nanodecoder.model import build_model, build_model_spec
     from nanodecoder.runtime import RuntimeSpec, setup_runtime
@@ -90,11 +92,11 @@ def make_trainer(tmp: Path, moe: bool = False, model_seed: int = 0, dropout: flo
     raw = tiny_raw(tmp, moe=moe)
     if not (tmp / "corpus.txt").exists():
         make_corpus(tmp / "corpus.txt")
-    prep = prepare_data(DataSpec.from_dict(raw["data"]), base_dir=tmp, progress=False)
+    prep = prepare_data(build(DataSpec, raw["data"], catalog()), base_dir=tmp, progress=False)
     raw["model"]["dropout"] = dropout
     mspec = build_model_spec(raw["model"], prep.tokenizer.vocab_size)
     runtime = setup_runtime(RuntimeSpec(profile="cpu"))
-    spec = TrainSpec.from_dict({**raw["train"], **train})
+    spec = build(TrainSpec, {**raw["train"], **train}, catalog())
     seed_everything(spec.seed)
     model = build_model(mspec, seed=model_seed)
     return Trainer(model, spec, runtime, prep, context_length=mspec.context_length)

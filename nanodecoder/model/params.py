@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .builder import build_model
+
 
 @dataclass
 class Row:
@@ -94,7 +96,7 @@ def count_params(model: nn.Module) -> ParamReport:
         add(f"norm ({bspec.norm.kind})", block.norm2)
         add(f"attention ({bspec.attention.kind})", block.attn)
         add(f"mlp ({bspec.mlp.kind})", block.mlp)
-    add(f"final norm ({model.spec.final_norm.kind})", model.norm)
+    add(f"final norm ({model.spec.final.kind})", model.norm)
     add("output head (untied)" if not model.spec.tie_embeddings else "output head (tied)", model.head)
     rows = [Row(name, int(c), a) for name, (c, a) in groups.items() if c or name.startswith("output head")]
     total = sum(r.count for r in rows)
@@ -107,7 +109,6 @@ def flops_per_token(spec_or_model, context_length: int | None = None) -> float:
     if isinstance(spec_or_model, nn.Module):
         model = spec_or_model
     else:
-        from .model import build_model
         model = build_model(spec_or_model, device="meta")
     model = getattr(getattr(model, "_orig_mod", model), "module", getattr(model, "_orig_mod", model))
     s = model.spec
@@ -119,6 +120,5 @@ def flops_per_token(spec_or_model, context_length: int | None = None) -> float:
 
 def count_blueprint(model_spec) -> ParamReport:
     """Count a model spec by building it on the meta device (no memory used)."""
-    from .model import build_model
     with torch.device("meta"):
         return count_params(build_model(model_spec, device="meta"))

@@ -1,0 +1,91 @@
+"""Blueprint files -> the RunSpec, in one place: the declared top level, loading, and each part's spec.
+
+    bp = load_blueprint("blueprints/moe_gpt.yaml", ["train.steps=100"])   # validated, all problems at once
+    spec = run_spec(bp, vocab_size=prep.tokenizer.vocab_size)          # every section, typed and frozen
+
+Downstream code receives only the part it needs (the model builder the
+ModelSpec, the trainer the TrainSpec, ...) and never reads the YAML or the raw
+mapping again.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ..config import Blueprint, BlueprintError, build
+from ..config import load_blueprint as _load
+from ..config.declare import Kind, choice, declared, param
+from ..data import DataSpec, prepare_data, tokenizer_vocab_size
+from ..eval.spec import EvalSpec
+from ..model.spec import ModelSpec
+from ..runtime import RuntimeSpec
+from ..train.spec import LoggingSpec, SampleSpec, TrainSpec
+from .catalog import catalog
+
+
+@declared
+class RunSpec:
+    """A YAML blueprint: the model, its data and its training run."""
+
+    SCHEMA_TITLE = "Nanodecoder blueprint"
+
+    extends: str = param("", doc="Another blueprint file (relative to this one) whose settings this one starts "
+                                 "from; mappings are merged, other values replaced.")
+    name: str = param("", doc="Run name (default: the file name without .yaml); runs go to runs/<name>/.",
+                      pattern="^[A-Za-z0-9_.-]+$")
+    description: str = param("", doc="Free text describing the blueprint.")
+    model: ModelSpec = param(doc="The model architecture.")
+    data: DataSpec | None = param(None, doc="Training data: source, tokenizer, sampling.")
+    train: TrainSpec = param(factory=TrainSpec, doc="Optimisation and the training loop.")
+    logging: LoggingSpec = param(factory=LoggingSpec, doc="Progress, run directory and Weights & Biases.")
+    sample: SampleSpec = param(factory=SampleSpec, doc="Text sampled at the end of training.")
+    runtime: RuntimeSpec = param(factory=RuntimeSpec, doc="Device, precision, compile and distributed profile.")
+    finetune: Kind | None = choice("finetune", default=None,
+                                   doc="Fine-tune a trained run (instruction tuning or a classification head) "
+                                       "instead of pre-training on data.")
+    eval: EvalSpec | None = param(None, doc="Benchmark evaluations during training (HellaSwag, bits per byte on a "
+                                            "text file).")
+
+
+def load_blueprint(path: str | Path, overrides: list[str] | None = None, *, validate: bool = True) -> Blueprint:
+    """Load and validate a blueprint file (or a shipped blueprint's name) with every registered kind."""
+    return _load(path, overrides, root=RunSpec, catalog=catalog(), validate=validate)
+
+
+def run_spec(bp: Blueprint | dict, vocab_size: int | None = None) -> RunSpec:
+    """Every section of a validated blueprint as its typed spec.
+
+    ``vocab_size``: the prepared tokenizer's, used where ``model.vocab_size`` is ``auto``.
+    """
+    raw = bp.raw if isinstance(bp, Blueprint) else bp
+    spec = build(RunSpec, raw, catalog())
+    return dataclasses.replace(spec, model=spec.model.with_vocab(vocab_size))
+
+
+def blueprint_vocab(bp: Blueprint, spec: RunSpec | None = None, prepare: bool = True) -> int | None:
+    """The vocabulary size of the blueprint's tokenizer (None without a data section).
+
+    Known without the corpus for byte, bpe and tiktoken; a char vocabulary
+    needs the corpus, which is prepared (and cached) when ``prepare`` is true.
+    """
+    spec = spec or build(RunSpec, bp.raw, catalog())
+    if spec.data is None:
+        return None
+    vocab = tokenizer_vocab_size(spec.data)
+    if vocab is None and prepare:
+        vocab = prepare_data(spec.data, base_dir=bp.path.parent).tokenizer.vocab_size
+    return vocab
+
+
+def blueprint_model_spec(path: str | Path, overrides: list[str] | None = None,
+                         vocab_size: int | None = None) -> tuple[Blueprint, ModelSpec]:
+    """Load a blueprint and build its ModelSpec (the vocabulary from the tokenizer where it is 'auto')."""
+    bp = load_blueprint(path, overrides)
+    spec = build(RunSpec, bp.raw, catalog())
+    if vocab_size is None and spec.model.vocab_size == "auto":
+        vocab_size = blueprint_vocab(bp, spec)
+        if vocab_size is None:
+            raise BlueprintError([bp.problem(("model", "vocab_size"), "vocab_size is 'auto' but the blueprint has "
+                                             "no data section to take the tokenizer from; set model.vocab_size or "
+                                             "add a data section")])
+    return bp, spec.model.with_vocab(vocab_size)

@@ -1,0 +1,77 @@
+"""Text generation from a trained run, with the model's KV cache.
+
+    python -m nanodecoder.sample RUN_DIR --prompt "ROMEO:" --max-new-tokens 200 \\
+        --temperature 0.8 --top-k 200 --top-p 0.95 --seed 1 [--checkpoint best|latest|step_000500]
+
+Loads the run's resolved ``blueprint.yaml``, its tokenizer and the chosen
+checkpoint's safetensors weights; the defaults are the blueprint's ``sample:``
+defaults (``train/spec.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..data import load_tokenizer
+from ..finetune.spec import ClassificationSpec
+from ..model import build_model
+from ..model.generate import sample_text
+from ..train.checkpoint import load_model_weights
+from ..train.rundir import RunDir
+from ..train.spec import SampleSpec
+from .blueprint import load_blueprint, run_spec
+from .common import fail, user_errors
+
+
+def load_run_model(run_dir: Path, which: str = "best", device: str = "cpu", *, lm_only: bool = False,
+                   task: str = "sample from"):
+    """(model, tokenizer, checkpoint path, run spec) of a run directory.
+
+    ``lm_only``: refuse a classification run, which has no language-model head to ``task``."""
+    run = RunDir.open(run_dir)
+    bp = load_blueprint(run / RunDir.BLUEPRINT)
+    tokenizer = load_tokenizer(run / RunDir.TOKENIZER)
+    spec = run_spec(bp, tokenizer.vocab_size)
+    if lm_only and isinstance(spec.finetune, ClassificationSpec):
+        raise ValueError(f"{run_dir} is a classification fine-tuning run: a classification run has no "
+                         f"language-model head to {task}; use its source run or an instruction-tuned run instead")
+    if which == "best" and run.checkpoints.best() is None:
+        which = "latest"  # no evaluation improved (or keep_best off): the newest weights
+    path = run.checkpoints.resolve(which)
+    model = build_model(spec.model, device=device)  # real init: non-persistent buffers (RoPE tables) get filled
+    load_model_weights(model, path)
+    model.eval()
+    return model, tokenizer, path, spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = SampleSpec()
+    p = argparse.ArgumentParser(prog="python -m nanodecoder.sample", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", type=Path, help="a run directory (<runs_dir>/<name>/<timestamp>)")
+    p.add_argument("--prompt", default=d.prompt, help="text to continue (default: a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--num-samples", type=int, default=d.num_samples)
+    p.add_argument("--checkpoint", default="best", help="best, latest, or a folder name like step_000500")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1) \
+            or (args.top_p is not None and not 0 < args.top_p <= 1):
+        return fail(ValueError("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 1, 0 < --top-p <= 1"))
+    try:
+        model, tok, path, _ = load_run_model(args.run_dir, args.checkpoint, args.device)
+        print(f"# {path}", file=sys.stderr, flush=True)
+        texts = sample_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                            num_samples=args.num_samples, device=args.device)
+    except (*user_errors(), ValueError) as e:
+        return fail(e)
+    for i, text in enumerate(texts):
+        if i:
+            print("\n" + "-" * 40)
+        print(text)
+    return 0
