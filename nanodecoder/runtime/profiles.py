@@ -163,8 +163,8 @@ def resolve_profile(spec: RuntimeSpec | None = None) -> Profile:
     name = auto_profile_name(spec.device) if spec.profile == AUTO else spec.profile
     base = load_profile(name)
     overrides = spec.overrides()
-    if base.device == "cpu" and overrides.get("device", "cpu") != "cpu":
-        raise RuntimeSetupError(f"runtime.profile '{spec.profile}' cannot run on device '{overrides['device']}' "
+    if base.device == "cpu" and spec.device not in (None, "cpu"):
+        raise RuntimeSetupError(f"runtime.profile '{spec.profile}' cannot run on device '{spec.device}' "
                                 "(the profile is CPU only); use --profile gpu (or gpu_mixed), or runtime.profile: auto")
     changed = tuple(k for k, v in overrides.items() if getattr(base, k) != v)
     profile = dataclasses.replace(base, **overrides, overridden=changed)
