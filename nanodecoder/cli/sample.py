@@ -39,7 +39,7 @@ def load_run_model(run_dir: Path, which: str = "best", device: str = "cpu", *, l
     if which == "best" and run.checkpoints.best() is None:
         which = "latest"  # no evaluation improved (or keep_best off): the newest weights
     path = run.checkpoints.resolve(which)
-    model = build_model(spec.model, device=device)  # real init: non-persistent buffers (RoPE tables) get filled
+    model = build_model(spec.model, device=device)  # real init: non-persistent buffers (RoPE's inverse frequencies) get filled
     load_model_weights(model, path)
     model.eval()
     return model, tokenizer, path, spec

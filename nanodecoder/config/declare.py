@@ -30,10 +30,11 @@ import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Literal, Mapping
+
+from .registry import RegistryError
 
 PARENT = ".."          # in a check's path: the enclosing mapping
-Problems = Iterator[tuple[tuple, str]]
 
 
 def declared(cls=None, /):
@@ -168,10 +169,10 @@ def _lookup(ctx: Mapping[str, Any], source: str) -> Any:
 
 def kind_class(catalog, category: str, kind: str):
     """The class registered as ``kind`` (a BuildError naming the choices when unknown)."""
-    reg = catalog[category]
-    if kind not in reg:
-        raise BuildError(f"unknown {category} kind '{kind}' (available: {', '.join(reg.names())})")
-    return reg.get(kind)
+    try:
+        return catalog[category].get(kind)
+    except RegistryError as e:
+        raise BuildError(str(e)) from None
 
 
 def build_choice(catalog, category: str, raw: Any, default_kind: Any, ctx: Mapping[str, Any]):

@@ -195,10 +195,6 @@ def explain(err, files: dict) -> Iterator[tuple[tuple, str]]:
         yield path, _pattern(err)
     elif kind == "multipleOf":
         yield path, f"{show(inst)} is not a multiple of {value}"
-    elif kind == "not" and isinstance(value, dict) and list(value) == ["required"]:
-        keys = [k for k in value["required"] if k in inst] if isinstance(inst, dict) else value["required"]
-        yield path + (keys[-1],), (f"give {' or '.join(repr(k) for k in keys)}, "
-                                   f"{'not both' if len(keys) == 2 else 'only one of them'}")
     elif kind in ("oneOf", "anyOf") and err.context:
         # the branch the value was meant for fails a deeper rule than "wrong type" or "not this constant"
         deeper = [e for e in err.context if e.validator not in ("type", "enum", "const")]

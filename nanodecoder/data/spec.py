@@ -5,9 +5,9 @@ The kinds come from the closed registries (categories ``data_source`` and
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from ..config.declare import Kind, choice, declared, param, to_yaml
+from ..config.declare import Kind, choice, declared, param
 
 
 @declared
@@ -21,6 +21,3 @@ class DataSpec:
     sampling: Literal["random", "sequential"] = param(
         "random", doc="How training windows are drawn: 'random' picks window starts uniformly (like nanoGPT); "
                       "'sequential' walks epochs over non-overlapping windows in a seeded shuffled order.")
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_yaml(self)

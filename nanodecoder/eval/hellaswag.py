@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import DataError
+from ..model import unwrap
 
 NORMALIZATION = "per_token_mean"
 SOURCE = "https://github.com/rowanz/hellaswag (data/hellaswag_val.jsonl)"
@@ -134,19 +135,10 @@ def encode_item(tokenizer, item: Item, context_length: int) -> list[tuple[list[i
     return rows
 
 
-def raw_model(model):
-    """The plain Decoder under compile/DDP wrappers (``hidden`` and ``head`` live there)."""
-    while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
-
-
 @torch.no_grad()
 def score_rows(model, rows: list[tuple[list[int], int]], device) -> tuple[list[float], list[int]]:
     """Summed log-likelihood of the last ``n`` tokens of each row (given the tokens before), batched."""
-    model = raw_model(model)
+    model = unwrap(model)
     width = max(len(seq) for seq, _ in rows) - 1
     x = torch.zeros((len(rows), width), dtype=torch.long)
     y = torch.full((len(rows), width), -1, dtype=torch.long)
@@ -169,7 +161,7 @@ def score_rows(model, rows: list[tuple[list[int], int]], device) -> tuple[list[f
 def score_items(model, tokenizer, items: Iterable[Item], *, batch_size: int = 8,
                 device: torch.device | str = "cpu") -> tuple[list[Scored], int]:
     """(scored items, number skipped because the tokenizer cannot encode them)."""
-    ctx_len = raw_model(model).spec.context_length
+    ctx_len = unwrap(model).spec.context_length
     was_training = model.training
     model.eval()
     scored: list[Scored] = []

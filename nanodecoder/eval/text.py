@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import DataError
-from .hellaswag import raw_model
+from ..model import unwrap
 
 
 def read_text(path: str | Path) -> str:
@@ -56,7 +56,7 @@ def windows(n_tokens: int, context_length: int, stride: int) -> list[tuple[int, 
 def evaluate_text(model, tokenizer, text: str, *, stride: int | None = None, batch_size: int = 8,
                   device: torch.device | str = "cpu", name: str = "text") -> dict:
     """``{task, tokens, bytes, loss, bpb, perplexity, stride}`` of ``model`` on ``text``."""
-    decoder = raw_model(model)
+    decoder = unwrap(model)
     ctx = decoder.spec.context_length
     stride = stride or ctx
     try:

@@ -2,10 +2,20 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .decoder import Decoder
 from ..components.init import init_model
 from .spec import ModelSpec
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under torch.compile (``_orig_mod``) and DDP (``module``) wrappers (FSDP2's is its own)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def build_model(spec: ModelSpec, device: str | torch.device = "cpu", *, seed: int | None = None) -> Decoder:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .builder import build_model
+from .builder import build_model, unwrap
 
 
 @dataclass
@@ -77,8 +77,7 @@ def _inactive(module: nn.Module) -> float:
 
 def count_params(model: nn.Module) -> ParamReport:
     """Count a built model (any device, ``meta`` included) by component."""
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
+    model = unwrap(model)
     seen: set[int] = set()
     groups: "OrderedDict[str, list[float]]" = OrderedDict()
 
@@ -110,7 +109,7 @@ def flops_per_token(spec_or_model, context_length: int | None = None) -> float:
         model = spec_or_model
     else:
         model = build_model(spec_or_model, device="meta")
-    model = getattr(getattr(model, "_orig_mod", model), "module", getattr(model, "_orig_mod", model))
+    model = unwrap(model)
     s = model.spec
     report = count_params(model)
     head = s.d_model * s.vocab_size if s.tie_embeddings else 0   # untied head is already non-embedding

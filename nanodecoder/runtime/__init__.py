@@ -9,7 +9,7 @@
   precision -> compile -> data-parallel wrap, and what one training step needs;
 * ``distributed.py`` / ``compile.py``  the torch.distributed and torch.compile parts.
 
-The trainer calls :func:`setup_runtime` once and asks the returned
+The command-line layer calls :func:`setup_runtime` once per process; the trainer asks the returned
 :class:`Runtime` for everything device-related.
 """
 from __future__ import annotations

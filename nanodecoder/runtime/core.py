@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..model import unwrap
 from . import distributed as dist_
 from .compile import compile_errors, compile_model, eager, transformer_blocks
 from .profiles import Profile, RuntimeSetupError
@@ -124,11 +125,7 @@ class Runtime:
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The plain module under compile / DDP wrappers (an FSDP2 module is its own)."""
-        while True:
-            inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-            if not isinstance(inner, nn.Module):
-                return model
-            model = inner
+        return unwrap(model)
 
     def to_device(self, batch) -> tuple[torch.Tensor, ...]:
         tensors = tuple(torch.as_tensor(t) for t in batch)

@@ -35,7 +35,6 @@ from .state_io import flatten, unflatten
 
 FORMAT_VERSION = 1
 MODEL_FILE, STATE_FILE, STATE_JSON, MANIFEST = "model.safetensors", "state.safetensors", "state.json", "manifest.json"
-WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
 class CheckpointError(Exception):

@@ -9,6 +9,7 @@ import yaml
 
 from nanodecoder.cli.blueprint import load_blueprint
 from nanodecoder.config import BlueprintError, build
+from nanodecoder.config.declare import to_yaml
 from nanodecoder.data import DataSpec, tokenizer_vocab_size
 
 
@@ -26,7 +27,7 @@ def test_build_makes_frozen_typed_specs_with_defaults(regs):
     assert spec.sampling == "random"
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.sampling = "sequential"
-    assert build(DataSpec, spec.to_dict(), regs) == spec
+    assert build(DataSpec, to_yaml(spec), regs) == spec
 
 
 @pytest.mark.parametrize("raw, where, message", [
