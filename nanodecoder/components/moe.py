@@ -33,6 +33,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from einops import rearrange
 
 from ..config.declare import Kind, choice, context, declared, param, round_up
 from .base import Component
@@ -49,7 +50,7 @@ class MoE(Component):
     class Spec(Kind):
         n_experts: int = param(doc="Number of routed experts E.", minimum=1)
         top_k: int = param(doc="Experts per token k (at most n_experts; the router 'switch' needs 1).", minimum=1)
-        expert_kind: Literal["swiglu", "gelu", "relu2"] = param(
+        expert_kind: Literal[tuple(sorted(DENSE))] = param(
             "swiglu", doc="Activation of every expert (routed and shared), as the dense MLP kind of the same name.")
         expert_hidden: int | None = param(None, doc="Hidden size of each expert (excludes expert_hidden_mult).",
                                           minimum=1)
@@ -135,17 +136,16 @@ class MoE(Component):
         factor = s.capacity_factor if self.training else s.eval_factor
         return expert_capacity(factor, n_tokens, s.top_k, s.n_experts, s.min_capacity)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x_BTD: torch.Tensor):
         s = self.spec
-        b, t, d = x.shape
-        flat = x.reshape(b * t, d)
-        r = self.router(flat)
-        plan = plan_dispatch(r.indices, s.n_experts, self.capacity(b * t), s.drop_policy)
-        ys = self.experts.forward_sorted(gather_tokens(flat, plan, s.drop_policy), plan.counts)
-        y = combine(ys, r.weights, plan, s.drop_policy)
+        x_ND = rearrange(x_BTD, "b t d -> (b t) d")                          # N = B*T tokens
+        r = self.router(x_ND)
+        plan = plan_dispatch(r.indices, s.n_experts, self.capacity(x_ND.shape[0]), s.drop_policy)
+        ys_MD = self.experts.forward_sorted(gather_tokens(x_ND, plan, s.drop_policy), plan.counts)
+        y_ND = combine(ys_MD, r.weights, plan, s.drop_policy)
         if self.shared is not None:
-            y = y + self.shared.forward_all(flat)
-        return y.view(b, t, d), self._aux(r, plan, b)
+            y_ND = y_ND + self.shared.forward_all(x_ND)
+        return rearrange(y_ND, "(b t) d -> b t d", b=x_BTD.shape[0]), self._aux(r, plan, x_BTD.shape[0])
 
     def _aux(self, r, plan, n_seqs: int) -> dict[str, torch.Tensor]:
         s = self.spec

@@ -37,6 +37,7 @@ import math
 from typing import Literal, NamedTuple, get_args
 
 import torch
+from einops import rearrange, reduce
 
 DropPolicy = Literal["priority", "position"]
 DROP_POLICIES = get_args(DropPolicy)
@@ -62,9 +63,9 @@ class Dispatch(NamedTuple):
 def priority_layout(t: torch.Tensor, policy: str) -> torch.Tensor:
     """Flatten an ``[N, k]`` tensor in the drop-priority order of ``policy``."""
     if policy == "priority":
-        return t.t().reshape(-1)       # rank-major: all first choices, then all second ...
+        return rearrange(t, "n k -> (k n)")       # rank-major: all first choices, then all second ...
     if policy == "position":
-        return t.reshape(-1)           # token-major
+        return rearrange(t, "n k -> (n k)")       # token-major
     raise ValueError(f"unknown drop_policy '{policy}' (available: {', '.join(DROP_POLICIES)})")
 
 
@@ -78,7 +79,7 @@ def sum_choices(slots: torch.Tensor, n: int, k: int, policy: str) -> torch.Tenso
         for r in range(2, k):
             out += slots[r * n:(r + 1) * n]
         return out
-    return slots.view(n, k, d).sum(1)
+    return reduce(slots, "(n k) d -> n d", "sum", k=k)
 
 
 def plan_dispatch(indices: torch.Tensor, n_experts: int, capacity: int | None,

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from .init import DEFAULT_INIT, init_tensor
@@ -140,18 +141,17 @@ class Experts(nn.Module):
         return y
 
     # ------------------------------------------------------------------ shared
-    def forward_all(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over all ``n`` experts applied to every row of ``x: [N, D]``."""
-        n, d, h = self.n, self.dim, self.hidden
-        up = self.up.permute(1, 0, 2).reshape(d, n * self.width * h)
-        z = (x @ up).view(-1, n, self.width * h)
+    def forward_all(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """Sum over all ``E`` experts applied to every row of ``x: [N, D]`` (one matmul each way)."""
+        up_DEW = rearrange(self.up, "e d w -> d (e w)")                     # W = width * H
+        z_NEW = rearrange(x_ND @ up_DEW, "n (e w) -> n e w", e=self.n)
         if self.up_bias is not None:
-            z = z + self.up_bias
-        a = self.act(z).reshape(-1, n * h)
-        y = a @ self.down.reshape(n * h, d)
+            z_NEW = z_NEW + self.up_bias
+        a_NEH = rearrange(self.act(z_NEW), "n e h -> n (e h)")
+        y_ND = a_NEH @ rearrange(self.down, "e h d -> (e h) d")
         if self.down_bias is not None:
-            y = y + self.down_bias.sum(dim=0)
-        return y
+            y_ND = y_ND + self.down_bias.sum(dim=0)
+        return y_ND
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
