@@ -11,7 +11,7 @@ from ..config.declare import Kind, build_choice
 from ..config.registry import Catalog, make_catalog
 from .attention import CausalSelfAttention
 from .init import GPT2Init, SwitchInit
-from .mlp import GeluMLP, ReLU2MLP, SwiGLUMLP
+from .mlp import GeGLUMLP, GeluMLP, ReLU2MLP, SwiGLUMLP
 from .moe import MoE
 from .norms import LayerNorm, RMSNorm
 from .positional import LearnedPositional, RoPE
@@ -27,6 +27,7 @@ def register(catalog: Catalog) -> None:
     catalog["attention"].add("causal", CausalSelfAttention)
     catalog["mlp"].add("gelu", GeluMLP)
     catalog["mlp"].add("swiglu", SwiGLUMLP)
+    catalog["mlp"].add("geglu", GeGLUMLP)
     catalog["mlp"].add("relu2", ReLU2MLP)
     catalog["mlp"].add("moe", MoE)
     catalog["router"].add("topk", TopKRouter)

@@ -1,4 +1,4 @@
-"""Dense feed-forward blocks: ``gelu``, ``swiglu`` and ``relu2``.
+"""Dense feed-forward blocks: ``gelu``, ``swiglu``, ``geglu`` and ``relu2``.
 
 The activation functions are shared with the MoE experts (``ACTIVATIONS``),
 so a routed expert of kind ``swiglu`` computes exactly what the dense
@@ -32,8 +32,14 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def geglu(h: torch.Tensor) -> torch.Tensor:
+    """``h`` holds [gate | up]; the gate goes through GELU's tanh approximation (Gemma's ``gelu_pytorch_tanh``)."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 # name -> (function of the up-projected activations, up-projection width factor)
-ACTIVATIONS = {"gelu": (gelu, 1), "relu2": (relu2, 1), "swiglu": (swiglu, 2)}
+ACTIVATIONS = {"gelu": (gelu, 1), "relu2": (relu2, 1), "swiglu": (swiglu, 2), "geglu": (geglu, 2)}
 
 
 class _DenseMLP(Component):
@@ -94,10 +100,19 @@ class SwiGLUMLP(_DenseMLP):
         hidden_mult: float = param(8.0 / 3.0, doc=HIDDEN_MULT_DOC, exclusive_minimum=0)
 
 
+class GeGLUMLP(_DenseMLP):
+    """GELU-gated MLP (Shazeer 2020; Gemma): down(gelu_tanh(gate x) * up x); gate and up share one matmul."""
+    ACT = "geglu"
+
+    @declared
+    class Spec(_DenseMLP.Spec):
+        hidden_mult: float = param(8.0 / 3.0, doc=HIDDEN_MULT_DOC, exclusive_minimum=0)
+
+
 class ReLU2MLP(_DenseMLP):
     """Squared-ReLU MLP (Primer, modded-nanoGPT)."""
     ACT = "relu2"
 
 
 #: the dense MLP kinds an MoE expert can be (same activation, same default width)
-DENSE = {"gelu": GeluMLP, "swiglu": SwiGLUMLP, "relu2": ReLU2MLP}
+DENSE = {"gelu": GeluMLP, "swiglu": SwiGLUMLP, "geglu": GeGLUMLP, "relu2": ReLU2MLP}
