@@ -51,7 +51,7 @@ def build_trainer(blueprint: str, overrides: list[str], synthetic: bool = False,
     from nanodecoder.model import build_model
     from nanodecoder.runtime import setup_runtime
     from nanodecoder.train.trainer import Trainer, seed_everything
-    bp, _, base_dir = load(argparse.Namespace(blueprint=blueprint, overrides=overrides, resume=None))
+    bp, _, base_dir, _ = load(argparse.Namespace(blueprint=blueprint, overrides=overrides, resume=None))
     if synthetic:
         prep, spec = None, run_spec(bp, vocab_size=vocab)
         if spec.model.vocab_size == "auto":

@@ -17,8 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-import yaml
+from typing import NamedTuple
 
 from .. import __version__
 from ..config.declare import to_yaml
@@ -34,7 +33,7 @@ from ..train.loop import resume_trainer, run_training
 from ..train.rundir import RunDir
 from ..train.trainer import Trainer, seed_everything
 from ..train.wandb_log import preflight, start_wandb
-from ..config import BlueprintError
+from ..config import Blueprint, BlueprintError
 from .blueprint import load_blueprint, run_spec
 from .common import EXIT_USAGE, fail, user_errors
 
@@ -61,21 +60,29 @@ def _profiles() -> list[str]:
     return [AUTO, *available_profiles()]
 
 
-def load(args):
-    """(blueprint, run dir or None, base folder of relative data paths)."""
+class Loaded(NamedTuple):
+    bp: Blueprint                 # the blueprint to run
+    run: RunDir | None            # the run folder when resuming
+    base_dir: Path                # where relative data paths start
+    saved: dict | None            # resuming: the run's saved blueprint (to list what changed)
+
+
+def load(args) -> Loaded:
+    """The blueprint to run, read once (resuming: the run's saved one too, once)."""
     if args.resume is None:
         bp = load_blueprint(args.blueprint, args.overrides)
-        return bp, None, Path(bp.path).resolve().parent
+        return Loaded(bp, None, Path(bp.path).resolve().parent, None)
     run = RunDir.open(args.resume)
     meta = run.meta()
+    saved = load_blueprint(run / RunDir.BLUEPRINT)
     if args.blueprint is not None:
         bp = load_blueprint(args.blueprint, args.overrides)
         base_dir = Path(bp.path).resolve().parent
     else:
-        bp = load_blueprint(run / RunDir.BLUEPRINT, args.overrides)
+        bp = load_blueprint(run / RunDir.BLUEPRINT, args.overrides) if args.overrides else saved
         base_dir = Path(meta.get("base_dir", run.path))
     bp.name = meta.get("name", bp.name)
-    return bp, run, base_dir
+    return Loaded(bp, run, base_dir, saved.raw)
 
 
 def changed_keys(old, new, prefix: str = "") -> list[str]:
@@ -137,7 +144,7 @@ def dry_run(bp, prep, spec) -> int:
     return 0
 
 
-def train(bp, run, base_dir: Path) -> int:
+def train(bp, run, base_dir: Path, saved: dict | None = None) -> int:
     first = run_spec(bp)
     preflight(first.logging.wandb)
     runtime = setup_runtime(first.runtime)  # machine checks before any work
@@ -166,7 +173,6 @@ def train(bp, run, base_dir: Path) -> int:
     else:
         run = RunDir(run.path, keep_checkpoints=spec.train.keep_checkpoints)
         resumed_from = resume_trainer(trainer, run)
-        saved = yaml.safe_load((run / RunDir.BLUEPRINT).read_text())
         changed = changed_keys(saved, bp.raw)
         if changed and runtime.is_main:
             print(f"note: resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
@@ -195,13 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         args.overrides = [*args.overrides, f"runtime.profile={args.profile}"]
     try:
-        bp, run, base_dir = load(args)
+        bp, run, base_dir, saved = load(args)
         if args.print_config:
             print(bp.to_yaml(), end="")
             return 0
         if args.dry_run:
             return dry_run(bp, *prepare(bp, base_dir))
-        return train(bp, run, base_dir)
+        return train(bp, run, base_dir, saved)
     except user_errors() as e:
         return fail(e, EXIT_USAGE)
     except KeyboardInterrupt:  # a second Ctrl-C while training, or one during set-up

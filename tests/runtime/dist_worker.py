@@ -39,7 +39,7 @@ def main(mode: str, blueprint: str, out: str) -> int:
     from nanodecoder.runtime import setup_runtime
     from nanodecoder.train.trainer import Trainer, seed_everything
     import argparse
-    bp, _, base_dir = load(argparse.Namespace(blueprint=blueprint, overrides=[], resume=None))
+    bp, _, base_dir, _ = load(argparse.Namespace(blueprint=blueprint, overrides=[], resume=None))
     runtime = setup_runtime(run_spec(bp).runtime)
     if mode == "fail":
         if runtime.rank == 1:
