@@ -44,13 +44,18 @@ class TemplateSpec:
 
 
 @declared
-class InstructionSpec(Kind):
+class FromRun(Kind):
+    """What every fine-tuning kind names: the run it starts from, and a separate validation file if any."""
     source: str = param(doc=FROM_DOC, key="from", min_length=1)
     from_checkpoint: str = param("best", doc=FROM_CHECKPOINT_DOC, min_length=1)
+    val_data: str | None = param(None, doc=VAL_DATA_DOC)
+
+
+@declared
+class InstructionSpec(FromRun):
     data: str = param(doc="Alpaca-style records: a JSON list of objects (or a .jsonl file) with 'instruction', "
                           "'output' and optional 'input' (relative paths start at the blueprint's folder).",
                       min_length=1)
-    val_data: str | None = param(None, doc=VAL_DATA_DOC)
     val_fraction: float = param(0.05, doc=VAL_FRACTION_DOC, exclusive_minimum=0, maximum=0.5)
     template: TemplateSpec = param(factory=TemplateSpec, doc="The prompt template (Alpaca unless given).")
     batching: Literal["pad", "pack"] = param(
@@ -61,13 +66,10 @@ class InstructionSpec(Kind):
 
 
 @declared
-class ClassificationSpec(Kind):
-    source: str = param(doc=FROM_DOC, key="from", min_length=1)
-    from_checkpoint: str = param("best", doc=FROM_CHECKPOINT_DOC, min_length=1)
+class ClassificationSpec(FromRun):
     data: str = param(doc="Labelled texts: CSV with a header row, JSONL, or a JSON list of objects, each with a text "
                           "and an integer label in 0..n_classes-1 (relative paths start at the blueprint's folder).",
                       min_length=1)
-    val_data: str | None = param(None, doc=VAL_DATA_DOC)
     n_classes: int = param(doc="Number of classes K; labels are 0..K-1.", minimum=2)
     val_fraction: float = param(0.1, doc=VAL_FRACTION_DOC, exclusive_minimum=0, maximum=0.5)
     text_field: str = param("text", doc="Name of the text field (CSV column or JSON key).", min_length=1)
