@@ -11,6 +11,8 @@ E head dimension.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -26,26 +28,48 @@ class CausalSelfAttention(Component):
 
     @declared
     class Spec(Kind):
-        n_heads: int = param(doc="Number of query heads; d_model must be divisible by it.", minimum=1)
+        n_heads: int = param(doc="Number of query heads; d_model must be divisible by it unless head_dim is given.",
+                             minimum=1)
         n_kv_heads: int | None = param(None, doc="Number of key/value heads (null: same as n_heads); must divide "
                                                  "n_heads.", minimum=1)
+        head_dim: int | None = param(None, doc="Width of each head (null: d_model / n_heads); the q and output "
+                                               "projections are n_heads * head_dim wide (Gemma, Qwen3, GPT-OSS).",
+                                     minimum=1)
         bias: bool = param(False, doc="Biases on the q/k/v and output projections.")
-        qk_norm: bool = param(False, doc="RMS-normalise queries and keys per head before attention.")
+        qk_norm: bool = param(False, doc="RMS-normalise queries and keys before attention (and before RoPE).")
+        qk_norm_scope: Literal["head", "projection"] = param(
+            "head", doc="What qk_norm normalises: each head over head_dim (Qwen3, OLMo 2) or the whole q and k "
+                        "projections, n_heads * head_dim and n_kv_heads * head_dim wide, before the heads are split "
+                        "(OLMoE).")
+        window: int | None = param(None, doc="Sliding-window attention: each query sees itself and the window - 1 "
+                                             "positions before it (null: every earlier position); a layer's KV cache "
+                                             "then holds at most window positions. Set it per layer with overrides "
+                                             "for local/global patterns.", minimum=1)
+        sinks: bool = param(False, doc="A learned logit per head that joins every softmax's denominator (attention "
+                                       "sinks, GPT-OSS): a query may put weight on nothing.")
+        logit_softcap: float | None = param(None, doc="Soft-cap the attention scores: cap * tanh(score / cap) before "
+                                                      "the softmax (Gemma 2: 50); null: off.", exclusive_minimum=0)
         dropout: float = param(0.0, doc="Attention and output dropout.", minimum=0, maximum=1)
         dim: int = context("d_model")
 
         @property
-        def head_dim(self) -> int:
-            return self.dim // self.n_heads
+        def head_size(self) -> int:
+            """The width E of each head."""
+            return self.head_dim or self.dim // self.n_heads
 
         @property
         def kv_heads(self) -> int:
             return self.n_kv_heads or self.n_heads
 
+        @property
+        def fused(self) -> bool:
+            """Plain causal attention: ``scaled_dot_product_attention``'s own kernels apply."""
+            return self.window is None and not self.sinks and self.logit_softcap is None
+
         def check(self):
-            if self.dim % self.n_heads:
+            if self.head_dim is None and self.dim % self.n_heads:
                 yield ("n_heads",), (f"d_model ({self.dim}) must be divisible by n_heads ({self.n_heads}); "
-                                     f"choose n_heads among {divisors(self.dim)}")
+                                     f"choose n_heads among {divisors(self.dim)}, or give head_dim")
             elif self.n_heads % self.kv_heads:
                 yield ("n_kv_heads",), (f"n_heads ({self.n_heads}) must be divisible by n_kv_heads "
                                         f"({self.kv_heads}); choose n_kv_heads among {divisors(self.n_heads)}")
@@ -54,57 +78,116 @@ class CausalSelfAttention(Component):
         super().__init__()
         self.spec = spec
         s = spec
-        self.qkv = nn.Linear(s.dim, (s.n_heads + 2 * s.kv_heads) * s.head_dim, bias=s.bias)
-        self.out = mark_residual(nn.Linear(s.n_heads * s.head_dim, s.dim, bias=s.bias))
+        E = s.head_size
+        self.qkv = nn.Linear(s.dim, (s.n_heads + 2 * s.kv_heads) * E, bias=s.bias)
+        self.out = mark_residual(nn.Linear(s.n_heads * E, s.dim, bias=s.bias))
         if s.qk_norm:
-            self.q_norm = nn.RMSNorm(s.head_dim, eps=1e-6)
-            self.k_norm = nn.RMSNorm(s.head_dim, eps=1e-6)
+            per_head = s.qk_norm_scope == "head"
+            self.q_norm = nn.RMSNorm(E if per_head else s.n_heads * E, eps=1e-6)
+            self.k_norm = nn.RMSNorm(E if per_head else s.kv_heads * E, eps=1e-6)
+        if s.sinks:
+            self.sinks = nn.Parameter(torch.zeros(s.n_heads))
         self.resid_dropout = nn.Dropout(s.dropout)
+
+    def reset_parameters(self) -> None:
+        if self.spec.sinks:
+            nn.init.zeros_(self.sinks)
 
     def forward(self, x_BTD: torch.Tensor, rotary=None, cache=None) -> torch.Tensor:
         s = self.spec
-        q, k, v = self.qkv(x_BTD).split([s.n_heads * s.head_dim, s.kv_heads * s.head_dim,
-                                         s.kv_heads * s.head_dim], dim=-1)
+        E = s.head_size
+        q, k, v = self.qkv(x_BTD).split([s.n_heads * E, s.kv_heads * E, s.kv_heads * E], dim=-1)
+        if s.qk_norm and s.qk_norm_scope == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
         q_BHTE = rearrange(q, "b t (h e) -> b h t e", h=s.n_heads)
         k_BKTE = rearrange(k, "b t (k e) -> b k t e", k=s.kv_heads)
         v_BKTE = rearrange(v, "b t (k e) -> b k t e", k=s.kv_heads)
-        if s.qk_norm:
+        if s.qk_norm and s.qk_norm_scope == "head":
             q_BHTE, k_BKTE = self.q_norm(q_BHTE), self.k_norm(k_BKTE)
         if rotary is not None:
             cos, sin = rotary
             q_BHTE, k_BKTE = apply_rotary(q_BHTE, cos, sin), apply_rotary(k_BKTE, cos, sin)
-        mask = None
+        T = x_BTD.shape[1]
         if cache is not None:
-            k_BKTE, v_BKTE, mask = cache.update(k_BKTE, v_BKTE)
+            k_BKSE, v_BKSE, q_pos, k_pos = cache.update(k_BKTE, v_BKTE)
+        else:
+            k_BKSE, v_BKSE, q_pos, k_pos = k_BKTE, v_BKTE, None, None
         if s.kv_heads != s.n_heads:
             rep = s.n_heads // s.kv_heads
-            k_BKTE = k_BKTE.repeat_interleave(rep, dim=1)
-            v_BKTE = v_BKTE.repeat_interleave(rep, dim=1)
+            k_BKSE = k_BKSE.repeat_interleave(rep, dim=1)
+            v_BKSE = v_BKSE.repeat_interleave(rep, dim=1)
         p = s.dropout if self.training else 0.0
-        if mask is None:
-            y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKTE, v_BKTE, dropout_p=p, is_causal=True)
+        if s.fused and q_pos is None:
+            y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKSE, v_BKSE, dropout_p=p, is_causal=True)
         else:
-            y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKTE, v_BKTE, attn_mask=mask, dropout_p=p)
+            if q_pos is None:
+                q_pos = k_pos = torch.arange(T, device=x_BTD.device)
+            seen_TS = visible(q_pos, k_pos, s.window)
+            if s.fused:
+                y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKSE, v_BKSE, attn_mask=seen_TS, dropout_p=p)
+            else:
+                y_BHTE = self.explicit(q_BHTE, k_BKSE, v_BKSE, seen_TS, p)
         return self.resid_dropout(self.out(rearrange(y_BHTE, "b h t e -> b t (h e)")))
+
+    def explicit(self, q_BHTE, k_BHSE, v_BHSE, seen_TS, dropout_p: float) -> torch.Tensor:
+        """softmax(cap(QK^T / sqrt(E)) masked [, sink]) V, written out (soft-capping and sinks have no fused kernel)."""
+        s = self.spec
+        scores_BHTS = (q_BHTE @ k_BHSE.transpose(-1, -2)) * s.head_size ** -0.5
+        if s.logit_softcap is not None:
+            scores_BHTS = s.logit_softcap * torch.tanh(scores_BHTS / s.logit_softcap)
+        scores_BHTS = scores_BHTS.masked_fill(~seen_TS, float("-inf"))
+        if s.sinks:
+            sink_BHT1 = self.sinks.to(scores_BHTS.dtype).view(1, -1, 1, 1).expand(*scores_BHTS.shape[:-1], 1)
+            probs_BHTS = torch.cat([scores_BHTS, sink_BHT1], dim=-1).softmax(dim=-1)[..., :-1]
+        else:
+            probs_BHTS = scores_BHTS.softmax(dim=-1)
+        probs_BHTS = F.dropout(probs_BHTS, dropout_p, training=dropout_p > 0)
+        return probs_BHTS @ v_BHSE
+
+
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """``[T, S]``: which keys each query may attend to (causal, and within ``window`` positions when given)."""
+    seen = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        seen = seen & (k_pos[None, :] > q_pos[:, None] - window)
+    return seen
 
 
 class LayerKVCache:
-    """Keys and values of one attention layer for incremental decoding."""
+    """Keys and values of one attention layer for incremental decoding.
 
-    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, device, dtype):
-        self.k = torch.zeros(batch, n_kv_heads, max_len, head_dim, device=device, dtype=dtype)
+    With a ``window`` the buffer holds only the last ``window`` positions (the
+    queries of a call see those and the call's own keys), so a local layer's
+    cache never grows past its window.
+    """
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, device, dtype,
+                 window: int | None = None):
+        self.window = window
+        size = max_len if window is None else min(window, max_len)
+        self.k = torch.zeros(batch, n_kv_heads, size, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
-        self.pos = 0
+        self.max_len = max_len
+        self.pos = 0          # positions seen so far
+        self.held = 0         # positions in the buffer (the last ``held`` of them)
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
+        """Add this call's keys/values; ``(keys, values, query positions, key positions)`` to attend with."""
         T = k.shape[2]
         start, end = self.pos, self.pos + T
-        if end > self.k.shape[2]:
-            raise ValueError(f"KV cache full: {end} positions > {self.k.shape[2]}")
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        self.pos = end
-        # query i (absolute position start + i) may see keys 0 .. start + i
-        q_pos = torch.arange(start, end, device=k.device)[:, None]
-        k_pos = torch.arange(end, device=k.device)[None, :]
-        return self.k[:, :, :end], self.v[:, :, :end], k_pos <= q_pos
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > {self.max_len}")
+        q_pos = torch.arange(start, end, device=k.device)
+        if self.window is None:
+            self.k[:, :, start:end] = k
+            self.v[:, :, start:end] = v
+            self.pos = self.held = end
+            return self.k[:, :, :end], self.v[:, :, :end], q_pos, torch.arange(end, device=k.device)
+        keys = torch.cat([self.k[:, :, :self.held], k], dim=2)
+        values = torch.cat([self.v[:, :, :self.held], v], dim=2)
+        k_pos = torch.arange(start - self.held, end, device=k.device)
+        keep = min(self.k.shape[2], keys.shape[2])
+        self.k[:, :, :keep] = keys[:, :, -keep:]
+        self.v[:, :, :keep] = values[:, :, -keep:]
+        self.pos, self.held = end, keep
+        return keys, values, q_pos, k_pos

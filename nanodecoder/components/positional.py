@@ -43,7 +43,7 @@ class RoPE(Component):
     @declared
     class Spec(Kind):
         theta: float = param(10000.0, doc="RoPE base frequency (LLaMA-3 uses 500000).", exclusive_minimum=0)
-        head_dim: int = context("block.attention.head_dim")
+        head_dim: int = context("block.attention.head_size")
 
     def __init__(self, spec):
         super().__init__()

@@ -18,7 +18,7 @@ level).  Derived values are properties of the class: computed in one place.
 
 Context: a field declared with :func:`context` is filled from the values of
 the enclosing sections (their own parameters, by name or by a dotted path
-such as ``"block.attention.head_dim"``), so a component's spec is complete
+such as ``"block.attention.head_size"``), so a component's spec is complete
 without a second, hand-written constructor.
 """
 from __future__ import annotations

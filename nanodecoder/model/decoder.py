@@ -44,7 +44,7 @@ class Decoder(nn.Module):
         self.wte = nn.Embedding(spec.vocab_size, spec.d_model)
         self.pos = spec.positional.build()
         self.drop = nn.Dropout(spec.dropout)
-        self.blocks = nn.ModuleList(Block(b) for b in spec.blocks)
+        self.blocks = nn.ModuleList(Block(b, spec.norm_placement) for b in spec.blocks)
         self.norm = spec.final.build()
         self.head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
         if spec.tie_embeddings:
@@ -54,8 +54,8 @@ class Decoder(nn.Module):
                 cache: KVCache | None = None) -> ModelOutput:
         x, aux_loss, stats = self.hidden(idx, cache=cache)
         if targets is None:
-            return ModelOutput(logits=self.head(x[:, -1:, :]), aux_loss=aux_loss, stats=stats)
-        logits = self.head(x)
+            return ModelOutput(logits=self.logits(x[:, -1:, :]), aux_loss=aux_loss, stats=stats)
+        logits = self.logits(x)
         ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         loss = ce if aux_loss is None else ce + aux_loss
         return ModelOutput(logits=logits.detach(), loss=loss, ce_loss=ce, aux_loss=aux_loss, stats=stats)
@@ -70,6 +70,8 @@ class Decoder(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds context_length {self.spec.context_length}")
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.wte(idx)
+        if self.spec.embed_scale:      # Gemma: sqrt(d_model), rounded to the activations' dtype
+            x = x * torch.tensor(self.spec.d_model ** 0.5, dtype=x.dtype)
         add = self.pos.embed(pos)
         if add is not None:
             x = x + add
@@ -86,12 +88,18 @@ class Decoder(nn.Module):
                     stats[f"layer{i}.{name}"] = value
         return self.norm(x), aux_loss, stats
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The output head, soft-capped (``cap * tanh(logits / cap)``) when ``logit_softcap`` is set."""
+        logits = self.head(x)
+        cap = self.spec.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """Empty per-layer caches for incremental decoding of up to ``max_len`` positions."""
         max_len = max_len or self.spec.context_length
         p = self.wte.weight
-        return KVCache(LayerKVCache(batch_size, b.attn.spec.kv_heads, max_len, b.attn.spec.head_dim,
-                                    p.device, p.dtype) for b in self.blocks)
+        return KVCache(LayerKVCache(batch_size, b.attn.spec.kv_heads, max_len, b.attn.spec.head_size,
+                                    p.device, p.dtype, window=b.attn.spec.window) for b in self.blocks)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

@@ -91,8 +91,8 @@ def count_params(model: nn.Module) -> ParamReport:
     embedding = add("token embedding", model.wte)
     embedding += add(f"positional ({model.spec.positional.kind})", model.pos)
     for block, bspec in zip(model.blocks, model.spec.blocks):
-        add(f"norm ({bspec.norm.kind})", block.norm1)
-        add(f"norm ({bspec.norm.kind})", block.norm2)
+        for norm in block.norms():
+            add(f"norm ({bspec.norm.kind})", norm)
         add(f"attention ({bspec.attention.kind})", block.attn)
         add(f"mlp ({bspec.mlp.kind})", block.mlp)
     add(f"final norm ({model.spec.final.kind})", model.norm)

@@ -71,6 +71,13 @@ class ModelSpec:
     n_layers: int = param(doc="Number of transformer blocks.", minimum=1)
     dropout: float = param(0.0, doc="Dropout on embeddings and residual branches.", minimum=0, maximum=1)
     tie_embeddings: bool = param(True, doc="Share the token embedding with the output head.")
+    embed_scale: bool = param(False, doc="Multiply the token embeddings by sqrt(d_model) (Gemma).")
+    norm_placement: Literal["pre", "post", "sandwich"] = param(
+        "pre", doc="Where each block's norms sit: pre (before attention and the MLP: GPT-2, LLaMA), post (after "
+                   "each residual add: the original Transformer), sandwich (before and after each sub-layer, inside "
+                   "the residual: Gemma 2); every norm is the block's norm kind.")
+    logit_softcap: float | None = param(None, doc="Soft-cap the output logits: cap * tanh(logits / cap) (Gemma 2: "
+                                                  "30); null: off.", exclusive_minimum=0)
     block: BlockSpec = param(doc="The block used in every layer unless an override says otherwise.")
     overrides: tuple[OverrideSpec, ...] = param(
         (), doc="Per-layer variations, e.g. MoE every 2nd layer or the first layer dense.")
@@ -91,7 +98,7 @@ class ModelSpec:
 
     @property
     def head_dim(self) -> int:
-        return self.blocks[0].attention.head_dim
+        return self.blocks[0].attention.head_size
 
     @property
     def final(self) -> Kind:
@@ -138,19 +145,20 @@ class ModelSpec:
         seen: dict[int, tuple] = {}
         for at, definition in self.definitions():
             attn = getattr(definition, "attention", None)
-            if attn is None or not hasattr(attn, "head_dim") or attn.dim % attn.n_heads:
+            if attn is None or not hasattr(attn, "head_size") or (attn.head_dim is None and attn.dim % attn.n_heads):
                 continue              # the attention's own check reports an indivisible d_model
             where = at + ("attention", "n_heads")
-            if attn.head_dim % 2:
-                yield where, (f"RoPE needs an even head dimension, but d_model/n_heads = {attn.dim}/{attn.n_heads} "
-                              f"= {attn.head_dim}; change n_heads or d_model")
+            if attn.head_size % 2:
+                how = (f"head_dim = {attn.head_dim}" if attn.head_dim else
+                       f"d_model/n_heads = {attn.dim}/{attn.n_heads} = {attn.head_size}")
+                yield where, f"RoPE needs an even head dimension, but {how}; change n_heads or d_model"
                 continue
-            seen.setdefault(attn.head_dim, at)
-            if len(seen) > 1 and attn.head_dim not in list(seen)[:1]:
+            seen.setdefault(attn.head_size, at)
+            if len(seen) > 1 and attn.head_size not in list(seen)[:1]:
                 first, first_at = next(iter(seen.items()))
                 shown = "model." + ".".join(f"[{p}]" if isinstance(p, int) else p for p in first_at)
                 yield where, (f"with RoPE every layer needs the same head dimension; this block gives "
-                              f"{attn.head_dim}, {shown.replace('.[', '[')}.attention gives {first}")
+                              f"{attn.head_size}, {shown.replace('.[', '[')}.attention gives {first}")
                 return
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from nanodecoder.components.attention import CausalSelfAttention
+from nanodecoder.components.attention import CausalSelfAttention, LayerKVCache
 from nanodecoder.config.declare import build
 from nanodecoder.components.positional import RoPE
 
@@ -31,7 +31,7 @@ def naive(attn, x, rope=None):
     s = attn.spec
     W, b = attn.qkv.weight.double(), attn.qkv.bias
     qkv = x @ W.T + (b.double() if b is not None else 0)
-    hd = s.head_dim
+    hd = s.head_size
     q = qkv[..., : s.n_heads * hd].reshape(B, T, s.n_heads, hd)
     k = qkv[..., s.n_heads * hd: (s.n_heads + s.n_kv_heads) * hd].reshape(B, T, s.n_kv_heads, hd)
     v = qkv[..., (s.n_heads + s.n_kv_heads) * hd:].reshape(B, T, s.n_kv_heads, hd)
@@ -73,7 +73,7 @@ CASES = [(4, 4), (4, 2), (4, 1)]   # MHA, GQA, MQA
 def test_attention_matches_float64_reference(heads, kv, use_rope, qk_norm):
     attn = make(heads, kv, qk_norm)
     x = torch.randn(B, T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    rope = rope_for(attn.spec.head_dim, 500.0) if use_rope else None
+    rope = rope_for(attn.spec.head_size, 500.0) if use_rope else None
     rotary = None
     if rope is not None:
         cos, sin = rope.rotary(torch.arange(T))
@@ -86,7 +86,7 @@ def test_attention_matches_float64_reference(heads, kv, use_rope, qk_norm):
 @pytest.mark.parametrize("heads,kv", CASES, ids=["mha", "gqa", "mqa"])
 def test_no_future_token_influences_the_past(heads, kv):
     attn = make(heads, kv, qk_norm=True)
-    rope = rope_for(attn.spec.head_dim)
+    rope = rope_for(attn.spec.head_size)
     cos, sin = rope.rotary(torch.arange(T))
     rotary = (cos.double(), sin.double())
     x = torch.randn(B, T, D, dtype=torch.float64)
@@ -97,3 +97,89 @@ def test_no_future_token_influences_the_past(heads, kv):
         y = attn(x2, rotary)
         torch.testing.assert_close(y[:, :t], base[:, :t], rtol=0, atol=1e-12)
         assert not torch.allclose(y[:, t], base[:, t])
+
+
+# ------------------------------------------------------------------ decoupled head_dim, QK-norm scope, sliding
+# window, sinks and soft-capping, against the formulas written out in float64
+def make_variant(**params):
+    raw = {"n_heads": 4, "n_kv_heads": 2, "bias": True, **params}
+    spec = build(CausalSelfAttention.Spec, raw, ctx={"d_model": D}, kind="causal", impl=CausalSelfAttention)
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(spec).double()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.3)
+    return attn
+
+
+@torch.no_grad()
+def reference(attn, x):
+    """Each query position i (absolute start + i) over keys 0..i: cap(q.k / sqrt(E)), window, sink, softmax."""
+    s = attn.spec
+    E, H, K = s.head_size, s.n_heads, s.kv_heads
+    qkv = x @ attn.qkv.weight.double().T + attn.qkv.bias.double()
+    q, k, v = qkv[..., :H * E], qkv[..., H * E:(H + K) * E], qkv[..., (H + K) * E:]
+
+    def rms(t, w):
+        return t / torch.sqrt((t * t).mean(-1, keepdim=True) + 1e-6) * w.double()
+
+    if s.qk_norm and s.qk_norm_scope == "projection":
+        q, k = rms(q, attn.q_norm.weight), rms(k, attn.k_norm.weight)
+    n, t = x.shape[:2]
+    q, k, v = q.reshape(n, t, H, E), k.reshape(n, t, K, E), v.reshape(n, t, K, E)
+    if s.qk_norm and s.qk_norm_scope == "head":
+        q, k = rms(q, attn.q_norm.weight), rms(k, attn.k_norm.weight)
+    out = torch.zeros(n, t, H, E, dtype=torch.float64)
+    for b in range(n):
+        for h in range(H):
+            for i in range(t):
+                logits, values = [], []
+                for j in range(i + 1):
+                    if s.window is not None and i - j >= s.window:
+                        continue
+                    score = float(q[b, i, h] @ k[b, j, h // (H // K)]) / math.sqrt(E)
+                    if s.logit_softcap is not None:
+                        score = s.logit_softcap * math.tanh(score / s.logit_softcap)
+                    logits.append(score)
+                    values.append(v[b, j, h // (H // K)])
+                z = [math.exp(a) for a in logits]
+                denom = sum(z) + (math.exp(float(attn.sinks[h])) if s.sinks else 0.0)
+                out[b, i, h] = sum(w / denom * val for w, val in zip(z, values))
+    return out.reshape(n, t, H * E) @ attn.out.weight.double().T + attn.out.bias.double()
+
+
+VARIANTS = {"head_dim": {"head_dim": 12}, "qk_norm_projection": {"qk_norm": True, "qk_norm_scope": "projection"},
+            "window": {"window": 3}, "sinks": {"sinks": True}, "softcap": {"logit_softcap": 1.5},
+            "all": {"head_dim": 6, "window": 2, "sinks": True, "logit_softcap": 2.0, "qk_norm": True}}
+
+
+@pytest.mark.parametrize("params", VARIANTS.values(), ids=list(VARIANTS))
+def test_attention_variants_match_their_formulas(params):
+    attn = make_variant(**params)
+    x = torch.randn(B, T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(attn(x), reference(attn, x), rtol=1e-9, atol=1e-10)
+    if "head_dim" in params:
+        assert attn.qkv.weight.shape == ((4 + 2 * 2) * params["head_dim"], D)
+
+
+@pytest.mark.parametrize("params", VARIANTS.values(), ids=list(VARIANTS))
+def test_token_by_token_decoding_through_the_cache_equals_the_full_forward(params):
+    attn = make_variant(**params).eval()
+    x = torch.randn(B, T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    full = attn(x)
+    cache = LayerKVCache(B, attn.spec.kv_heads, T, attn.spec.head_size, "cpu", torch.float64,
+                         window=attn.spec.window)
+    steps = [attn(x[:, :2], cache=cache)] + [attn(x[:, i:i + 1], cache=cache) for i in range(2, T)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-9, atol=1e-10)
+
+
+def test_a_sliding_window_cache_never_holds_more_than_the_window():
+    attn = make_variant(window=3).eval()
+    cache = LayerKVCache(1, 2, 64, attn.spec.head_size, "cpu", torch.float64, window=3)
+    assert cache.k.shape[2] == 3
+    x = torch.randn(1, 40, D, dtype=torch.float64)
+    attn(x[:, :5], cache=cache)                        # a prompt longer than the window
+    for i in range(5, 40):
+        attn(x[:, i:i + 1], cache=cache)
+        assert cache.k.shape[2] == 3 and cache.held == 3
+    assert cache.pos == 40
