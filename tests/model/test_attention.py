@@ -12,14 +12,7 @@ D, T, B = 32, 7, 2
 
 
 def make(n_heads, n_kv_heads, qk_norm=False, bias=True):
-    spec = build(CausalSelfAttention.Spec, {"n_heads": n_heads, "n_kv_heads": n_kv_heads, "qk_norm": qk_norm,
-                                            "bias": bias}, ctx={"d_model": D}, kind="causal", impl=CausalSelfAttention)
-    torch.manual_seed(0)
-    attn = CausalSelfAttention(spec).double()
-    with torch.no_grad():
-        for p in attn.parameters():
-            p.normal_(0, 0.3)
-    return attn
+    return make_variant(n_heads=n_heads, n_kv_heads=n_kv_heads, qk_norm=qk_norm, bias=bias)
 
 
 def rope_for(head_dim, theta=10000.0):
