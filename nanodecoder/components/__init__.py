@@ -14,7 +14,7 @@ from .init import GPT2Init, SwitchInit
 from .mlp import GeGLUMLP, GeluMLP, ReLU2MLP, SwiGLUMLP
 from .moe import MoE
 from .norms import LayerNorm, RMSNorm
-from .positional import LearnedPositional, RoPE
+from .positional import LearnedPositional, Llama3Scaling, RoPE, YarnScaling
 from .routers import NoisyTopKRouter, SigmoidRouter, SwitchRouter, TopKRouter
 
 
@@ -24,6 +24,8 @@ def register(catalog: Catalog) -> None:
     catalog["norm"].add("rmsnorm", RMSNorm)
     catalog["positional"].add("learned", LearnedPositional)
     catalog["positional"].add("rope", RoPE)
+    catalog["rope_scaling"].add("llama3", Llama3Scaling)
+    catalog["rope_scaling"].add("yarn", YarnScaling)
     catalog["attention"].add("causal", CausalSelfAttention)
     catalog["mlp"].add("gelu", GeluMLP)
     catalog["mlp"].add("swiglu", SwiGLUMLP)

@@ -21,6 +21,7 @@ CATEGORIES = {
     "mlp": "A feed-forward layer: a dense MLP or a mixture of experts",
     "router": "An MoE router (its maths always runs in fp32)",
     "init": "A weight initialisation scheme",
+    "rope_scaling": "A RoPE frequency scaling for longer contexts",
     "optimizer": "An optimizer: 'kind' picks it, the other keys are its parameters",
     "schedule": "A learning-rate schedule: 'kind' picks it, the other keys are its parameters",
     "data_source": "Where the text comes from",
