@@ -41,9 +41,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
-from ..config.declare import PARENT, Kind, context, declared, param
+from ..config.declare import PARENT, Kind, context, declared, divisors, param
 from .base import Component
 from .init import DEFAULT_INIT, init_tensor
 
@@ -68,7 +69,7 @@ def no_autocast(x: torch.Tensor):
 
 
 class Router(Component):
-    """Base router: a bias-free linear map ``[D] -> [E]`` (weight ``[E, D]``, fp32).
+    """Base router: a linear map ``[D] -> [E]`` (weight ``[E, D]``, optional bias ``[E]``, fp32).
 
     Subclasses extend ``Spec`` (whose ``dim``, ``n_experts`` and ``top_k`` come
     from the enclosing MoE layer) and implement ``route``.
@@ -76,6 +77,8 @@ class Router(Component):
 
     @declared
     class Spec(Kind):
+        bias: bool = param(False, doc="A learned bias on the router projection (GPT-OSS); it enters the logits, "
+                                      "unlike sigmoid's balancing bias.")
         dim: int = context("d_model")
         n_experts: int = context()
         top_k: int = context()
@@ -84,12 +87,15 @@ class Router(Component):
         super().__init__()
         self.spec = spec
         self.weight = nn.Parameter(torch.empty(spec.n_experts, spec.dim, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(spec.n_experts, dtype=torch.float32)) if spec.bias else None
         self.initialize(DEFAULT_INIT)
 
     @torch.no_grad()
     def initialize(self, init) -> None:
-        """Called by ``MoE.init_weights``: gpt2 normal(0, std) or switch fan_in = d_model."""
+        """Called by ``MoE.init_weights``: gpt2 normal(0, std) or switch fan_in = d_model; the bias zero."""
         init_tensor(self.weight, init, self.spec.dim)
+        if getattr(self, "bias", None) is not None:
+            self.bias.zero_()
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Router logits ``[N, E]`` in the router dtype, stored expert-major for a 2-D ``x``.
@@ -99,11 +105,13 @@ class Router(Component):
         (:func:`expert_softmax`) is ~15x faster on the CPU than one over a last
         dimension of size E, and the skinny GEMM is quicker this way round too.
         """
-        w = self.weight if weight is None else weight
         dt = router_dtype(x)
+        w, b = (self.weight, self.bias) if weight is None else (weight, None)
+        b = None if b is None else b.to(dt)
         if x.dim() != 2:
-            return F.linear(x.to(dt), w.to(dt))
-        return (w.to(dt) @ x.to(dt).t()).t()
+            return F.linear(x.to(dt), w.to(dt), b)
+        out = w.to(dt) @ x.to(dt).t()
+        return (out if b is None else out + b[:, None]).t()
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         with no_autocast(x):
@@ -171,6 +179,23 @@ class SigmoidRouter(Router):
     @declared
     class Spec(Router.Spec):
         routed_scaling_factor: float = param(1.0, doc="Scale of the routed weights.", exclusive_minimum=0)
+        n_group: int = param(1, doc="Group-limited routing (DeepSeek-V3: 8): the experts form n_group equal groups, "
+                                    "a group scores the sum of its top-2 affinities + bias, and a token picks its "
+                                    "top_k experts only inside its topk_group best groups; 1: no groups.", minimum=1)
+        topk_group: int = param(1, doc="Groups a token may route into (DeepSeek-V3: 4); with n_group 1 it has no "
+                                       "effect.", minimum=1)
+
+        def check(self):
+            if self.n_group == 1:
+                return
+            if self.n_experts % self.n_group:
+                yield ("n_group",), (f"n_experts ({self.n_experts}) must be divisible by n_group ({self.n_group}); "
+                                     f"choose n_group among {divisors(self.n_experts)}")
+            elif self.topk_group > self.n_group:
+                yield ("topk_group",), f"topk_group ({self.topk_group}) must be <= n_group ({self.n_group})"
+            elif self.top_k > self.topk_group * (self.n_experts // self.n_group):
+                yield ("topk_group",), (f"top_k ({self.top_k}) experts do not fit in topk_group ({self.topk_group}) "
+                                        f"groups of {self.n_experts // self.n_group}")
         bias_update_speed: float = param(0.001, doc="Bias update speed gamma: bias += gamma * sign(mean load - "
                                                     "load), centred, per optimizer step (0 freezes the bias).",
                                          minimum=0)
@@ -191,7 +216,10 @@ class SigmoidRouter(Router):
     def route(self, x):
         logits = self.linear(x)
         scores = logits.sigmoid()
-        _, indices = (scores + self.expert_bias.to(scores.dtype)).topk(self.spec.top_k, dim=-1)
+        choice = scores + self.expert_bias.to(scores.dtype)
+        if self.spec.n_group > 1:
+            choice = self.within_best_groups(choice)
+        _, indices = choice.topk(self.spec.top_k, dim=-1)
         weights = scores.gather(-1, indices)
         if self.spec.top_k > 1:
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
@@ -202,6 +230,16 @@ class SigmoidRouter(Router):
                 self.load_counts.scatter_add_(0, flat, torch.ones_like(flat))
         probs = scores / scores.sum(dim=-1, keepdim=True)
         return RouterOutput(indices, weights, logits, probs)
+
+    def within_best_groups(self, choice_NE: torch.Tensor) -> torch.Tensor:
+        """``choice`` with the experts outside each token's ``topk_group`` best groups set to -inf."""
+        s = self.spec
+        grouped_NGX = rearrange(choice_NE, "n (g x) -> n g x", g=s.n_group)
+        group_NG = grouped_NGX.topk(min(2, grouped_NGX.shape[-1]), dim=-1).values.sum(dim=-1)
+        best_NG = torch.zeros_like(group_NG, dtype=torch.bool).scatter_(
+            1, group_NG.topk(s.topk_group, dim=-1).indices, True)
+        keep_NE = rearrange(best_NG[..., None].expand_as(grouped_NGX), "n g x -> n (g x)")
+        return choice_NE.masked_fill(~keep_NE, float("-inf"))
 
     @torch.no_grad()
     def update_bias(self) -> None:

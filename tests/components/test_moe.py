@@ -278,6 +278,10 @@ def test_expert_hidden_mult_rounds_up_to_16():
     ({"capacity_factor": 0}, "^model.block.mlp.capacity_factor: 0 is out of range; expected a value > 0$"),
     ({"drop_policy": "random"}, "^model.block.mlp.drop_policy: unknown value 'random'"),
     ({"expert_kind": "swiglu2"}, "did you mean 'swiglu'"),
+    ({"router": {"kind": "sigmoid", "n_group": 3}}, r"^model.block.mlp.router.n_group: n_experts \(4\) must be "
+                                                    r"divisible by n_group \(3\); choose n_group among 1, 2, 4$"),
+    ({"router": {"kind": "sigmoid", "n_group": 2, "topk_group": 3}}, r"router.topk_group: topk_group \(3\) must "
+                                                                     r"be <= n_group \(2\)$"),
 ])
 def test_spec_errors(params, message):
     got = moe_problems(**params)

@@ -202,3 +202,45 @@ def test_init_weights_resets_buffers_after_to_empty():
     real.init_weights(DEFAULT_INIT)
     assert torch.equal(real.router.expert_bias, torch.zeros(4))
     assert torch.equal(real.router.load_counts, torch.zeros(4, dtype=torch.int64))
+
+
+# ------------------------------------------------------------------ router bias, group-limited routing
+def test_a_router_bias_enters_the_logits():
+    r = router("topk", k=2, n=4, bias=True)
+    with torch.no_grad():
+        r.bias.copy_(torch.tensor([0.5, -1.0, 0.0, 2.0]))
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(4))
+    out = r(x)
+    torch.testing.assert_close(out.logits, x @ r.weight.t() + r.bias)
+    fresh = router("topk", k=2, n=4, bias=True)
+    assert torch.count_nonzero(fresh.bias) == 0 and "bias" in dict(fresh.named_parameters())
+    assert "bias" not in dict(router("topk", k=2, n=4).named_parameters())
+
+
+def naive_group_limited(scores, bias, n_group, topk_group, k):
+    """Per token: group score = sum of the group's two largest (score + bias); experts of the best groups only."""
+    out = []
+    per = scores.shape[1] // n_group
+    for s in scores + bias:
+        groups = sorted(range(n_group), key=lambda g: -float(s[g * per:(g + 1) * per].topk(2).values.sum()))
+        allowed = [e for g in groups[:topk_group] for e in range(g * per, (g + 1) * per)]
+        out.append(sorted(allowed, key=lambda e: -float(s[e]))[:k])
+    return out
+
+
+def test_group_limited_routing_picks_experts_only_in_the_best_groups():
+    r = router("sigmoid", k=3, n=8, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    with torch.no_grad():
+        r.expert_bias.copy_(torch.linspace(-0.2, 0.2, 8))
+    x = torch.randn(20, 8, generator=torch.Generator().manual_seed(5))
+    out = r(x)
+    s = (x @ r.weight.t()).sigmoid().detach()
+    want = naive_group_limited(s, r.expert_bias, 4, 2, 3)
+    assert [sorted(row) for row in out.indices.tolist()] == [sorted(row) for row in want]
+    sel = s.gather(-1, out.indices)
+    torch.testing.assert_close(out.weights, 2.5 * sel / sel.sum(-1, keepdim=True))
+    ungrouped = router("sigmoid", k=3, n=8)
+    with torch.no_grad():
+        ungrouped.weight.copy_(r.weight)
+        ungrouped.expert_bias.copy_(r.expert_bias)
+    assert (ungrouped(x).indices.sort().values != out.indices.sort().values).any()   # the limit did something
