@@ -11,7 +11,7 @@ from ..config.declare import Kind, build_choice
 from ..config.registry import Catalog, make_catalog
 from .attention import CausalSelfAttention
 from .init import GPT2Init, SwitchInit
-from .mlp import GeGLUMLP, GeluMLP, ReLU2MLP, SwiGLUMLP
+from .mlp import ClampedSwiGLUMLP, GeGLUMLP, GeluMLP, ReLU2MLP, SwiGLUMLP
 from .moe import MoE
 from .norms import LayerNorm, RMSNorm
 from .positional import LearnedPositional, Llama3Scaling, RoPE, YarnScaling
@@ -30,6 +30,7 @@ def register(catalog: Catalog) -> None:
     catalog["mlp"].add("gelu", GeluMLP)
     catalog["mlp"].add("swiglu", SwiGLUMLP)
     catalog["mlp"].add("geglu", GeGLUMLP)
+    catalog["mlp"].add("swiglu_clamped", ClampedSwiGLUMLP)
     catalog["mlp"].add("relu2", ReLU2MLP)
     catalog["mlp"].add("moe", MoE)
     catalog["router"].add("topk", TopKRouter)

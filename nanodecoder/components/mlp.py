@@ -1,4 +1,4 @@
-"""Dense feed-forward blocks: ``gelu``, ``swiglu``, ``geglu`` and ``relu2``.
+"""Dense feed-forward blocks: ``gelu``, ``swiglu``, ``geglu``, ``swiglu_clamped`` and ``relu2``.
 
 The activation functions are shared with the MoE experts (``ACTIVATIONS``),
 so a routed expert of kind ``swiglu`` computes exactly what the dense
@@ -6,6 +6,7 @@ so a routed expert of kind ``swiglu`` computes exactly what the dense
 """
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -38,8 +39,11 @@ def geglu(h: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
-# name -> (function of the up-projected activations, up-projection width factor)
-ACTIVATIONS = {"gelu": (gelu, 1), "relu2": (relu2, 1), "swiglu": (swiglu, 2), "geglu": (geglu, 2)}
+def clamped_swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """GPT-OSS: gate clamped above at ``limit``, up to [-limit, limit]; ``(up + 1) * gate * sigmoid(alpha * gate)``."""
+    gate, up = h.chunk(2, dim=-1)
+    gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return (up + 1) * gate * torch.sigmoid(alpha * gate)
 
 
 class _DenseMLP(Component):
@@ -109,10 +113,31 @@ class GeGLUMLP(_DenseMLP):
         hidden_mult: float = param(8.0 / 3.0, doc=HIDDEN_MULT_DOC, exclusive_minimum=0)
 
 
+class ClampedSwiGLUMLP(_DenseMLP):
+    """GPT-OSS's SwiGLU: (clamp(up) + 1) * clamp(gate) * sigmoid(alpha * clamp(gate)); as MoE experts it uses
+    the defaults below."""
+    ACT = "swiglu_clamped"
+
+    @declared
+    class Spec(_DenseMLP.Spec):
+        hidden_mult: float = param(8.0 / 3.0, doc=HIDDEN_MULT_DOC, exclusive_minimum=0)
+        alpha: float = param(1.702, doc="Slope of the sigmoid gate.", exclusive_minimum=0)
+        limit: float = param(7.0, doc="Clamp of the gate (from above) and of up (both sides).", exclusive_minimum=0)
+
+    def activate(self, h):
+        return clamped_swiglu(h, self.spec.alpha, self.spec.limit)
+
+
 class ReLU2MLP(_DenseMLP):
     """Squared-ReLU MLP (Primer, modded-nanoGPT)."""
     ACT = "relu2"
 
 
 #: the dense MLP kinds an MoE expert can be (same activation, same default width)
-DENSE = {"gelu": GeluMLP, "swiglu": SwiGLUMLP, "geglu": GeGLUMLP, "relu2": ReLU2MLP}
+DENSE = {"gelu": GeluMLP, "swiglu": SwiGLUMLP, "geglu": GeGLUMLP, "swiglu_clamped": ClampedSwiGLUMLP,
+         "relu2": ReLU2MLP}
+
+# name -> (function of the up-projected activations, up-projection width factor)
+ACTIVATIONS = {"gelu": (gelu, 1), "relu2": (relu2, 1), "swiglu": (swiglu, 2), "geglu": (geglu, 2),
+               "swiglu_clamped": (functools.partial(clamped_swiglu, alpha=ClampedSwiGLUMLP.Spec.alpha,
+                                                    limit=ClampedSwiGLUMLP.Spec.limit), 2)}
