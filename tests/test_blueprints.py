@@ -106,3 +106,11 @@ def test_moe_blueprint_trains_20_steps_at_reduced_size(name, tmp_path, monkeypat
     assert train[-1]["step"] == 20
     assert "moe/layer0/load" in train[-1] and "moe/layer0/dropped_frac" in train[-1], "MoE statistics are logged"
     assert (run / "expert_load.png").is_file()
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_analytic_count_equals_the_built_count(name):
+    _, spec = blueprint_model_spec(name, vocab_size=256)
+    built = count_blueprint(spec)
+    analytic = spec.param_counts()
+    assert analytic == {"total": built.total, "active": built.active, "embedding": built.embedding}

@@ -62,6 +62,14 @@ class CausalSelfAttention(Component):
             return self.n_kv_heads or self.n_heads
 
         @property
+        def n_params(self) -> int:
+            E, H, K = self.head_size, self.n_heads, self.kv_heads
+            qkv = (H + 2 * K) * E
+            norms = (2 * E if self.qk_norm_scope == "head" else (H + K) * E) if self.qk_norm else 0
+            return self.dim * qkv + H * E * self.dim + (qkv + self.dim if self.bias else 0) + norms + \
+                (H if self.sinks else 0)
+
+        @property
         def fused(self) -> bool:
             """Plain causal attention: ``scaled_dot_product_attention``'s own kernels apply."""
             return self.window is None and not self.sinks and self.logit_softcap is None

@@ -46,6 +46,12 @@ def clamped_swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     return (up + 1) * gate * torch.sigmoid(alpha * gate)
 
 
+def expert_params(act: str, dim: int, hidden: int, bias: bool) -> int:
+    """Parameters of one feed-forward network of activation ``act`` (up ``dim x width*hidden``, down back)."""
+    up = ACTIVATIONS[act][1] * hidden
+    return dim * up + hidden * dim + (up + dim if bias else 0)
+
+
 class _DenseMLP(Component):
     """Up-projection, activation, down-projection.  Subclasses name the activation."""
 
@@ -59,6 +65,10 @@ class _DenseMLP(Component):
         bias: bool = param(False, doc="Biases on the MLP projections.")
         dropout: float = param(0.0, doc="Dropout on the MLP output.", minimum=0, maximum=1)
         dim: int = context("d_model")
+
+        @property
+        def n_params(self) -> int:
+            return expert_params(self.impl.ACT, self.dim, self.hidden, self.bias)
 
         @property
         def hidden(self) -> int:

@@ -37,7 +37,7 @@ from einops import rearrange
 
 from ..config.declare import Kind, choice, context, declared, param, round_up
 from .base import Component
-from .mlp import DENSE
+from .mlp import DENSE, expert_params
 from .moe_dispatch import DropPolicy, combine, expert_capacity, gather_tokens, plan_dispatch
 from .moe_experts import Dispatch, Experts, grouped_mm_shapes_ok
 from .routers import load_balancing_loss, mean_entropy, router_z_loss
@@ -97,6 +97,20 @@ class MoE(Component):
                 return self.expert_hidden
             mult = self.expert_hidden_mult or DENSE[self.expert_kind].Spec.hidden_mult
             return round_up(mult * self.dim, 16)
+
+        @property
+        def routed_params(self) -> int:
+            return self.n_experts * expert_params(self.expert_kind, self.dim, self.hidden, self.bias)
+
+        @property
+        def n_params(self) -> int:
+            shared = self.n_shared_experts * expert_params(self.expert_kind, self.dim, self.hidden, self.bias)
+            return self.router.n_params + self.routed_params + shared
+
+        @property
+        def n_active(self) -> float:
+            """Parameters one token uses: routed experts count top_k of n_experts."""
+            return self.n_params - self.routed_params * (1.0 - self.top_k / self.n_experts)
 
         @property
         def eval_factor(self) -> float | None:

@@ -18,6 +18,10 @@ class LayerNorm(Component):
         eps: float = param(1e-5, doc="Epsilon added to the variance.", exclusive_minimum=0)
         dim: int = context("d_model")
 
+        @property
+        def n_params(self) -> int:
+            return self.dim * (2 if self.bias else 1)
+
     def __init__(self, spec: "LayerNorm.Spec"):
         super().__init__()
         self.spec = spec
@@ -40,6 +44,10 @@ class RMSNorm(Component):
     class Spec(Kind):
         eps: float = param(1e-6, doc="Epsilon added to the mean square.", exclusive_minimum=0)
         dim: int = context("d_model")
+
+        @property
+        def n_params(self) -> int:
+            return self.dim
 
     def __init__(self, spec: "RMSNorm.Spec"):
         super().__init__()

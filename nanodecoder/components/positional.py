@@ -25,6 +25,10 @@ class LearnedPositional(Component):
         context_length: int = context()
         dim: int = context("d_model")
 
+        @property
+        def n_params(self) -> int:
+            return self.context_length * self.dim
+
     def __init__(self, spec):
         super().__init__()
         self.spec = spec
@@ -53,6 +57,8 @@ class RoPE(Component):
                                       doc="Frequency scaling for contexts longer than the one trained on "
                                           "(llama3, yarn); null: none.")
         head_dim: int = context("block.attention.head_size")
+
+        n_params = 0
 
         @property
         def rotary_dim(self) -> int:

@@ -83,6 +83,10 @@ class Router(Component):
         n_experts: int = context()
         top_k: int = context()
 
+        @property
+        def n_params(self) -> int:
+            return self.n_experts * (self.dim + (1 if self.bias else 0))
+
     def __init__(self, spec):
         super().__init__()
         self.spec = spec
@@ -271,6 +275,12 @@ class NoisyTopKRouter(Router):
     zero noise); in eval the router equals ``topk`` (renormalised for k >= 2,
     full-softmax weight for k = 1).
     """
+
+    @declared
+    class Spec(Router.Spec):
+        @property
+        def n_params(self) -> int:
+            return super().n_params + self.n_experts * self.dim          # + the noise projection
 
     def __init__(self, spec):
         super().__init__(spec)

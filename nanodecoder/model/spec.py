@@ -105,6 +105,21 @@ class ModelSpec:
         """The norm before the output head."""
         return self.final_norm if self.final_norm is not None else self.block.norm
 
+    def param_counts(self) -> dict[str, int]:
+        """Parameters computed from the spec alone (no module built): ``total``, ``active`` per token (routed
+        experts count top_k of n_experts), ``embedding`` (token + learned positions; an untied head is
+        non-embedding), as ``model.params.count_params`` reports them from a built model."""
+        norms_per_block = {"pre": 2, "post": 2, "sandwich": 4}[self.norm_placement]
+        total = active = 0.0
+        for b in self.blocks:
+            mlp_total = b.mlp.n_params
+            fixed = norms_per_block * b.norm.n_params + b.attention.n_params
+            total += fixed + mlp_total
+            active += fixed + getattr(b.mlp, "n_active", mlp_total)
+        embedding = self.vocab_size * self.d_model + self.positional.n_params
+        rest = embedding + self.final.n_params + (0 if self.tie_embeddings else self.vocab_size * self.d_model)
+        return {"total": int(total + rest), "active": int(round(active + rest)), "embedding": embedding}
+
     def with_vocab(self, tokenizer_vocab: int | None) -> "ModelSpec":
         """This spec with ``vocab_size`` an integer: the tokenizer's where it is ``auto``, padded
         (unchanged while it is ``auto`` and no tokenizer size is known: building the model then refuses)."""
