@@ -27,13 +27,16 @@ def blueprints_dir() -> Path:
 
 
 def resolve_blueprint(path: str | Path) -> Path:
-    """A path as given, or the name of a shipped blueprint (``moe_gpt`` or ``moe_gpt.yaml``)."""
+    """A path as given, or a shipped blueprint by name: ``moe_gpt``, ``moe_gpt.yaml``, ``zoo/gemma2_2b`` or
+    ``blueprints/zoo/gemma2_2b.yaml`` (what works in a checkout works from an installed copy too)."""
     p = Path(path)
-    if p.exists():
+    if p.exists() or p.is_absolute():
         return p
-    shipped = blueprints_dir() / p.name
+    parts = p.parts[1:] if p.parts[:1] == ("blueprints",) else p.parts
+    if not parts:
+        return p
+    shipped = blueprints_dir().joinpath(*parts)
     for cand in (shipped, shipped.with_suffix(".yaml")):
-        if p.parent == Path(".") or str(p.parent) == "blueprints":
-            if cand.is_file():
-                return cand
+        if cand.is_file():
+            return cand
     return p

@@ -16,3 +16,13 @@ def test_shipped_folders_are_mapped_into_the_package():
     assert cfg["package-dir"]["nanodecoder._shipped.schemas"] == "schemas"
     assert cfg["package-dir"]["nanodecoder._shipped.blueprints"] == "blueprints"
     assert "*.json" in cfg["package-data"]["nanodecoder._shipped.schemas"]
+
+
+def test_every_shipped_blueprint_folder_is_installed():
+    """pip install . copies each blueprints/ folder that holds YAML (profiles/, zoo/, ...) into the package."""
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for folder in sorted({p.parent for p in (ROOT / "blueprints").rglob("*.yaml")}):
+        rel = folder.relative_to(ROOT).as_posix()
+        package = "nanodecoder._shipped." + rel.replace("/", ".")
+        assert cfg["package-dir"].get(package) == rel, package
+        assert package in cfg["packages"] and "*.yaml" in cfg["package-data"][package], package

@@ -1,0 +1,92 @@
+"""blueprints/zoo/: today's architectures as YAML, counted exactly (meta build == analytic == published config),
+and each one, scaled down, trains and decodes through its KV cache."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from nanodecoder.cli.blueprint import RunSpec, blueprint_model_spec, load_blueprint, run_spec
+from nanodecoder.cli.catalog import catalog
+from nanodecoder.config.validate import problems
+from nanodecoder.model import build_model
+from nanodecoder.model.generate import generate
+from nanodecoder.model.params import count_blueprint
+from nanodecoder.resources import blueprints_dir
+
+# figure: (total, active per token without the input embedding or None when not published that way)
+FIGURES = {
+    "gpt2_124m": (124_439_808, None),
+    "gpt2_medium": (354_823_168, None),
+    "llama3_1_8b": (8_030_261_248, None),
+    "mixtral_8x7b": (46_702_792_704, None),
+    "gemma2_2b": (2_614_341_888, None),
+    "gpt_oss_120b": (116_829_156_672, 5_132_849_472),
+}
+ZOO = sorted(p.stem for p in (blueprints_dir() / "zoo").glob("*.yaml"))
+
+
+def test_every_zoo_blueprint_has_its_figure():
+    assert ZOO == sorted(FIGURES)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_counted_exactly_two_ways(name):
+    _, spec = blueprint_model_spec(f"zoo/{name}")
+    total, active_no_input = FIGURES[name]
+    built = count_blueprint(spec)                       # summing the parameters of the meta-device module
+    analytic = spec.param_counts()                      # from the spec alone
+    assert built.total == analytic["total"] == total
+    assert built.active == analytic["active"]
+    if active_no_input is not None:
+        assert analytic["active"] - spec.vocab_size * spec.d_model == active_no_input
+    if name == "mixtral_8x7b":
+        assert round(analytic["active"] / 1e8) == 129      # "about 12.9B active"
+
+
+def scaled_down(raw: dict) -> dict:
+    """The same structure with toy widths: every attention, MLP and RoPE block shrunk alike."""
+    m = copy.deepcopy(raw)
+    m.update(vocab_size=64, context_length=32, d_model=32, n_layers=4)
+    for part in [m["block"], *m.get("overrides", [])]:
+        att = part.get("attention")
+        if att:
+            att.update(n_heads=4, n_kv_heads=2 if att.get("n_kv_heads") else None)
+            for key, small in (("head_dim", 8), ("window", 4)):
+                if key in att:
+                    att[key] = small
+        mlp = part.get("mlp")
+        if mlp and mlp["kind"] == "moe":
+            mlp.update(n_experts=4, top_k=2, expert_hidden=16)
+        elif mlp and "hidden_size" in mlp:
+            mlp["hidden_size"] = 48
+    scaling = m.get("positional", {}).get("scaling")
+    if scaling:
+        scaling["original_max_position_embeddings"] = 16
+    return m
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_scaled_down_trains_20_steps_and_samples_with_the_cache(name):
+    bp = load_blueprint(f"zoo/{name}")
+    raw = {"model": scaled_down(bp.raw["model"])}
+    assert problems(raw, {}, name, RunSpec, catalog()) == []          # still a valid blueprint
+    spec = run_spec(raw).model
+    model = build_model(spec, seed=0)
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 64, (8,), generator=g).repeat(50)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        starts = torch.randint(0, len(data) - 33, (8,), generator=g)
+        batch = torch.stack([data[s:s + 33] for s in starts])
+        loss = model(batch[:, :-1], batch[:, 1:]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    prompt = data[:5].unsqueeze(0)
+    assert torch.equal(generate(model, prompt, 12, temperature=0.0),
+                       generate(model, prompt, 12, temperature=0.0, use_cache=False))
