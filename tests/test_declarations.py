@@ -111,3 +111,11 @@ def test_profile_defaults_come_from_the_declaration(tmp_path):
     (tmp_path / "p.yaml").write_text("description: only a description\n")
     assert dataclasses.replace(load_profile("p", tmp_path / "p.yaml"), name="") == Profile(description="only a "
                                                                                                   "description")
+
+
+def test_an_absent_section_is_built_with_its_default_kinds():
+    from nanodecoder.cli.blueprint import run_spec
+    spec = run_spec({"model": {"vocab_size": 10, "context_length": 8, "d_model": 8, "n_layers": 1,
+                               "block": {"attention": {"kind": "causal", "n_heads": 2}, "mlp": {"kind": "gelu"}}}})
+    assert spec.train.optimizer.kind == "adamw" and spec.train.schedule.kind == "cosine"
+    assert spec.train.optimizer.impl is not None and spec.logging.wandb.mode == "disabled"

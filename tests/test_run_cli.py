@@ -104,3 +104,11 @@ def test_changed_keys_lists_dotted_differences():
     old = {"train": {"steps": 8, "lr": 0.1}, "model": {"d_model": 32}}
     new = {"train": {"steps": 9, "lr": 0.1}, "model": {"d_model": 32}, "sample": {"prompt": "x"}}
     assert changed_keys(old, new) == ["sample", "train.steps"]
+
+
+def test_dry_run_of_an_architecture_without_data_plans_offline(capsys):
+    """A zoo blueprint has no data section: --dry-run prints the parameter table and plan, nothing prepared."""
+    assert main(["zoo/gemma2_2b", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "2,614,341,888" in out and "no data section: the architecture only" in out
+    assert "optimizer {'kind': 'adamw'" in out

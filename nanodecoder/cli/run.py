@@ -133,10 +133,11 @@ def dry_run(bp, prep, spec) -> int:
     t = spec.train
     tokens_per_step = t.tokens_per_step(spec.model.context_length)
     print(report.table())
+    data = (f"{len(prep.train):,} train / {len(prep.val):,} val tokens ({prep.tokenizer.vocab_size:,}-token "
+            "vocabulary)" if prep is not None else "no data section: the architecture only (training needs one)")
     print(f"\nplan for '{bp.name}': {t.steps:,} steps x {tokens_per_step:,} tokens/step "
           f"({t.batch_size} x {spec.model.context_length} x {t.grad_accum} accum) = "
-          f"{t.steps * tokens_per_step:,} tokens; {len(prep.train):,} train / {len(prep.val):,} val tokens "
-          f"({prep.tokenizer.vocab_size:,}-token vocabulary)")
+          f"{t.steps * tokens_per_step:,} tokens; {data}")
     print(f"optimizer {to_yaml(t.optimizer)}, lr {t.lr:g}, schedule {to_yaml(t.schedule)}")
     print(f"about {flops_per_token(model) * t.steps * tokens_per_step:.3g} training FLOPs; "
           f"runs go to {spec.logging.runs_dir}/{bp.name}/<timestamp>/  (dry run: nothing trained)")
@@ -206,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             print(bp.to_yaml(), end="")
             return 0
         if args.dry_run:
+            spec = run_spec(bp)
+            if spec.data is None and spec.finetune is None and spec.model.vocab_size != "auto":
+                return dry_run(bp, None, spec)         # an architecture without data: planned offline
             return dry_run(bp, *prepare(bp, base_dir))
         return train(bp, run, base_dir, saved)
     except user_errors() as e:

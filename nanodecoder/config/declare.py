@@ -239,7 +239,8 @@ def build(cls, raw: Mapping[str, Any] | None, catalog=None, ctx: Mapping[str, An
             default = default_of(f)
             if default is MISSING:
                 raise BuildError(f"{cls.__qualname__}: missing required '{key}'")
-            value = default
+            # an absent section is built like an empty one, so its own kinds and context are filled in
+            value = build(type(default), {}, catalog, below) if is_declared(type(default)) else default
         values[f.name] = value
         below[f.name] = value
     unknown = set(raw) - {yaml_key(f) for f, _ in params(cls)}
