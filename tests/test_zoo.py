@@ -14,6 +14,7 @@ from nanodecoder.model import build_model
 from nanodecoder.model.generate import generate
 from nanodecoder.model.params import count_blueprint
 from nanodecoder.resources import blueprints_dir
+from trainhelpers import fit_pattern
 
 # figure: (total, active per token without the input embedding or None when not published that way)
 FIGURES = {
@@ -74,18 +75,7 @@ def test_scaled_down_trains_20_steps_and_samples_with_the_cache(name):
     assert problems(raw, {}, name, RunSpec, catalog()) == []          # still a valid blueprint
     spec = run_spec(raw).model
     model = build_model(spec, seed=0)
-    g = torch.Generator().manual_seed(0)
-    data = torch.randint(0, 64, (8,), generator=g).repeat(50)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(20):
-        starts = torch.randint(0, len(data) - 33, (8,), generator=g)
-        batch = torch.stack([data[s:s + 33] for s in starts])
-        loss = model(batch[:, :-1], batch[:, 1:]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses, data = fit_pattern(model, 64, repeats=50)
     assert losses[-1] < 0.8 * losses[0], losses
     prompt = data[:5].unsqueeze(0)
     assert torch.equal(generate(model, prompt, 12, temperature=0.0),

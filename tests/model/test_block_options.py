@@ -8,6 +8,7 @@ import torch
 
 from nanodecoder.model import build_model, build_model_spec
 from nanodecoder.model.params import count_params
+from trainhelpers import fit_pattern
 
 
 def model_raw(**model):
@@ -80,19 +81,7 @@ def test_a_gemma_like_model_trains_and_decodes_through_its_bounded_cache():
     from nanodecoder.model.generate import generate
     model = build_model(build_model_spec(GEMMA_LIKE), seed=0)
     assert [b.attn.spec.window for b in model.blocks] == [6, None, 6, None]
-    g = torch.Generator().manual_seed(0)
-    pattern = torch.randint(0, 40, (8,), generator=g)
-    data = pattern.repeat(40)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for step in range(20):
-        starts = torch.randint(0, len(data) - 33, (8,), generator=g)
-        batch = torch.stack([data[s:s + 33] for s in starts])
-        loss = model(batch[:, :-1], batch[:, 1:]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses, data = fit_pattern(model, 40)
     assert losses[-1] < 0.7 * losses[0]          # 3.69 -> 1.94 here
     prompt = data[:5].unsqueeze(0)
     with_cache = generate(model, prompt, 20, temperature=0.0)

@@ -136,3 +136,21 @@ def wandb_history(run_dir: Path) -> list[dict]:
                 rows.append({(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
                              for item in record.history.item})
     return rows
+
+
+def fit_pattern(model, vocab: int, steps: int = 20, repeats: int = 40, seed: int = 0):
+    """Train ``model`` for ``steps`` AdamW steps on one random 8-token pattern repeated; ``(losses, data)``."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, vocab, (8,), generator=g).repeat(repeats)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - 33, (8,), generator=g)
+        batch = torch.stack([data[s:s + 33] for s in starts])
+        loss = model(batch[:, :-1], batch[:, 1:]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, data
