@@ -46,6 +46,10 @@ class RunSpec:
     eval: EvalSpec | None = param(None, doc="Benchmark evaluations during training (HellaSwag, bits per byte on a "
                                             "text file).")
 
+    def with_vocab(self, tokenizer_vocab: int | None) -> "RunSpec":
+        """This spec with the model's vocabulary resolved (see :meth:`ModelSpec.with_vocab`)."""
+        return dataclasses.replace(self, model=self.model.with_vocab(tokenizer_vocab))
+
 
 def load_blueprint(path: str | Path, overrides: list[str] | None = None, *, validate: bool = True) -> Blueprint:
     """Load and validate a blueprint file (or a shipped blueprint's name) with every registered kind."""
@@ -58,8 +62,7 @@ def run_spec(bp: Blueprint | dict, vocab_size: int | None = None) -> RunSpec:
     ``vocab_size``: the prepared tokenizer's, used where ``model.vocab_size`` is ``auto``.
     """
     raw = bp.raw if isinstance(bp, Blueprint) else bp
-    spec = build(RunSpec, raw, catalog())
-    return dataclasses.replace(spec, model=spec.model.with_vocab(vocab_size))
+    return build(RunSpec, raw, catalog()).with_vocab(vocab_size)
 
 
 def blueprint_vocab(bp: Blueprint, spec: RunSpec | None = None, prepare: bool = True) -> int | None:

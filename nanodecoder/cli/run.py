@@ -101,18 +101,19 @@ def read_source_blueprint(path: Path):
     return bp, run_spec(bp)
 
 
-def prepare(bp, base_dir: Path, run=None):
-    """Prepared data and the run spec (the vocabulary comes from the tokenizer).
+def prepare(bp, base_dir: Path, run=None, spec=None):
+    """Prepared data and the run spec (the vocabulary comes from the tokenizer); ``spec``: the blueprint's
+    RunSpec when the caller has built it already.
 
     A fine-tuning blueprint gets its task instead (data, the source run's tokenizer; ``run``: resuming)."""
-    spec = run_spec(bp)
+    spec = spec or run_spec(bp)
     if spec.finetune is not None:
         return prepare_finetune(bp, spec, base_dir, read_source_blueprint, resume=run)
     if spec.data is None:
         raise BlueprintError([bp.problem(("data",), "a training run needs a 'data:' section (source and "
                                                     "tokenizer)")])
     prep = prepare_data(spec.data, base_dir=base_dir, progress=True)
-    spec = run_spec(bp, vocab_size=prep.tokenizer.vocab_size)
+    spec = spec.with_vocab(prep.tokenizer.vocab_size)
     check_fits(prep, spec.model.context_length, spec.model.vocab_size)
     return prep, spec
 
@@ -146,10 +147,10 @@ def dry_run(bp, prep, spec) -> int:
 
 
 def train(bp, run, base_dir: Path, saved: dict | None = None) -> int:
-    first = run_spec(bp)
-    preflight(first.logging.wandb)
-    runtime = setup_runtime(first.runtime)  # machine checks before any work
-    prep, spec = prepare(bp, base_dir, run)
+    spec = run_spec(bp)
+    preflight(spec.logging.wandb)
+    runtime = setup_runtime(spec.runtime)  # machine checks before any work
+    prep, spec = prepare(bp, base_dir, run, spec)
     if spec.sample.enabled:
         check_prompt(prep.tokenizer, spec.sample.prompt)
     seed_everything(spec.train.seed)
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = run_spec(bp)
             if spec.data is None and spec.finetune is None and spec.model.vocab_size != "auto":
                 return dry_run(bp, None, spec)         # an architecture without data: planned offline
-            return dry_run(bp, *prepare(bp, base_dir))
+            return dry_run(bp, *prepare(bp, base_dir, spec=spec))
         return train(bp, run, base_dir, saved)
     except user_errors() as e:
         return fail(e, EXIT_USAGE)

@@ -81,8 +81,9 @@ def param(default: Any = MISSING, *, doc: str, factory: Any = MISSING, key: str 
 def choice(category: str, *, doc: str, default: str | None | Any = MISSING, key: str | None = None) -> Any:
     """A ``{kind: ..., params}`` block whose kind comes from the ``category`` registry.
 
-    ``default``: the kind taken when the key is absent or has no ``kind``
-    (a name), ``None`` for an optional block, or absent for a required one.
+    ``default``: the kind taken when the key is absent (a name), ``None`` for an
+    optional block, or left out for a required one; a block that is written
+    always names its ``kind``.
     """
     meta = Param(doc=doc, key=key, category=category, yaml_default=default)
     return _field(None if default is not MISSING else MISSING, MISSING, meta)

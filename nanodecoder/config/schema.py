@@ -53,11 +53,7 @@ def first_paragraph(cls) -> str:
 
 
 def _json(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_json(v) for v in value]
-    if dataclasses.is_dataclass(value):
-        return None
-    return value
+    return [_json(v) for v in value] if isinstance(value, tuple) else value
 
 
 class Generator:

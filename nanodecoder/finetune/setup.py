@@ -27,7 +27,7 @@ def prepare_finetune(bp, spec, base_dir: Path, read_blueprint: ReadBlueprint, re
         tokenizer = source.tokenizer
     else:
         tokenizer = load_tokenizer(Path(resume.path) / RunDir.TOKENIZER)
-    spec = dataclasses.replace(spec, model=spec.model.with_vocab(tokenizer.vocab_size))
+    spec = spec.with_vocab(tokenizer.vocab_size)
     if source is not None:
         check_against_source(bp, spec, source)
     task_cls = ft.impl

@@ -57,8 +57,7 @@ def open_source(raw_path: str, base_dir: Path, which: str, read_blueprint: ReadB
     checkpoint = run.checkpoints.resolve(which)
     tokenizer = load_tokenizer(run / RunDir.TOKENIZER)
     _, spec = read_blueprint(run / RunDir.BLUEPRINT)
-    spec = dataclasses.replace(spec, model=spec.model.with_vocab(tokenizer.vocab_size))
-    return SourceRun(run, spec, tokenizer, checkpoint)
+    return SourceRun(run, spec.with_vocab(tokenizer.vocab_size), tokenizer, checkpoint)
 
 
 def diff(a, b, prefix: tuple = ()) -> list[tuple]:

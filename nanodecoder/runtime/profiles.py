@@ -100,13 +100,18 @@ def _override(f: dataclasses.Field) -> dataclasses.Field:
     return dataclasses.field(default=None, metadata=f.metadata)
 
 
-def _available() -> list[str]:
-    return sorted(p.stem for p in (blueprints_dir() / "profiles").glob("*.yaml"))
+def profiles_dir() -> Path:
+    return blueprints_dir() / "profiles"
+
+
+def available_profiles() -> list[str]:
+    """Names of the shipped profiles (``auto`` besides them)."""
+    return sorted(p.stem for p in profiles_dir().glob("*.yaml"))
 
 
 RuntimeSpec = dataclasses.make_dataclass(
     "RuntimeSpec",
-    [("profile", Literal[tuple([AUTO, *_available()])], param(
+    [("profile", Literal[tuple([AUTO, *available_profiles()])], param(
         AUTO, doc="Runtime profile, a file in blueprints/profiles/ (see schemas/profile.schema.json): 'cpu' (fp32, "
                   "eager), 'gpu' (one CUDA GPU, fp32 + TF32), 'gpu_mixed' (bf16 autocast + TF32, fp16 with loss "
                   "scaling where bf16 is unsupported), 'multi_gpu_compile' (DDP over torchrun + torch.compile), "
@@ -120,15 +125,6 @@ RuntimeSpec = dataclasses.make_dataclass(
                "__module__": __name__,
                "overrides": lambda self: {k: getattr(self, k) for k in SETTINGS if getattr(self, k) is not None}},
     frozen=True, kw_only=True)
-
-
-def profiles_dir() -> Path:
-    return blueprints_dir() / "profiles"
-
-
-def available_profiles() -> list[str]:
-    """Names of the shipped profiles (``auto`` besides them)."""
-    return _available()
 
 
 @functools.lru_cache(maxsize=None)
