@@ -49,4 +49,7 @@ def test_old_run_resumes_with_the_old_losses(old_run):
         (got,) = [r for r in rows if r["kind"] == want["kind"] and r["step"] == want["step"]]
         for key, value in want.items():
             if isinstance(value, float):
-                assert got[key] == pytest.approx(value, rel=0, abs=0), (want["step"], key)
+                # the gradient norm's reduction order depends on the CPU's vector width (its last bits moved
+                # between two machines of this kind); losses and everything else must match bit for bit
+                tol = 1e-6 if key == "grad_norm" else 0
+                assert got[key] == pytest.approx(value, rel=tol, abs=0), (want["step"], key)

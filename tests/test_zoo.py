@@ -24,7 +24,13 @@ FIGURES = {
     "mixtral_8x7b": (46_702_792_704, None),
     "gemma2_2b": (2_614_341_888, None),
     "gpt_oss_120b": (116_829_156_672, 5_132_849_472),
+    "deepseek_v3": (671_026_404_352, 36_625_603_584),
+    "qwen3_8b": (8_190_735_360, None),
+    "qwen3_30b_a3b": (30_532_122_624, None),
+    "olmoe_1b_7b": (6_919_161_856, None),
 }
+ACTIVE_WITH_BOTH_EMBEDDINGS = {"deepseek_v3": 37_552_282_624, "qwen3_30b_a3b": 3_353_032_704,
+                               "olmoe_1b_7b": 1_282_017_280}
 ZOO = sorted(p.stem for p in (blueprints_dir() / "zoo").glob("*.yaml"))
 
 
@@ -42,6 +48,8 @@ def test_counted_exactly_two_ways(name):
     assert built.active == analytic["active"]
     if active_no_input is not None:
         assert analytic["active"] - spec.vocab_size * spec.d_model == active_no_input
+    if name in ACTIVE_WITH_BOTH_EMBEDDINGS:
+        assert analytic["active"] == ACTIVE_WITH_BOTH_EMBEDDINGS[name]
     if name == "mixtral_8x7b":
         assert round(analytic["active"] / 1e8) == 129      # "about 12.9B active"
 
@@ -52,7 +60,10 @@ def scaled_down(raw: dict) -> dict:
     m.update(vocab_size=64, context_length=32, d_model=32, n_layers=4)
     for part in [m["block"], *m.get("overrides", [])]:
         att = part.get("attention")
-        if att:
+        if att and att["kind"] == "mla":
+            att.update(n_heads=4, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                       v_head_dim=8)
+        elif att:
             att.update(n_heads=4, n_kv_heads=2 if att.get("n_kv_heads") else None)
             for key, small in (("head_dim", 8), ("window", 4)):
                 if key in att:
@@ -60,6 +71,8 @@ def scaled_down(raw: dict) -> dict:
         mlp = part.get("mlp")
         if mlp and mlp["kind"] == "moe":
             mlp.update(n_experts=4, top_k=2, expert_hidden=16)
+            if mlp["router"].get("n_group", 1) > 1:
+                mlp["router"].update(n_group=2, topk_group=1)
         elif mlp and "hidden_size" in mlp:
             mlp["hidden_size"] = 48
     scaling = m.get("positional", {}).get("scaling")

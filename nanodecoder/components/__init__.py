@@ -11,6 +11,7 @@ from ..config.declare import Kind, build_choice
 from ..config.registry import Catalog, make_catalog
 from .attention import CausalSelfAttention
 from .init import GPT2Init, SwitchInit
+from .mla import MultiHeadLatentAttention
 from .mlp import ClampedSwiGLUMLP, GeGLUMLP, GeluMLP, ReLU2MLP, SwiGLUMLP
 from .moe import MoE
 from .norms import LayerNorm, RMSNorm
@@ -27,6 +28,7 @@ def register(catalog: Catalog) -> None:
     catalog["rope_scaling"].add("llama3", Llama3Scaling)
     catalog["rope_scaling"].add("yarn", YarnScaling)
     catalog["attention"].add("causal", CausalSelfAttention)
+    catalog["attention"].add("mla", MultiHeadLatentAttention)
     catalog["mlp"].add("gelu", GeluMLP)
     catalog["mlp"].add("swiglu", SwiGLUMLP)
     catalog["mlp"].add("geglu", GeGLUMLP)

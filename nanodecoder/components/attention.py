@@ -35,7 +35,9 @@ class CausalSelfAttention(Component):
         head_dim: int | None = param(None, doc="Width of each head (null: d_model / n_heads); the q and output "
                                                "projections are n_heads * head_dim wide (Gemma, Qwen3, GPT-OSS).",
                                      minimum=1)
-        bias: bool = param(False, doc="Biases on the q/k/v and output projections.")
+        bias: bool | tuple[Literal["q", "k", "v", "o"], ...] = param(
+            False, doc="Biases on the projections: true (q, k, v and output: GPT-2, GPT-OSS), false (none: LLaMA), or "
+                       "a list of those that have one, e.g. [q, k, v] (Qwen2: none on the output).", min_items=1)
         qk_norm: bool = param(False, doc="RMS-normalise queries and keys before attention (and before RoPE).")
         qk_norm_scope: Literal["head", "projection"] = param(
             "head", doc="What qk_norm normalises: each head over head_dim (Qwen3, OLMo 2) or the whole q and k "
@@ -62,12 +64,55 @@ class CausalSelfAttention(Component):
             return self.n_kv_heads or self.n_heads
 
         @property
+        def biased(self) -> frozenset[str]:
+            """Which of q, k, v, o have a bias."""
+            return frozenset("qkvo" if self.bias is True else self.bias or ())
+
+        @property
+        def widths(self) -> dict[str, int]:
+            """Output width of each projection."""
+            E, H, K = self.head_size, self.n_heads, self.kv_heads
+            return {"q": H * E, "k": K * E, "v": K * E, "o": self.dim}
+
+        # What planning (FLOPs, memory) and RoPE need to know of any attention kind:
+        @property
+        def rotary_size(self) -> int:
+            """Dimensions per head that RoPE sees (the whole head here)."""
+            return self.head_size
+
+        @property
+        def rotary_origin(self) -> tuple[str, str, str] | None:
+            """For RoPE's checks: the key to blame, how ``rotary_size`` comes about and the fix; None while d_model
+            is indivisible (``check`` reports that)."""
+            if self.head_dim is None and self.dim % self.n_heads:
+                return None
+            if self.head_dim:
+                return "n_heads", f"head_dim = {self.head_dim}", "change head_dim"
+            return "n_heads", f"d_model/n_heads = {self.dim}/{self.n_heads} = {self.head_size}", \
+                "change n_heads or d_model"
+
+        @property
+        def score_dim(self) -> int:
+            """Width of the q.k dot product per head."""
+            return self.head_size
+
+        @property
+        def value_dim(self) -> int:
+            """Width of each head's value (and attention output)."""
+            return self.head_size
+
+        @property
+        def cache_width(self) -> int:
+            """Numbers the KV cache stores per position (keys and values of every key/value head)."""
+            return 2 * self.kv_heads * self.head_size
+
+        @property
         def n_params(self) -> int:
             E, H, K = self.head_size, self.n_heads, self.kv_heads
             qkv = (H + 2 * K) * E
             norms = (2 * E if self.qk_norm_scope == "head" else (H + K) * E) if self.qk_norm else 0
-            return self.dim * qkv + H * E * self.dim + (qkv + self.dim if self.bias else 0) + norms + \
-                (H if self.sinks else 0)
+            biases = sum(w for name, w in self.widths.items() if name in self.biased)
+            return self.dim * qkv + H * E * self.dim + biases + norms + (H if self.sinks else 0)
 
         @property
         def fused(self) -> bool:
@@ -87,8 +132,13 @@ class CausalSelfAttention(Component):
         self.spec = spec
         s = spec
         E = s.head_size
-        self.qkv = nn.Linear(s.dim, (s.n_heads + 2 * s.kv_heads) * E, bias=s.bias)
-        self.out = mark_residual(nn.Linear(s.n_heads * E, s.dim, bias=s.bias))
+        qkv_bias = s.biased & set("qkv")
+        fused_bias = qkv_bias == set("qkv")
+        self.qkv = nn.Linear(s.dim, (s.n_heads + 2 * s.kv_heads) * E, bias=fused_bias)
+        if not fused_bias:            # some of q, k, v biased: one parameter each (q_bias, k_bias, v_bias)
+            for name in sorted(qkv_bias):
+                setattr(self, f"{name}_bias", nn.Parameter(torch.zeros(s.widths[name])))
+        self.out = mark_residual(nn.Linear(s.n_heads * E, s.dim, bias="o" in s.biased))
         if s.qk_norm:
             per_head = s.qk_norm_scope == "head"
             self.q_norm = nn.RMSNorm(E if per_head else s.n_heads * E, eps=1e-6)
@@ -97,14 +147,22 @@ class CausalSelfAttention(Component):
             self.sinks = nn.Parameter(torch.zeros(s.n_heads))
         self.resid_dropout = nn.Dropout(s.dropout)
 
+    def new_cache(self, batch: int, max_len: int, device, dtype) -> "LayerKVCache":
+        """An empty KV cache of this layer for decoding up to ``max_len`` positions."""
+        s = self.spec
+        return LayerKVCache(batch, s.kv_heads, max_len, s.head_size, device, dtype, window=s.window)
+
     def reset_parameters(self) -> None:
-        if self.spec.sinks:
-            nn.init.zeros_(self.sinks)
+        for p in self.parameters(recurse=False):     # sinks and separate q/k/v biases start at zero
+            nn.init.zeros_(p)
 
     def forward(self, x_BTD: torch.Tensor, rotary=None, cache=None) -> torch.Tensor:
         s = self.spec
         E = s.head_size
         q, k, v = self.qkv(x_BTD).split([s.n_heads * E, s.kv_heads * E, s.kv_heads * E], dim=-1)
+        if self.qkv.bias is None and s.biased & set("qkv"):
+            q, k, v = (t + getattr(self, f"{n}_bias") if hasattr(self, f"{n}_bias") else t
+                       for n, t in zip("qkv", (q, k, v)))
         if s.qk_norm and s.qk_norm_scope == "projection":
             q, k = self.q_norm(q), self.k_norm(k)
         q_BHTE = rearrange(q, "b t (h e) -> b h t e", h=s.n_heads)
@@ -112,9 +170,11 @@ class CausalSelfAttention(Component):
         v_BKTE = rearrange(v, "b t (k e) -> b k t e", k=s.kv_heads)
         if s.qk_norm and s.qk_norm_scope == "head":
             q_BHTE, k_BKTE = self.q_norm(q_BHTE), self.k_norm(k_BKTE)
+        scale = None          # SDPA's own 1/sqrt(E), unless the positional encoding scales the softmax
         if rotary is not None:
-            cos, sin = rotary
-            q_BHTE, k_BKTE = apply_rotary(q_BHTE, cos, sin), apply_rotary(k_BKTE, cos, sin)
+            q_BHTE, k_BKTE = apply_rotary(q_BHTE, rotary.cos, rotary.sin), apply_rotary(k_BKTE, rotary.cos, rotary.sin)
+            if rotary.softmax_factor != 1.0:
+                scale = E ** -0.5 * rotary.softmax_factor
         T = x_BTD.shape[1]
         if cache is not None:
             k_BKSE, v_BKSE, q_pos, k_pos = cache.update(k_BKTE, v_BKTE)
@@ -126,21 +186,23 @@ class CausalSelfAttention(Component):
             v_BKSE = v_BKSE.repeat_interleave(rep, dim=1)
         p = s.dropout if self.training else 0.0
         if s.fused and q_pos is None:
-            y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKSE, v_BKSE, dropout_p=p, is_causal=True)
+            y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKSE, v_BKSE, dropout_p=p, is_causal=True, scale=scale)
         else:
             if q_pos is None:
                 q_pos = k_pos = torch.arange(T, device=x_BTD.device)
             seen_TS = visible(q_pos, k_pos, s.window)
             if s.fused:
-                y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKSE, v_BKSE, attn_mask=seen_TS, dropout_p=p)
+                y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKSE, v_BKSE, attn_mask=seen_TS, dropout_p=p,
+                                                        scale=scale)
             else:
-                y_BHTE = self.explicit(q_BHTE, k_BKSE, v_BKSE, seen_TS, p)
+                y_BHTE = self.explicit(q_BHTE, k_BKSE, v_BKSE, seen_TS, p, scale)
         return self.resid_dropout(self.out(rearrange(y_BHTE, "b h t e -> b t (h e)")))
 
-    def explicit(self, q_BHTE, k_BHSE, v_BHSE, seen_TS, dropout_p: float) -> torch.Tensor:
-        """softmax(cap(QK^T / sqrt(E)) masked [, sink]) V, written out (soft-capping and sinks have no fused kernel)."""
+    def explicit(self, q_BHTE, k_BHSE, v_BHSE, seen_TS, dropout_p: float, scale: float | None) -> torch.Tensor:
+        """softmax(cap(QK^T * scale) masked [, sink]) V, written out (soft-capping and sinks have no fused kernel);
+        scale None: 1/sqrt(E)."""
         s = self.spec
-        scores_BHTS = (q_BHTE @ k_BHSE.transpose(-1, -2)) * s.head_size ** -0.5
+        scores_BHTS = (q_BHTE @ k_BHSE.transpose(-1, -2)) * (scale or s.head_size ** -0.5)
         if s.logit_softcap is not None:
             scores_BHTS = s.logit_softcap * torch.tanh(scores_BHTS / s.logit_softcap)
         scores_BHTS = scores_BHTS.masked_fill(~seen_TS, float("-inf"))

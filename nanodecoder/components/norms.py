@@ -38,7 +38,7 @@ class LayerNorm(Component):
 
 
 class RMSNorm(Component):
-    """RMSNorm (LLaMA): root-mean-square norm, no centring, no bias, computed in float32."""
+    """RMSNorm (LLaMA): root-mean-square norm, no centring, no bias, computed in float32 (or float64)."""
 
     @declared
     class Spec(Kind):
@@ -58,4 +58,5 @@ class RMSNorm(Component):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (self.spec.dim,), self.weight.float(), self.spec.eps).type_as(x)
+        dtype = torch.promote_types(x.dtype, torch.float32)      # at least float32 (float64 stays float64)
+        return F.rms_norm(x.to(dtype), (self.spec.dim,), self.weight.to(dtype), self.spec.eps).type_as(x)

@@ -2,19 +2,27 @@
 
 The decoder asks its positional component for two things per forward pass:
 ``embed(pos)`` (an additive ``[T, D]`` tensor or None) and ``rotary(pos)``
-(``(cos, sin)`` of shape ``[T, rotary_dim/2]`` or None) which it hands to every
-attention layer.  RoPE's frequencies may be scaled for longer contexts (kinds of
+(a :class:`Rotary`: ``cos`` and ``sin`` of shape ``[T, rotary_dim/2]`` and the
+factor on the softmax scale; or None) which it hands to every attention layer.  RoPE's frequencies may be scaled for longer contexts (kinds of
 the ``rope_scaling`` category: ``llama3``, ``yarn``).
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ..config.declare import Kind, choice, context, declared, param
 from .base import Component
+
+
+class Rotary(NamedTuple):
+    """What RoPE hands every attention layer for one forward pass."""
+    cos: torch.Tensor              # [T, rotary_dim / 2]
+    sin: torch.Tensor
+    softmax_factor: float = 1.0    # multiplies the 1/sqrt(d) softmax scale (DeepSeek's YaRN mscale_all_dim)
 
 
 class LearnedPositional(Component):
@@ -56,7 +64,7 @@ class RoPE(Component):
         scaling: Kind | None = choice("rope_scaling", default=None,
                                       doc="Frequency scaling for contexts longer than the one trained on "
                                           "(llama3, yarn); null: none.")
-        head_dim: int = context("block.attention.head_size")
+        head_dim: int = context("block.attention.rotary_size")
 
         n_params = 0
 
@@ -87,10 +95,12 @@ class RoPE(Component):
     def embed(self, pos: torch.Tensor):
         return None
 
-    def rotary(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary(self, pos: torch.Tensor) -> Rotary:
         angles = torch.outer(pos.float(), self.inv_freq)
         a = self.attention_factor
-        return (angles.cos(), angles.sin()) if a == 1.0 else (angles.cos() * a, angles.sin() * a)
+        cos, sin = (angles.cos(), angles.sin()) if a == 1.0 else (angles.cos() * a, angles.sin() * a)
+        scaling = self.spec.scaling
+        return Rotary(cos, sin, scaling.softmax_factor if scaling is not None else 1.0)
 
 
 class Llama3Scaling:
@@ -107,6 +117,7 @@ class Llama3Scaling:
                                                       minimum=1)
 
         attention_factor = 1.0
+        softmax_factor = 1.0
 
         def check(self):
             if self.high_freq_factor <= self.low_freq_factor:
@@ -145,7 +156,9 @@ class YarnScaling:
                                               "yarn_mscale(factor, mscale_all_dim), or 0.1 ln(factor) + 1 without "
                                               "them).", exclusive_minimum=0)
         mscale: float | None = param(None, doc="DeepSeek's mscale (with mscale_all_dim).", exclusive_minimum=0)
-        mscale_all_dim: float | None = param(None, doc="DeepSeek's mscale_all_dim.", exclusive_minimum=0)
+        mscale_all_dim: float | None = param(None, doc="DeepSeek's mscale_all_dim: also multiplies the softmax "
+                                                       "scale of every attention layer by yarn_mscale(factor, "
+                                                       "mscale_all_dim)^2 (DeepSeek-V2/V3).", exclusive_minimum=0)
         truncate: bool = param(True, doc="Round the band edges to whole dimensions (GPT-OSS: false).")
 
         @property
@@ -155,6 +168,11 @@ class YarnScaling:
             if self.mscale and self.mscale_all_dim:
                 return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
             return yarn_mscale(self.factor)
+
+        @property
+        def softmax_factor(self) -> float:
+            """DeepSeek's temperature on the attention logits (1 without mscale_all_dim)."""
+            return yarn_mscale(self.factor, self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
 
         def scale(self, inv_freq: torch.Tensor, theta: float, dim: int) -> torch.Tensor:
             old = self.original_max_position_embeddings
@@ -178,6 +196,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     angles; the other dimensions (partial rotary) pass unchanged."""
     d = 2 * cos.shape[-1]
     rot, rest = (x, None) if d == x.shape[-1] else (x[..., :d], x[..., d:])
-    x1, x2 = rot.float().chunk(2, dim=-1)
+    x1, x2 = rot.to(torch.promote_types(rot.dtype, torch.float32)).chunk(2, dim=-1)   # float32 at least
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
     return out if rest is None else torch.cat((out, rest), dim=-1)

@@ -95,7 +95,8 @@ def type_hint(expected: set[str], value: Any, schema: dict) -> str:
     if "array" in expected:
         if isinstance(value, dict):
             return "; write one item per line, each starting with '- '"
-        if isinstance(value, (int, str)) and not isinstance(value, bool):
+        items = schema.get("items", {})
+        if isinstance(value, (int, str)) and not isinstance(value, bool) and value in items.get("enum", [value]):
             return f"; write [{value}]"
     if "string" in expected and isinstance(value, (int, float)):
         return "; put the value in quotes"

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..components.attention import LayerKVCache
 from .block import Block
 from .spec import ModelSpec
 
@@ -27,7 +26,8 @@ class ModelOutput:
 
 
 class KVCache(list):
-    """One ``LayerKVCache`` per block; ``pos`` is the number of positions cached."""
+    """One cache per block (each attention layer makes its own: ``attn.new_cache``); ``pos`` is the number of
+    positions cached."""
 
     @property
     def pos(self) -> int:
@@ -79,8 +79,15 @@ class Decoder(nn.Module):
         rotary = self.pos.rotary(pos)
         aux_loss = None
         stats: dict[str, torch.Tensor] = {}
+        # runtime.activation_checkpointing (set by the runtime): keep only each block's input and recompute
+        # the block in the backward; RNG state preserved, so dropout and router noise repeat exactly
+        recompute = getattr(self, "activation_checkpointing", False) and self.training and cache is None \
+            and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x, aux = block(x, rotary, cache[i] if cache is not None else None)
+            if recompute:
+                x, aux = torch.utils.checkpoint.checkpoint(block, x, rotary, use_reentrant=False)
+            else:
+                x, aux = block(x, rotary, cache[i] if cache is not None else None)
             for name, value in aux.items():
                 if name == "loss":
                     aux_loss = value if aux_loss is None else aux_loss + value
@@ -98,8 +105,7 @@ class Decoder(nn.Module):
         """Empty per-layer caches for incremental decoding of up to ``max_len`` positions."""
         max_len = max_len or self.spec.context_length
         p = self.wte.weight
-        return KVCache(LayerKVCache(batch_size, b.attn.spec.kv_heads, max_len, b.attn.spec.head_size,
-                                    p.device, p.dtype, window=b.attn.spec.window) for b in self.blocks)
+        return KVCache(b.attn.new_cache(batch_size, max_len, p.device, p.dtype) for b in self.blocks)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

@@ -97,10 +97,6 @@ class ModelSpec:
         return tuple(BlockSpec(**parts) for parts in layers)
 
     @property
-    def head_dim(self) -> int:
-        return self.blocks[0].attention.head_size
-
-    @property
     def final(self) -> Kind:
         """The norm before the output head."""
         return self.final_norm if self.final_norm is not None else self.block.norm
@@ -160,20 +156,20 @@ class ModelSpec:
         seen: dict[int, tuple] = {}
         for at, definition in self.definitions():
             attn = getattr(definition, "attention", None)
-            if attn is None or not hasattr(attn, "head_size") or (attn.head_dim is None and attn.dim % attn.n_heads):
-                continue              # the attention's own check reports an indivisible d_model
-            where = at + ("attention", "n_heads")
-            if attn.head_size % 2:
-                how = (f"head_dim = {attn.head_dim}" if attn.head_dim else
-                       f"d_model/n_heads = {attn.dim}/{attn.n_heads} = {attn.head_size}")
-                yield where, f"RoPE needs an even head dimension, but {how}; change n_heads or d_model"
+            origin = getattr(attn, "rotary_origin", None)
+            if origin is None:
+                continue              # no attention here, or its own check reports the problem
+            key, how, fix = origin
+            where = at + ("attention", key)
+            if attn.rotary_size % 2:
+                yield where, f"RoPE needs an even head dimension, but {how}; {fix}"
                 continue
-            seen.setdefault(attn.head_size, at)
-            if len(seen) > 1 and attn.head_size not in list(seen)[:1]:
+            seen.setdefault(attn.rotary_size, at)
+            if len(seen) > 1 and attn.rotary_size not in list(seen)[:1]:
                 first, first_at = next(iter(seen.items()))
                 shown = "model." + ".".join(f"[{p}]" if isinstance(p, int) else p for p in first_at)
                 yield where, (f"with RoPE every layer needs the same head dimension; this block gives "
-                              f"{attn.head_size}, {shown.replace('.[', '[')}.attention gives {first}")
+                              f"{attn.rotary_size}, {shown.replace('.[', '[')}.attention gives {first}")
                 return
 
 

@@ -19,6 +19,10 @@ def rope_for(head_dim, theta=10000.0):
     return RoPE(RoPE.Spec(kind="rope", impl=RoPE, theta=theta, head_dim=head_dim))
 
 
+def double(rotary):
+    return rotary._replace(cos=rotary.cos.double(), sin=rotary.sin.double())
+
+
 def naive(attn, x, rope=None):
     """Per-head softmax(mask(QK^T / sqrt(d))) V in float64 with explicit loops over heads."""
     s = attn.spec
@@ -69,8 +73,7 @@ def test_attention_matches_float64_reference(heads, kv, use_rope, qk_norm):
     rope = rope_for(attn.spec.head_size, 500.0) if use_rope else None
     rotary = None
     if rope is not None:
-        cos, sin = rope.rotary(torch.arange(T))
-        rotary = (cos.double(), sin.double())
+        rotary = double(rope.rotary(torch.arange(T)))
     got = attn(x, rotary)
     want = naive(attn, x, rope)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -80,8 +83,7 @@ def test_attention_matches_float64_reference(heads, kv, use_rope, qk_norm):
 def test_no_future_token_influences_the_past(heads, kv):
     attn = make(heads, kv, qk_norm=True)
     rope = rope_for(attn.spec.head_size)
-    cos, sin = rope.rotary(torch.arange(T))
-    rotary = (cos.double(), sin.double())
+    rotary = double(rope.rotary(torch.arange(T)))
     x = torch.randn(B, T, D, dtype=torch.float64)
     base = attn(x, rotary)
     for t in range(T):
@@ -110,8 +112,12 @@ def reference(attn, x):
     """Each query position i (absolute start + i) over keys 0..i: cap(q.k / sqrt(E)), window, sink, softmax."""
     s = attn.spec
     E, H, K = s.head_size, s.n_heads, s.kv_heads
-    qkv = x @ attn.qkv.weight.double().T + attn.qkv.bias.double()
+    qkv = x @ attn.qkv.weight.double().T
     q, k, v = qkv[..., :H * E], qkv[..., H * E:(H + K) * E], qkv[..., (H + K) * E:]
+    biases = {n: getattr(attn, f"{n}_bias", None) for n in "qkv"}
+    if attn.qkv.bias is not None:
+        biases = dict(zip("qkv", attn.qkv.bias.split([H * E, K * E, K * E])))
+    q, k, v = (t if biases[n] is None else t + biases[n] for n, t in zip("qkv", (q, k, v)))
 
     def rms(t, w):
         return t / torch.sqrt((t * t).mean(-1, keepdim=True) + 1e-6) * w.double()
@@ -138,11 +144,13 @@ def reference(attn, x):
                 z = [math.exp(a) for a in logits]
                 denom = sum(z) + (math.exp(float(attn.sinks[h])) if s.sinks else 0.0)
                 out[b, i, h] = sum(w / denom * val for w, val in zip(z, values))
-    return out.reshape(n, t, H * E) @ attn.out.weight.double().T + attn.out.bias.double()
+    y = out.reshape(n, t, H * E) @ attn.out.weight.double().T
+    return y if attn.out.bias is None else y + attn.out.bias
 
 
 VARIANTS = {"head_dim": {"head_dim": 12}, "qk_norm_projection": {"qk_norm": True, "qk_norm_scope": "projection"},
             "window": {"window": 3}, "sinks": {"sinks": True}, "softcap": {"logit_softcap": 1.5},
+            "qkv_bias_only": {"bias": ("q", "k", "v")}, "k_v_o_bias": {"bias": ("k", "v", "o")},
             "all": {"head_dim": 6, "window": 2, "sinks": True, "logit_softcap": 2.0, "qk_norm": True}}
 
 
@@ -153,6 +161,16 @@ def test_attention_variants_match_their_formulas(params):
     torch.testing.assert_close(attn(x), reference(attn, x), rtol=1e-9, atol=1e-10)
     if "head_dim" in params:
         assert attn.qkv.weight.shape == ((4 + 2 * 2) * params["head_dim"], D)
+    assert sum(p.numel() for p in attn.parameters()) == attn.spec.n_params
+
+
+def test_biases_sit_on_the_projections_named():
+    qwen2 = make_variant(bias=("q", "k", "v"))
+    assert qwen2.qkv.bias is not None and qwen2.out.bias is None
+    partial = make_variant(bias=("k", "v", "o"))
+    assert partial.qkv.bias is None and not hasattr(partial, "q_bias")
+    assert partial.k_bias.shape == partial.v_bias.shape == (2 * partial.spec.head_size,)
+    assert make_variant(bias=False).qkv.bias is None
 
 
 @pytest.mark.parametrize("params", VARIANTS.values(), ids=list(VARIANTS))

@@ -30,7 +30,8 @@ def randomised(model):
 def test_norm_placement_follows_its_formula(placement):
     model = randomised(build_model(build_model_spec(model_raw(norm_placement=placement)), seed=0))
     x = torch.randn(2, 6, 16, dtype=torch.float64)
-    rotary = tuple(t.double() for t in model.pos.rotary(torch.arange(6)))
+    r = model.pos.rotary(torch.arange(6))
+    rotary = r._replace(cos=r.cos.double(), sin=r.sin.double())
     for block in model.blocks:
         attn = lambda h: block.attn(h, rotary)          # noqa: E731
         mlp = lambda h: block.mlp(h)[0]                 # noqa: E731

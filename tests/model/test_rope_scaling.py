@@ -15,9 +15,9 @@ def rope(head_dim=128, **params):
     return component_spec("positional", {"kind": "rope", **params}, block=_Block(head_dim)).build()
 
 
-class _Block:                       # what the model hands down: block.attention.head_size
+class _Block:                       # what the model hands down: block.attention.rotary_size
     def __init__(self, head_dim):
-        self.attention = type("A", (), {"head_size": head_dim})()
+        self.attention = type("A", (), {"rotary_size": head_dim})()
 
 
 def plain_inv_freq(theta, dim):
@@ -50,7 +50,7 @@ def test_yarn_interpolates_below_the_band_keeps_above_it_and_scales_cos_sin(trun
     rotations = old * base / (2 * math.pi)
     torch.testing.assert_close(got[rotations > 32 * 1.2], base[rotations > 32 * 1.2].float().double())
     torch.testing.assert_close(got[rotations < 1 / 1.2], (base[rotations < 1 / 1.2] / factor).float().double())
-    cos, sin = r.rotary(torch.arange(5))
+    cos, sin, _ = r.rotary(torch.arange(5))
     assert r.attention_factor == pytest.approx(0.1 * math.log(factor) + 1)
     torch.testing.assert_close(cos ** 2 + sin ** 2, torch.full_like(cos, r.attention_factor ** 2))
 
@@ -65,7 +65,7 @@ def test_partial_rotary_rotates_only_the_first_dimensions():
     r = rope(head_dim=16, partial=0.25)
     assert r.spec.rotary_dim == 4 and r.inv_freq.shape == (2,)
     x = torch.randn(1, 2, 5, 16)
-    cos, sin = r.rotary(torch.arange(5))
+    cos, sin, _ = r.rotary(torch.arange(5))
     y = apply_rotary(x, cos, sin)
     assert torch.equal(y[..., 4:], x[..., 4:])
     full = apply_rotary(x[..., :4], cos, sin)
