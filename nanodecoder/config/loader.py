@@ -65,6 +65,46 @@ def _syntax_problem(e: yaml.MarkedYAMLError) -> tuple[str, str]:
 
 
 MAX_VALUES = 100_000     # YAML aliases can make a small file expand enormously ("billion laughs")
+MAX_CHARS = 1_000_000    # a real blueprint is a few kB; checked before parsing
+MAX_DEPTH = 64           # nesting of mappings and lists; PyYAML's composer recurses once per level
+
+_OPEN = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
+         yaml.FlowSequenceStartToken)
+_CLOSE = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+
+
+def _limits(text: str) -> None:
+    """Refuse, before any recursion or construction, text that is too large, too deep or has too many values
+    (the scanner is iterative: this costs one linear pass)."""
+    if len(text) > MAX_CHARS:
+        raise YamlProblem([((), None, f"the file has {len(text):,} characters, more than the {MAX_CHARS:,} a "
+                                      "blueprint may have", "a blueprint is a few kB of settings; is this the "
+                                                            "right file?")])
+    depth = values = 0
+    for token in yaml.scan(text, Loader=yaml.SafeLoader):
+        if isinstance(token, _OPEN):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise YamlProblem([((), token.start_mark.line + 1, f"mappings and lists nested more than "
+                                    f"{MAX_DEPTH} levels deep", "a blueprint needs a few levels; flatten it")])
+        elif isinstance(token, _CLOSE):
+            depth -= 1
+        elif isinstance(token, yaml.ScalarToken):
+            values += 1
+            if values > 2 * MAX_VALUES:          # keys and values are both scalars
+                raise YamlProblem([((), token.start_mark.line + 1, f"the file holds more than {MAX_VALUES:,} "
+                                    "keys and values", "a blueprint has a few hundred; is this the right file?")])
+
+
+def _reader_problem(e: yaml.reader.ReaderError, text: str) -> YamlProblem:
+    """A character YAML does not allow (a control character, NUL): where it is and which."""
+    before = text[:e.position] if isinstance(e.position, int) else ""
+    line, column = before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1
+    char = e.character if isinstance(e.character, str) else chr(e.character)
+    name = {"\x00": "NUL", "\x1b": "ESC", "\x07": "BEL", "\x08": "backspace", "\x7f": "DEL"}.get(char, "")
+    shown = f"U+{ord(char):04X}" + (f" ({name})" if name else "")
+    return YamlProblem([((), line, f"the control character {shown} at column {column} is not allowed in YAML",
+                         "remove it (blueprints are plain text)")])
 
 
 def read_yaml(text: str) -> tuple[Any, dict[tuple, int]]:
@@ -72,7 +112,14 @@ def read_yaml(text: str) -> tuple[Any, dict[tuple, int]]:
 
     ``data`` is None for an empty document.
     """
-    loader = yaml.SafeLoader(text)
+    try:
+        _limits(text)
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as e:
+        raise _reader_problem(e, text) from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        raise YamlProblem([((), mark.line + 1 if mark else None, *_syntax_problem(e))]) from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -115,7 +162,7 @@ class _Walk:
         if self.count > MAX_VALUES:
             if self.count == MAX_VALUES + 1:
                 self.problems.append(((), None, f"the blueprint expands to more than {MAX_VALUES:,} values "
-                                               "(through YAML aliases?)", "write it out without nested aliases"))
+                                               "through YAML aliases", "write it out without nested aliases"))
             return
         self.ancestors.add(id(node))
         if isinstance(node, yaml.SequenceNode):

@@ -41,8 +41,10 @@ def parse(item: str) -> tuple[tuple, Any]:
     try:
         value, _ = read_yaml(text)
     except YamlProblem as e:
-        what = e.items[0][2].replace("YAML syntax error: ", "")
-        raise _Bad(key, f"value '{text}' is not valid YAML: {what}; quote the value or fix it") from None
+        _, _, what, fix = e.items[0]
+        if what.startswith("YAML syntax error: "):
+            what, fix = what.replace("YAML syntax error: ", ""), "quote the value or fix it"
+        raise _Bad(key, f"value {text!r} is not valid YAML: {what}; {fix}") from None
     return tuple(int(p) if p.isdigit() else p.strip() for p in parts), value
 
 

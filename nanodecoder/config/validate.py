@@ -9,7 +9,8 @@ and the others are still all found.
 """
 from __future__ import annotations
 
-
+import math
+from typing import Any, Iterator
 
 from .declare import checks
 from .errors import Problem
@@ -63,12 +64,38 @@ def validator_for(root, catalog: Catalog):
     return _CACHE[key]
 
 
+INT_RANGE = (-2 ** 63, 2 ** 63 - 1)    # what torch, numpy and the checkpoint formats can hold
+
+
+def unusable_numbers(value: Any, path: tuple = ()) -> Iterator[tuple[tuple, str]]:
+    """``(path, message)`` of every NaN or infinite float and every integer beyond 64 bits: JSON Schema lets
+    NaN through ``minimum``/``maximum`` and any integer through ``integer``, and no setting can use them."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from unusable_numbers(v, path + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from unusable_numbers(v, path + (i,))
+    elif isinstance(value, float) and not math.isfinite(value):
+        word = ".nan" if math.isnan(value) else ("-.inf" if value < 0 else ".inf")
+        yield path, f"{word} is not a usable number here; give a finite value"
+    elif isinstance(value, int) and not isinstance(value, bool) and not INT_RANGE[0] <= value <= INT_RANGE[1]:
+        yield path, (f"the integer {value} is out of range; integers must lie within +-{INT_RANGE[1]:,} "
+                     "(64 bits)")
+
+
 def problems(raw, lines: LineMap, shown: str, root, catalog: Catalog) -> list[Problem]:
     """Schema problems, then the cross-field ones among the values that passed the schema."""
     validator, files = validator_for(root, catalog)
-    bad: list[tuple] = []
     out: list[Problem] = []
+    bad: list[tuple] = []
+    for path, message in unusable_numbers(raw):
+        bad.append(path)
+        file, line = locate(lines, path, shown)
+        out.append(Problem(file, dotted(path), line, message))
     for err in without_follow_ons(list(validator.iter_errors(raw))):
+        if tuple(err.absolute_path) in bad:
+            continue                  # said above
         for path, message in explain(err, files):
             bad.append(path)
             file, line = locate(lines, path, shown)
