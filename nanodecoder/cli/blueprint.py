@@ -46,6 +46,11 @@ class RunSpec:
     eval: EvalSpec | None = param(None, doc="Benchmark evaluations during training (HellaSwag, bits per byte on a "
                                             "text file).")
 
+    def check(self):
+        if self.name and set(self.name) == {"."}:
+            yield ("name",), (f"'{self.name}' is not a run name: the run would be written outside "
+                              f"{self.logging.runs_dir}/; use letters, digits, '_', '-' or '.'")
+
     def with_vocab(self, tokenizer_vocab: int | None) -> "RunSpec":
         """This spec with the model's vocabulary resolved (see :meth:`ModelSpec.with_vocab`)."""
         return dataclasses.replace(self, model=self.model.with_vocab(tokenizer_vocab))
