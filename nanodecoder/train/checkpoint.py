@@ -7,6 +7,7 @@ Layout of ``<run_dir>/ckpt/``::
         state.safetensors  tensors of the training state (optimizer moments, RNG states)
         state.json         the rest of the training state, tensors referenced by key
         manifest.json      format version, step, model fingerprint, sha256 of each file
+                           (validated against MANIFEST_SCHEMA before anything is read)
     latest                 name of the newest complete checkpoint (replaced atomically)
     best                   name of the checkpoint with the best validation loss
 
@@ -14,6 +15,10 @@ A checkpoint is written into ``.tmp-step_000100-<pid>/``, every file fsynced,
 then renamed into place; only then is ``latest`` updated, and only then are old
 checkpoints pruned.  A crash at any point leaves the previous checkpoint loadable;
 leftover ``.tmp-*`` folders are ignored and removed by the next save.
+
+A *weights-only* checkpoint (``weights_only: true`` in its manifest; e.g. imported
+pretrained weights) holds ``model.safetensors`` alone: sampling, evaluation and
+fine-tuning start from it, resuming refuses it (no optimizer state).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -39,6 +45,26 @@ MODEL_FILE, STATE_FILE, STATE_JSON, MANIFEST = "model.safetensors", "state.safet
 
 class CheckpointError(Exception):
     """A checkpoint is missing, corrupt, or does not match the model."""
+
+
+_HASHED = {"type": "object", "required": ["sha256", "bytes"],
+           "properties": {"sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                          "bytes": {"type": "integer", "minimum": 0}}}
+MANIFEST_SCHEMA = {
+    "type": "object",
+    "required": ["format_version", "step", "model_fingerprint", "files"],
+    "properties": {
+        "format_version": {"type": "integer"},
+        "step": {"type": ["integer", "null"], "minimum": 0},
+        "created": {"type": "number"},
+        "model_fingerprint": {"type": "string"},
+        "weights_only": {"type": "boolean"},
+        "source": {"type": "string"},
+        "files": {"type": "object", "minProperties": 1, "additionalProperties": _HASHED,
+                  "propertyNames": {"pattern": "^[A-Za-z0-9_.-]+$"}},
+    },
+}
+FULL_FILES = (MODEL_FILE, STATE_FILE, STATE_JSON)
 
 
 def clean_name(name: str) -> str:
@@ -124,12 +150,30 @@ def save_checkpoint(path: Path, model: nn.Module, state: dict[str, Any],
     doc, state_tensors = flatten(state)
     save_file(state_tensors, tmp / STATE_FILE, metadata={"format": "nanodecoder"})
     (tmp / STATE_JSON).write_text(json.dumps(doc))
+    return _seal(tmp, path, FULL_FILES, {"step": state.get("step"),
+                                         "model_fingerprint": fingerprint(tensors, aliases)})
+
+
+def save_weights_only(path: Path, tensors: dict[str, torch.Tensor], aliases: dict[str, str], source: str) -> Path:
+    """Write a weights-only checkpoint (``tensors`` named as ``model_tensors`` names them, tied weights once)
+    at ``path`` atomically; ``source``: where the weights come from (shown when resuming is refused)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(tensors, tmp / MODEL_FILE, metadata={"format": "nanodecoder", "aliases": json.dumps(aliases)})
+    return _seal(tmp, path, (MODEL_FILE,), {"step": None, "model_fingerprint": fingerprint(tensors, aliases),
+                                            "weights_only": True, "source": source})
+
+
+def _seal(tmp: Path, path: Path, names, fields: dict) -> Path:
+    """Hash ``names`` in ``tmp``, write the manifest, fsync, and rename ``tmp`` to ``path``."""
     files = {}
-    for name in (MODEL_FILE, STATE_FILE, STATE_JSON):
+    for name in names:
         _fsync(tmp / name)
         files[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
-    manifest = {"format_version": FORMAT_VERSION, "step": state.get("step"), "created": time.time(),
-                "model_fingerprint": fingerprint(tensors, aliases), "files": files}
+    manifest = {"format_version": FORMAT_VERSION, "created": time.time(), **fields, "files": files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     _fsync(tmp / MANIFEST)
     _fsync(tmp)
@@ -146,16 +190,34 @@ def read_manifest(path: Path) -> dict:
         manifest = json.loads(mf.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{mf} is corrupt: {e}") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if isinstance(manifest, dict) and manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {manifest.get('format_version')} is not supported "
                               f"(this nanodecoder reads format {FORMAT_VERSION})")
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(MANIFEST_SCHEMA).iter_errors(manifest))
+    if error is not None:
+        where = "".join(f"[{p!r}]" for p in error.absolute_path) or "(top level)"
+        raise CheckpointError(f"{mf} is not a valid checkpoint manifest: {where}: {error.message}; "
+                              f"{_ANOTHER.format(parent=Path(path).parent)}")
+    required = (MODEL_FILE,) if manifest.get("weights_only") else FULL_FILES
+    missing = [n for n in required if n not in manifest["files"]]
+    if missing:
+        raise CheckpointError(f"{mf} does not list {', '.join(missing)}, so it cannot be verified; "
+                              f"{_ANOTHER.format(parent=Path(path).parent)}")
     return manifest
 
 
+_ANOTHER = "use another checkpoint of the run (--checkpoint NAME; the complete ones are folders in {parent})"
+
+
 def verify_checkpoint(path: Path) -> dict:
-    """Check every file against the manifest's sha256; return the manifest."""
+    """Check every file against the manifest's sha256, and that no tensor file in the folder goes unlisted;
+    return the manifest."""
     path = Path(path)
     manifest = read_manifest(path)
+    unlisted = sorted(f.name for f in path.glob("*.safetensors") if f.name not in manifest["files"])
+    if unlisted:
+        raise CheckpointError(f"checkpoint {path} holds {', '.join(unlisted)}, which its manifest does not list "
+                              f"(so it cannot be verified); {_ANOTHER.format(parent=path.parent)}")
     for name, info in manifest["files"].items():
         f = path / name
         if not f.is_file():
@@ -163,8 +225,8 @@ def verify_checkpoint(path: Path) -> dict:
         digest = _sha256(f)
         if digest != info["sha256"]:
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} has sha256 {digest[:12]}..., "
-                                  f"the manifest says {info['sha256'][:12]}...; resume from another checkpoint "
-                                  f"in {path.parent}")
+                                  f"the manifest says {info['sha256'][:12]}...; "
+                                  f"{_ANOTHER.format(parent=path.parent)}")
     return manifest
 
 
@@ -211,6 +273,11 @@ def load_model_weights(model: nn.Module, path: Path, *, verify: bool = True, loa
 def load_state(path: Path) -> dict[str, Any]:
     """The training state saved beside the weights (call after verification)."""
     path = Path(path)
+    manifest = read_manifest(path)
+    if manifest.get("weights_only"):
+        raise CheckpointError(f"checkpoint {path} holds weights only ({manifest.get('source', 'imported')}): "
+                              "there is no optimizer or schedule state to resume; start a new run from it "
+                              "with finetune: {from: RUN_DIR}")
     tensors, _ = _load_safetensors(path / STATE_FILE)
     try:
         doc = json.loads((path / STATE_JSON).read_text())
@@ -271,6 +338,24 @@ class CheckpointManager:
             write_atomic_text(self.root / "best", path.name)
         self.prune()
         return path
+
+    def set_aside_after(self, path: Path) -> list[str]:
+        """Resuming from ``path`` when later checkpoints exist: move those into ``superseded/`` (kept, never
+        pruned or resumed from) and point ``latest`` at ``path``; returns the names moved."""
+        later = [p for p in self.complete() if p.name > Path(path).name]
+        if later:
+            aside = self.root / "superseded"
+            aside.mkdir(exist_ok=True)
+            for p in later:
+                target = aside / p.name
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(p, target)
+            write_atomic_text(self.root / "latest", Path(path).name)
+            best = self.root / "best"
+            if best.is_file() and best.read_text().strip() in {p.name for p in later}:
+                best.unlink()
+        return [p.name for p in later]
 
     def prune(self) -> None:
         keep = set(p.name for p in self.complete()[-self.keep:])

@@ -65,12 +65,19 @@ class GracefulStop:
         return False
 
 
-def resume_trainer(trainer: Trainer, run: RunDir) -> Path:
-    """Load the run's latest checkpoint into the trainer's model and state."""
-    path = run.checkpoints.resolve("latest")
+def resume_trainer(trainer: Trainer, run: RunDir, which: str = "latest") -> Path:
+    """Load one of the run's checkpoints (``latest``, ``best`` or a folder name such as ``step_000040``) into
+    the trainer's model and state.  Checkpoints after it are moved to ``ckpt/superseded/`` (rank 0), since
+    the run continues from this one."""
+    path = run.checkpoints.resolve(which)
     load_model_weights(trainer.raw_model, path,
                        load=lambda full: trainer.runtime.load_model_state(trainer.raw_model, full))
     trainer.load_state_dict(load_state(path))
+    if trainer.runtime.is_main:
+        moved = run.checkpoints.set_aside_after(path)
+        if moved:
+            print(f"note: resuming from {path.name}; the later checkpoints {', '.join(moved)} were moved to "
+                  f"{run.checkpoints.root / 'superseded'}", file=sys.stderr)
     return path
 
 
