@@ -27,10 +27,11 @@ class PeriodicEval:
     def __init__(self, name: str, every: int | None, fn: Callable[[object], dict], line: Callable[[dict], str]):
         self.name, self.every, self.fn, self.line = name, every, fn, line
 
-    def due(self, step: int, train_spec) -> bool:
+    def due(self, step: int, train_spec, total: int | None = None) -> bool:
+        """After ``step`` of ``total`` (default: ``train.steps``)?"""
         if self.every is None:
-            return train_spec.is_eval_step(step)
-        return step == train_spec.steps or (self.every > 0 and step % self.every == 0)
+            return train_spec.is_eval_step(step, total)
+        return step == (total or train_spec.steps) or (self.every > 0 and step % self.every == 0)
 
     def __call__(self, trainer) -> dict:
         return self.fn(trainer)

@@ -116,9 +116,45 @@ class _Progress:
                 self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(n)
 
+    def set_total(self, total: int) -> None:
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+clock = time.perf_counter     # the loop's clock (tests replace it with a fake one)
+
+
+class TimeBudget:
+    """``train.time_budget``: fix the run's step count from the speed of its first steps; say when the clock
+    has run out.  Training time is the time of optimizer steps only (``trainer.train_time_s``)."""
+
+    def __init__(self, trainer: Trainer, spec):
+        self.trainer, self.seconds, self.probe = trainer, spec.time_budget_s, spec.budget_probe_steps
+        self.times: list[float] = []
+        self.per_step = 0.0
+
+    def after_step(self, seconds: float) -> int | None:
+        """Record one step's time; the fixed total step count on the step that fixes it, else None."""
+        t = self.trainer
+        if t.budget_fixed:
+            return None
+        self.times.append(seconds)
+        if len(self.times) < self.probe:
+            return None
+        timed = self.times[1:] or self.times           # the first step may compile
+        self.per_step = max(sum(timed) / len(timed), 1e-9)
+        left = max(0.0, self.seconds - t.train_time_s)
+        total = t.step_count + int(left // self.per_step)
+        t.fix_total_steps(int(t.runtime.broadcast_text(str(total))))     # rank 0's count on every rank
+        return t.total_steps
+
+    def out_of_time(self) -> bool:
+        return self.trainer.train_time_s >= self.seconds
 
 
 def run_training(trainer: Trainer, run: RunDir, *, logging, sample, name: str, params, tokenizer,
@@ -134,7 +170,8 @@ def run_training(trainer: Trainer, run: RunDir, *, logging, sample, name: str, p
     metrics.truncate_after(trainer.step_count)
     out(start_summary(name=name, run_dir=run, params=params, trainer=trainer, runtime=trainer.runtime,
                       train_tokens=train_tokens, resumed_from=str(resumed_from) if resumed_from else None))
-    progress = _Progress(logging.progress and main, spec.steps, trainer.step_count, silent=not main)
+    progress = _Progress(logging.progress and main, trainer.total_steps, trainer.step_count, silent=not main)
+    budget = TimeBudget(trainer, spec) if spec.time_budget else None
     moe = MoEMonitor(logging.empty_expert_warn_after, warn=progress.echo)
     t_start = time.perf_counter()
     elapsed0 = trainer.elapsed_s
@@ -153,14 +190,30 @@ def run_training(trainer: Trainer, run: RunDir, *, logging, sample, name: str, p
     try:
         with GracefulStop() as stop:
             t_log, steps_since_log = time.perf_counter(), 0
-            while trainer.step_count < spec.steps:
+            while trainer.step_count < trainer.total_steps:
+                t_step = clock()
                 result = trainer.step()
+                dt = clock() - t_step
+                trainer.train_time_s += dt
                 step = trainer.step_count
+                total = trainer.total_steps
+                if budget is not None:
+                    fixed = budget.after_step(dt)
+                    if fixed is not None:
+                        total = fixed
+                        progress.set_total(total)
+                        metrics.write({"kind": "budget", "step": step, "total_steps": total,
+                                       "ms_per_step": 1000 * budget.per_step, "time_budget_s": budget.seconds})
+                        progress.echo(f"time budget {spec.time_budget}: {1000 * budget.per_step:.1f} ms/step "
+                                      f"measured over the first {step} steps -> {total:,} steps in all")
+                    out_of_time = runtime.any_rank(budget.out_of_time()) and step < total   # all ranks alike
+                else:
+                    out_of_time = False
                 stopping = runtime.any_rank(stop.signum is not None)   # all ranks stop at the same step
                 steps_since_log += 1
                 progress.update(1)
                 paused = False
-                if spec.is_log_step(step):
+                if spec.is_log_step(step, total) or out_of_time:
                     trainer.check_deferred()
                     now = time.perf_counter()
                     row = train_row(trainer, result, moe, steps_since_log, now - t_log, elapsed0 + now - t_start)
@@ -169,7 +222,7 @@ def run_training(trainer: Trainer, run: RunDir, *, logging, sample, name: str, p
                                     **({"mfu": f"{row['mfu']:.1%}"} if row.get("mfu") is not None else {}))
                     t_log, steps_since_log = now, 0
                 best = False
-                if spec.is_eval_step(step):
+                if spec.is_eval_step(step, total) or out_of_time:
                     last_eval = trainer.evaluate()
                     best = last_eval["val_loss"] < trainer.best_val_loss
                     if best:
@@ -185,14 +238,19 @@ def run_training(trainer: Trainer, run: RunDir, *, logging, sample, name: str, p
                         _plots(run, metrics.rows, moe, name, step)
                     paused = True
                 for extra in evals:
-                    if extra.due(step, spec):
+                    if extra.due(step, spec, total) or out_of_time:
                         row = metrics.write({"kind": "eval", "step": step, "tokens": trainer.tokens_seen,
                                              **extra(trainer)})
                         progress.echo(f"step {step}: {extra.line(row)}")
                         paused = True
-                if spec.is_checkpoint_step(step) or (best and spec.keep_best) or stopping:
+                if spec.is_checkpoint_step(step, total) or (best and spec.keep_best) or stopping or out_of_time:
                     save(best=best and spec.keep_best)
                     paused = True
+                if out_of_time:
+                    status = "out of time"
+                    progress.echo(f"time budget {spec.time_budget} spent after step {step} of {total}: stopped, "
+                                  "checkpoint saved")
+                    break
                 if stopping:
                     signum = stop.signum or signal.SIGTERM      # another rank's signal
                     status = "interrupted"

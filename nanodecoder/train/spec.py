@@ -1,6 +1,7 @@
 """The ``train``, ``logging`` and ``sample`` sections, declared (each parameter once, here)."""
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from ..config.declare import Kind, choice, declared, param
@@ -9,7 +10,19 @@ from ..config.declare import Kind, choice, declared, param
 @declared
 class TrainSpec:
     """The training loop: length, batch, learning rate, evaluation, checkpoints and guard rails."""
-    steps: int = param(1000, doc="Number of optimizer steps to train for.", minimum=1)
+    steps: int = param(1000, doc="Number of optimizer steps to train for (with time_budget: only until the "
+                                 "count is fixed from the measured speed).", minimum=1)
+    time_budget: str | None = param(
+        None, doc="Wall-clock budget of training, e.g. 90s, 10m, 1h30m: the time of the optimizer steps from the "
+                  "first one, compilation included, evaluation and checkpoints excluded. It overrides steps: after "
+                  "budget_probe_steps the run measures its speed, fixes its total step count from what is left "
+                  "(stored in checkpoints, so a resume is exact and the step-based schedule still anneals) and "
+                  "stops early, with a checkpoint, should the clock run out anyway; null: train for steps.",
+        pattern=r"^([0-9]+(\.[0-9]+)?[hms])+$")
+    budget_probe_steps: int = param(10, doc="With time_budget: steps timed before the step count is fixed (the "
+                                            "first one, which may compile, is left out of the speed unless it is "
+                                            "the only one); the schedule takes steps as its length until then.",
+                                    minimum=1)
     batch_size: int = param(12, doc="Sequences per micro-batch, over all processes: a run launched with torchrun "
                                     "splits it evenly (batch_size / world_size each, refused when it does not "
                                     "divide), so the same blueprint trains on the same batches with 1 or N "
@@ -43,6 +56,19 @@ class TrainSpec:
                                                               "parameters).")
 
     @property
+    def time_budget_s(self) -> float | None:
+        """``time_budget`` in seconds (``1h30m`` -> 5400.0)."""
+        if self.time_budget is None:
+            return None
+        unit = {"h": 3600.0, "m": 60.0, "s": 1.0}
+        return sum(float(n) * unit[u] for n, u in re.findall(r"([0-9.]+)([hms])", self.time_budget))
+
+    @property
+    def provisional_steps(self) -> int:
+        """The step count before a time budget fixes it."""
+        return max(self.steps, self.budget_probe_steps) if self.time_budget else self.steps
+
+    @property
     def clip(self) -> float | None:
         """The gradient-norm clip value, or None when clipping is off."""
         return self.grad_clip if self.grad_clip else None
@@ -51,15 +77,15 @@ class TrainSpec:
         """Tokens per optimizer step of the whole job (``batch_size`` is the global micro-batch)."""
         return self.batch_size * self.grad_accum * context_length
 
-    def is_eval_step(self, step: int) -> bool:
-        """Evaluate after optimizer step ``step`` (1-based)?"""
-        return step == self.steps or (self.eval_every > 0 and step % self.eval_every == 0)
+    def is_eval_step(self, step: int, total: int | None = None) -> bool:
+        """Evaluate after optimizer step ``step`` (1-based) of ``total`` (default: steps)?"""
+        return step == (total or self.steps) or (self.eval_every > 0 and step % self.eval_every == 0)
 
-    def is_checkpoint_step(self, step: int) -> bool:
-        return step == self.steps or (self.checkpoint_every > 0 and step % self.checkpoint_every == 0)
+    def is_checkpoint_step(self, step: int, total: int | None = None) -> bool:
+        return step == (total or self.steps) or (self.checkpoint_every > 0 and step % self.checkpoint_every == 0)
 
-    def is_log_step(self, step: int) -> bool:
-        return step == 1 or step == self.steps or step % self.log_every == 0
+    def is_log_step(self, step: int, total: int | None = None) -> bool:
+        return step == 1 or step == (total or self.steps) or step % self.log_every == 0
 
 
 @declared

@@ -44,7 +44,10 @@ def start_summary(*, name: str, run_dir, params, trainer, runtime, train_tokens:
         f"{f' ({trainer.local_batch} per rank x {runtime.world_size} ranks)' if runtime.world_size > 1 else ''}"
         f" x {trainer.context_length} tokens x {spec.grad_accum} accum = {trainer.tokens_per_step:,} tokens/step",
         f"  steps          {spec.steps:,} -> {human(total_tokens)} tokens ({epochs:.2f} epochs of "
-        f"{human(train_tokens)} train tokens)",
+        f"{human(train_tokens)} train tokens)" if not spec.time_budget else
+        f"  steps          fixed by time_budget {spec.time_budget} after {spec.budget_probe_steps} timed steps "
+        f"({human(trainer.tokens_per_step)} tokens each, {human(train_tokens)} train tokens)"
+        + (f": {trainer.total_steps:,}" if trainer.budget_fixed else ""),
         f"  optimizer      {spec.optimizer.kind} {_params(spec.optimizer)}, lr {spec.lr:g}, "
         f"schedule {spec.schedule.kind} {_params(spec.schedule)}",
         f"  eval           every {spec.eval_every or spec.steps} steps on {spec.eval_steps} batches; "
@@ -63,8 +66,12 @@ def start_summary(*, name: str, run_dir, params, trainer, runtime, train_tokens:
 def end_summary(*, status: str, trainer, run_dir, wall_s: float, last_eval: dict | None,
                 files: list[str]) -> str:
     best = trainer.best_val_loss
-    lines = [f"== {status} at step {trainer.step_count:,} of {trainer.spec.steps:,} "
+    lines = [f"== {status} at step {trainer.step_count:,} of {trainer.total_steps:,} "
              f"({human(trainer.tokens_seen)} tokens, wall time {duration(wall_s)}) =="]
+    if trainer.spec.time_budget:
+        lines.append(f"  time budget    {trainer.spec.time_budget}: {trainer.train_time_s:.1f} s in optimizer steps "
+                     f"(compilation included), {max(0.0, wall_s - trainer.train_time_s):.1f} s elsewhere "
+                     "(evaluation, checkpoints, set-up; not counted)")
     if math.isfinite(best):
         lines.append(f"  best val loss  {best:.4f} at step {trainer.best_step}")
     if last_eval:

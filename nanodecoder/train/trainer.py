@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..data import BatchSampler, bits_per_byte
-from ..model.params import flops_per_token
+from ..model.plan import flops_per_token
 from ..runtime import rng_state, set_rng_state
 from .optim import AdamW, build_optimizer, param_names
 from .schedule import build_schedule, set_lr
@@ -70,7 +70,10 @@ class Trainer:
         self.BatchSampler = BatchSampler
         self.optimizer = build_optimizer(spec.optimizer, self.raw_model, spec.lr, runtime.device)
         self._kernel_flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in self.optimizer.param_groups]
-        self.schedule = build_schedule(spec.schedule, spec.steps, spec.lr)
+        self.total_steps = spec.provisional_steps   # a time budget fixes it after its probe steps
+        self.budget_fixed = False
+        self.train_time_s = 0.0       # time spent in optimizer steps, all sessions (time budget)
+        self.schedule = build_schedule(spec.schedule, self.total_steps, spec.lr)
         self.local_batch = runtime.local_batch(spec.batch_size)   # train.batch_size is the global batch
         self.sampler = batches if batches is not None else BatchSampler(
             prep.train, self.local_batch, context_length, mode=sampling, seed=spec.seed,
@@ -88,6 +91,11 @@ class Trainer:
         self.elapsed_s = 0.0          # wall time of earlier sessions of this run (resume)
         self._has_hook = callable(getattr(self.raw_model, "after_optimizer_step", None))
         runtime.split_rng(spec.seed, 0)   # ranks > 0: own dropout / noise streams after the shared init
+
+    def fix_total_steps(self, total: int) -> None:
+        """Set the run's length (time budget): the schedule is rebuilt for it, and checkpoints store it."""
+        self.total_steps, self.budget_fixed = total, True
+        self.schedule = build_schedule(self.spec.schedule, total, self.spec.lr)
 
     @property
     def tokens_seen(self) -> int:
@@ -186,6 +194,7 @@ class Trainer:
                                                           param_names(self.raw_model, self.optimizer)),
                 "optimizer_params": param_names(self.raw_model, self.optimizer),
                 "schedule": {"kind": self.spec.schedule.kind, "step": self.step_count},
+                "total_steps": self.total_steps, "budget_fixed": self.budget_fixed, "train_time_s": self.train_time_s,
                 "sampler": self.sampler.state_dict(), "rng": rng_state(), "runtime": self.runtime.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -211,6 +220,9 @@ class Trainer:
         self.best_val_loss = float(state["best_val_loss"])
         self.best_step = state["best_step"]
         self.elapsed_s = float(state["elapsed_s"])
+        self.train_time_s = float(state.get("train_time_s", 0.0))
+        if state.get("budget_fixed") and self.spec.time_budget:       # the count the budget fixed stays
+            self.fix_total_steps(int(state["total_steps"]))
 
 
 def split_size(prep, split: str) -> tuple[int | None, int | None]:
