@@ -17,8 +17,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "nanodecoder"
 
 LAYERS = {"config": 0, "resources": 0, "": 0, "components": 1, "model": 2, "data": 3, "runtime": 3,
-          "train": 4, "eval": 5, "finetune": 6, "cli": 7}
-COMMANDS = {"nanodecoder.run", "nanodecoder.sample", "nanodecoder.eval.__main__", "nanodecoder.finetune.answer"}
+          "train": 4, "eval": 5, "finetune": 6, "hf": 6, "cli": 7}
+COMMANDS = {"nanodecoder.run", "nanodecoder.sample", "nanodecoder.eval.__main__", "nanodecoder.finetune.answer",
+            "nanodecoder.hf.__main__"}
 #: what runtime/ may take from the config core: its public package, the declaration helpers, shipped files
 RUNTIME_CONFIG = {"nanodecoder.config", "nanodecoder.config.declare", "nanodecoder.resources"}
 #: heavy optional imports that may stay inside the function that needs them

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..config.registry import Catalog, RegistryError, make_catalog
 from .bpe import BpeTokenizer, TiktokenTokenizer
 from .errors import DataError
+from .hf_tokenizer import HFTokenizer
 from .sources import TextSource, UrlSource
 from .stdlib import PythonStdlibSource
 from .tokenizers import META_FILE, ByteTokenizer, CharTokenizer, Tokenizer
@@ -26,6 +27,7 @@ def register(catalog: Catalog) -> None:
     catalog["tokenizer"].add("char", CharTokenizer)
     catalog["tokenizer"].add("bpe", BpeTokenizer)
     catalog["tokenizer"].add("tiktoken", TiktokenTokenizer)
+    catalog["tokenizer"].add("hf", HFTokenizer)
 
 
 @functools.lru_cache(maxsize=None)

@@ -275,7 +275,7 @@ def load_state(path: Path) -> dict[str, Any]:
     path = Path(path)
     manifest = read_manifest(path)
     if manifest.get("weights_only"):
-        raise CheckpointError(f"checkpoint {path} holds weights only ({manifest.get('source', 'imported')}): "
+        raise CheckpointError(f"checkpoint {path} holds weights only ({manifest.get('source') or 'imported'}): "
                               "there is no optimizer or schedule state to resume; start a new run from it "
                               "with finetune: {from: RUN_DIR}")
     tensors, _ = _load_safetensors(path / STATE_FILE)

@@ -1,0 +1,48 @@
+"""``python -m nanodecoder.hf import|export``: the command line of ``nanodecoder.hf`` (see its docstring)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..cli.blueprint import load_blueprint
+from ..cli.common import fail, user_errors
+from ..cli.sample import load_run_model
+from . import export_hf, import_hf
+from .convert import DTYPES
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nanodecoder.hf", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="a local Hugging Face model directory -> a run folder")
+    imp.add_argument("model_dir", type=Path)
+    imp.add_argument("--out", type=Path, required=True, help="the new run folder")
+    imp.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the stored weights")
+    imp.add_argument("--no-tokenizer", action="store_true", help="import the weights without tokenizer.json")
+    exp = sub.add_parser("export", help="a run folder -> a Hugging Face model directory")
+    exp.add_argument("run_dir", type=Path)
+    exp.add_argument("--out", type=Path, required=True, help="the new Hugging Face model folder")
+    exp.add_argument("--checkpoint", default="best", help="best, latest, or a folder name like step_000500")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "import":
+            run = import_hf(args.model_dir, args.out, dtype=args.dtype, tokenizer=not args.no_tokenizer)
+            load_blueprint(run / "blueprint.yaml")          # the written blueprint validates like any other
+            print(f"imported {args.model_dir} -> {run}")
+        else:
+            model, tokenizer, path, _ = load_run_model(args.run_dir, args.checkpoint, lm_only=True, task="export")
+            hint = None
+            meta = args.run_dir / "run.json"
+            if meta.is_file():
+                hint = (json.loads(meta.read_text()).get("imported_from") or {}).get("model_type")
+            out = export_hf(model, tokenizer, args.out, hint=hint)
+            print(f"exported {path} -> {out}")
+    except (*user_errors(), ValueError) as e:
+        return fail(e)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

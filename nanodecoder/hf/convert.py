@@ -1,0 +1,285 @@
+"""Hugging Face model directory <-> run folder.
+
+``import_hf(model_dir, out)``   ``config.json`` + ``*.safetensors`` (+ ``tokenizer.json``) -> a run folder:
+                               ``blueprint.yaml`` (the architecture), ``tokenizer/``, ``run.json`` and a
+                               weights-only checkpoint ``ckpt/step_000000`` (its manifest says
+                               ``weights_only: true``: no optimizer state to resume from).
+``export_hf(model, tokenizer, out)``  a loaded run model -> ``config.json`` + ``model.safetensors``
+                               (+ ``tokenizer.json``) in the layout ``save_pretrained`` writes.
+
+Weights are read tensor by tensor with ``safetensors.safe_open`` (the shape checked from the header
+before the data is read); nothing in the model directory is executed or unpickled, and
+``transformers`` is not needed.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..config.declare import to_yaml
+from ..model import build_model, build_model_spec
+from ..model.spec import ModelSpec
+from ..train.checkpoint import MANIFEST, model_tensors, write_atomic_text
+from ..train.rundir import RunDir
+from .families import FAMILIES, TRAINING_ONLY, Family, family
+from .rules import HFError, Rule
+from ..data.hf_tokenizer import HF_CONFIG, HFTokenizer
+
+INDEX = "model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------- reading
+def read_config(model_dir: Path) -> dict:
+    f = model_dir / "config.json"
+    if not f.is_file():
+        raise HFError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise HFError(f"{f}: not valid JSON ({e})") from None
+
+
+class Weights:
+    """The tensors of a model directory's safetensors files, opened lazily, read one at a time."""
+
+    def __init__(self, model_dir: Path):
+        self.dir = model_dir
+        self._handles: dict[str, Any] = {}
+        index = model_dir / INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map") or {}
+            missing = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
+            if missing:
+                some = next(n for n, f in weight_map.items() if f == missing[0])
+                raise HFError(f"{model_dir}: shard {missing[0]} listed in {INDEX} is missing (it holds {some}"
+                              f"{' and more' if len(missing) > 1 else ''}); download every shard")
+            self.file_of = dict(weight_map)
+        else:
+            files = sorted(model_dir.glob("*.safetensors"))
+            if not files:
+                pickled = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
+                hint = f" (found {', '.join(pickled)}: pickled weights are never loaded)" if pickled else ""
+                raise HFError(f"{model_dir}: no *.safetensors weights{hint}")
+            self.file_of = {}
+            for f in files:
+                for name in self._open(f.name).keys():
+                    self.file_of[name] = f.name
+
+    def _open(self, file: str):
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(self.dir / file), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise HFError(f"cannot read {self.dir / file}: {e}") from None
+        return self._handles[file]
+
+    def names(self) -> set[str]:
+        return set(self.file_of)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open(self.file_of[name]).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._open(self.file_of[name]).get_tensor(name)
+        except SafetensorError as e:
+            raise HFError(f"{self.dir / self.file_of[name]}: cannot read tensor {name}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------- import
+def hf_model_section(config: dict) -> tuple[Family, dict]:
+    fam = family(config.get("model_type"))
+    return fam, fam.to_model(config)
+
+
+def _check_rules(rules: list[Rule], tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor of ours has exactly one rule (a family bug otherwise, not a user error)."""
+    ours = [r.ours for r in rules]
+    if sorted(ours) != sorted(tensors):
+        raise RuntimeError(f"mapping table mismatch: no rule for {sorted(set(tensors) - set(ours))}, "
+                           f"rules for unknown {sorted(set(ours) - set(tensors))}")
+
+
+def load_hf_weights(model, fam: Family, weights: Weights, tied: bool) -> None:
+    """Fill ``model``'s tensors from ``weights`` by the family's rules; refuse missing, misshaped, unused tensors."""
+    names = weights.names()
+    tensors, _ = model_tensors(model)
+    state = model.state_dict()
+    rules = fam.rules(model.spec, names)
+    _check_rules(rules, tensors)
+    used: set[str] = set()
+    for rule in rules:
+        target = state[rule.ours]
+        for name, shape in rule.hf_shapes(target.shape).items():
+            if name not in names:
+                raise HFError(f"{weights.dir}: tensor {name} is missing (config.json's {fam.model_type} "
+                              f"architecture needs it, for our {rule.ours})")
+            got = weights.shape(name)
+            if got != shape:
+                raise HFError(f"{weights.dir}: tensor {name} has shape {list(got)}, config.json implies "
+                              f"{list(shape)}; the checkpoint does not match its config")
+        with torch.no_grad():
+            target.copy_(rule.to_ours([weights.get(n) for n in rule.hf]))
+        used.update(rule.hf)
+    ignored = [re.compile(p) for p in fam.ignored]
+    unused = sorted(n for n in names - used
+                    if not any(p.search(n) for p in ignored) and not (tied and n == "lm_head.weight"))
+    if unused:
+        more = f" (+{len(unused) - 3} more)" if len(unused) > 3 else ""
+        raise HFError(f"{weights.dir}: tensor{'s' if len(unused) > 1 else ''} {', '.join(unused[:3])}{more} "
+                      f"not used by the {fam.model_type} architecture of config.json; converting would "
+                      "silently drop weights")
+
+
+def _eot_id(config: dict, model_dir: Path) -> int | None:
+    eos = config.get("eos_token_id")
+    gen = model_dir / "generation_config.json"
+    if eos is None and gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return int(eos) if eos is not None else None
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "imported"
+
+
+def import_hf(model_dir: str | Path, out: str | Path, *, dtype: str = "float32", tokenizer: bool = True) -> RunDir:
+    """Convert a local Hugging Face model directory into a new run folder ``out``; returns it."""
+    model_dir, out = Path(model_dir), Path(out)
+    config = read_config(model_dir)
+    fam, model_section = hf_model_section(config)
+    spec = build_model_spec(model_section)
+    tok = None
+    if tokenizer:
+        if not (model_dir / "tokenizer.json").is_file():
+            raise HFError(f"{model_dir} has no tokenizer.json (only the fast-tokenizer file is read; a sentencepiece "
+                          "tokenizer.model is not converted): save it with transformers' AutoTokenizer(...)"
+                          ".save_pretrained first, or import without a tokenizer (--no-tokenizer)")
+        tok = HFTokenizer.from_file(model_dir / "tokenizer.json", _eot_id(config, model_dir))
+        if tok.vocab_size > spec.vocab_size:
+            raise HFError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens, more than the model's "
+                          f"vocab_size {spec.vocab_size}")
+    weights = Weights(model_dir)
+    if out.exists() and any(out.iterdir()):
+        raise HFError(f"{out} exists and is not empty; choose a new folder for the run")
+
+    model = build_model(spec, device="meta").to_empty(device="cpu").to(DTYPES[dtype])
+    if spec.tie_embeddings:
+        model.head.weight = model.wte.weight
+    load_hf_weights(model, fam, weights, spec.tie_embeddings)
+
+    out.mkdir(parents=True, exist_ok=True)
+    run = RunDir(out)
+    name = _safe_name(model_dir.resolve().name)
+    blueprint = {"name": name, "description": f"{fam.model_type} imported from {model_dir.resolve()}",
+                 "model": model_section}
+    header = (f"# Imported from the Hugging Face model {model_dir.resolve()} ({fam.model_type}); the weights are a\n"
+              "# weights-only checkpoint: fine-tune it with finetune: {from: THIS_FOLDER} (no --resume).\n")
+    (out / RunDir.BLUEPRINT).write_text(header + yaml.safe_dump(blueprint, sort_keys=False))
+    if tok is not None:
+        tok.save(out / RunDir.TOKENIZER)
+    run.write_meta({"name": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "base_dir": str(out.resolve()),
+                    "imported_from": {"path": str(model_dir.resolve()), "model_type": fam.model_type,
+                                      "architectures": config.get("architectures")},
+                    "weights_only": True})
+    ckpt = run.checkpoints.save(0, model, {"step": 0, "weights_only": True})
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    manifest.update(weights_only=True, source=f"huggingface:{fam.model_type}")
+    write_atomic_text(ckpt / MANIFEST, json.dumps(manifest, indent=2))
+    return run
+
+
+# ----------------------------------------------------------------------------------- export
+def _layer_view(spec: ModelSpec) -> list:
+    """What each layer computes, in comparable form: derived sizes written out, training-only keys dropped."""
+    rows = []
+    for b in spec.blocks:
+        row = to_yaml(b)
+        a, m = b.attention, b.mlp
+        if a.kind == "causal":
+            row["attention"].update(head_dim=a.head_size, n_kv_heads=a.kv_heads, bias=sorted(a.biased))
+        if hasattr(m, "hidden"):
+            row["mlp"]["hidden_size" if m.kind != "moe" else "expert_hidden"] = m.hidden
+        rows.append(row)
+    return rows
+
+
+def _strip(tree):
+    if isinstance(tree, dict):
+        return {k: _strip(v) for k, v in tree.items() if k not in TRAINING_ONLY}
+    if isinstance(tree, list):
+        return [_strip(v) for v in tree]
+    return tree
+
+
+def comparable(spec: ModelSpec) -> dict:
+    top = {k: v for k, v in to_yaml(spec).items() if k not in ("block", "overrides", "pad_vocab_to")}
+    top["final_norm"] = to_yaml(spec.final)
+    return _strip({**top, "layers": _layer_view(spec)})
+
+
+def _differences(a, b, path="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str) for d in _differences(a.get(k), b.get(k), f"{path}.{k}")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"model{path} is {a!r} here, {b!r} in {{family}}"]
+
+
+def hf_family_for(spec: ModelSpec, hint: str | None = None) -> tuple[Family, dict]:
+    """The family (and its config.json) that describes exactly ``spec``; ``hint`` is tried first."""
+    mine = comparable(spec)
+    order = ([hint] if hint in FAMILIES else []) + [t for t in FAMILIES if t != hint]
+    reasons = []
+    for t in order:
+        fam = FAMILIES[t]
+        try:
+            config = fam.to_config(spec)
+            back = build_model_spec(fam.to_model(config))
+        except HFError as e:
+            reasons.append(f"{t}: {e}")
+            continue
+        diffs = _differences(mine, comparable(back))
+        if not diffs:
+            return fam, config
+        reasons.append(f"{t}: " + "; ".join(d.replace("{family}", t) for d in diffs[:2]))
+    first = next((r for r in reasons if r.startswith(f"{hint}:")), reasons[0])
+    raise HFError(f"no Hugging Face family we export computes this model exactly (closest: {first})")
+
+
+def export_hf(model, tokenizer, out: str | Path, *, hint: str | None = None) -> Path:
+    """Write ``model`` (a loaded Decoder) as a Hugging Face model directory ``out``."""
+    out = Path(out)
+    spec = model.spec
+    fam, config = hf_family_for(spec, hint)
+    if out.exists() and any(out.iterdir()):
+        raise HFError(f"{out} exists and is not empty; choose a new folder for the export")
+    eot = getattr(tokenizer, "eot_id", None)
+    config.update(bos_token_id=eot, eos_token_id=eot)
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for rule in fam.rules(spec, set()):
+        for name, t in zip(rule.hf, rule.to_hf(state[rule.ours])):
+            tensors[name] = t.detach().to("cpu", torch.float32).contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = {k: v for k, v in (("bos_token_id", eot), ("eos_token_id", eot)) if v is not None}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if isinstance(tokenizer, HFTokenizer):
+        (out / "tokenizer.json").write_bytes(tokenizer.source.read_bytes())
+        cfg = tokenizer.source.with_name(HF_CONFIG)
+        if cfg.is_file():
+            (out / HF_CONFIG).write_bytes(cfg.read_bytes())
+    return out
