@@ -43,6 +43,8 @@ class CausalSelfAttention(Component):
             "head", doc="What qk_norm normalises: each head over head_dim (Qwen3, OLMo 2) or the whole q and k "
                         "projections, n_heads * head_dim and n_kv_heads * head_dim wide, before the heads are split "
                         "(OLMoE).")
+        qk_norm_eps: float = param(1e-6, doc="Epsilon of the q/k RMSNorms (models use their rms_norm_eps: Qwen3 "
+                                             "1e-6, OLMoE 1e-5).", exclusive_minimum=0)
         window: int | None = param(None, doc="Sliding-window attention: each query sees itself and the window - 1 "
                                              "positions before it (null: every earlier position); a layer's KV cache "
                                              "then holds at most window positions. Set it per layer with overrides "
@@ -141,8 +143,8 @@ class CausalSelfAttention(Component):
         self.out = mark_residual(nn.Linear(s.n_heads * E, s.dim, bias="o" in s.biased))
         if s.qk_norm:
             per_head = s.qk_norm_scope == "head"
-            self.q_norm = nn.RMSNorm(E if per_head else s.n_heads * E, eps=1e-6)
-            self.k_norm = nn.RMSNorm(E if per_head else s.kv_heads * E, eps=1e-6)
+            self.q_norm = nn.RMSNorm(E if per_head else s.n_heads * E, eps=s.qk_norm_eps)
+            self.k_norm = nn.RMSNorm(E if per_head else s.kv_heads * E, eps=s.qk_norm_eps)
         if s.sinks:
             self.sinks = nn.Parameter(torch.zeros(s.n_heads))
         self.resid_dropout = nn.Dropout(s.dropout)

@@ -18,7 +18,6 @@ from typing import Any, Callable
 
 from .rules import HFError, Rule, concat, experts_down, experts_up, fused_experts, same, transposed
 
-QK_NORM_EPS = 1e-6          # our attention's q_norm / k_norm epsilon (components/attention.py)
 
 
 def _get(config: dict, key: str, default: Any = ...):
@@ -81,13 +80,6 @@ def _check_common(config: dict) -> None:
             raise HFError(f"config.json: layer type '{t}' is not implemented here (only full_attention)")
 
 
-def _qk_norm_eps(config: dict) -> None:
-    eps = float(_get(config, "rms_norm_eps"))
-    if abs(eps - QK_NORM_EPS) > 1e-12:
-        raise HFError(f"config.json: rms_norm_eps {eps:g} is also the q/k-norm epsilon, but our attention's "
-                      f"qk_norm uses {QK_NORM_EPS:g}; the model would differ slightly, so it is not converted")
-
-
 def _silu(config: dict) -> None:
     act = config.get("hidden_act", "silu")
     if act != "silu":
@@ -108,8 +100,7 @@ def llama_model(config: dict, *, bias=None, qk_norm: str | None = None, window: 
     if bias:
         attn["bias"] = bias
     if qk_norm:
-        _qk_norm_eps(config)
-        attn.update(qk_norm=True, qk_norm_scope=qk_norm)
+        attn.update(qk_norm=True, qk_norm_scope=qk_norm, qk_norm_eps=float(_get(config, "rms_norm_eps")))
     sliding = config.get("sliding_window")
     if window and sliding:
         attn["window"] = int(sliding)

@@ -41,7 +41,7 @@ CONFIGS = {
                                                      num_experts_per_tok=2, norm_topk_prob=True,
                                                      mlp_only_layers=[1], **ATTN),
     "olmoe": lambda: transformers.OlmoeConfig(vocab_size=V, intermediate_size=24, num_key_value_heads=4,
-                                              num_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-6, **ATTN),
+                                              num_experts=4, num_experts_per_tok=2, rms_norm_eps=1e-5, **ATTN),
 }
 MOE = {"mixtral", "qwen3_moe", "olmoe"}
 
