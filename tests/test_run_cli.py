@@ -1,4 +1,5 @@
-"""``python -m nanodecoder.run``: print-config, dry-run, and clean errors (exit 2, no traceback)."""
+"""``python -m nanodecoder.run``: print-config, dry-run and its memory plan, clean errors (exit 2, no traceback),
+the memory refusal (exit 4)."""
 from __future__ import annotations
 
 import json
@@ -7,12 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "train"))
 from trainhelpers import REPO, private_env, run_dirs, subprocess_env, tiny_raw, train_tiny, write_blueprint  # noqa: E402
 
+from nanodecoder.cli.common import EXIT_WONT_FIT  # noqa: E402
 from nanodecoder.run import main  # noqa: E402
+from nanodecoder.runtime import MEMORY_ENV  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -106,9 +110,63 @@ def test_changed_keys_lists_dotted_differences():
     assert changed_keys(old, new) == ["sample", "train.steps"]
 
 
-def test_dry_run_of_an_architecture_without_data_plans_offline(capsys):
+def test_dry_run_of_an_architecture_without_data_plans_offline(capsys, monkeypatch):
     """A zoo blueprint has no data section: --dry-run prints the parameter table and plan, nothing prepared."""
-    assert main(["zoo/gemma2_2b", "--dry-run"]) == 0
+    monkeypatch.setenv(MEMORY_ENV, "1TiB")
+    assert main(["zoo/gemma2_2b", "--dry-run", "--set", "train.batch_size=1", "train.grad_accum=12"]) == 0
     out = capsys.readouterr().out
     assert "2,614,341,888" in out and "no data section: the architecture only" in out
     assert "optimizer {'kind': 'adamw'" in out
+    assert "memory plan per process" in out and f"available: 1.00 TiB ({MEMORY_ENV}=1TiB)" in out
+    assert "fits: " in out
+
+
+def test_dry_run_of_a_run_too_big_for_the_machine_prints_the_plan_and_exits_4(capsys, monkeypatch):
+    monkeypatch.setenv(MEMORY_ENV, "80GiB")            # one H100
+    assert main(["zoo/gpt_oss_120b", "--dry-run", "--set", "train.batch_size=1",
+                 "model.context_length=4096"]) == EXIT_WONT_FIT == 4
+    captured = capsys.readouterr()
+    out, err = captured.out, captured.err
+    for row in ("weights (fp32)", "gradients (fp32)", "optimizer state", "activations", "total", "checkpointing"):
+        assert row in out
+    assert "does not fit: the plan needs" in out and "80.00 GiB available" in out
+    assert "the weights, gradients and optimizer state alone need 1.70 TiB" in out
+    assert "FSDP with activation checkpointing over" in out
+    assert err.startswith("error: the run does not fit in memory") and "Traceback" not in err
+
+
+def test_dry_run_of_a_gpu_profile_without_cuda_says_the_plan_cannot_be_checked(capsys, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["zoo/gpt2_124m", "--dry-run", "--profile", "gpu_mixed"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan per process: precision mixed" in out and "cuda kernels" in out
+    assert "autocast weight copies" in out
+    assert "cannot be checked against the device here: runtime profile 'gpu_mixed'" in out
+
+
+def test_training_refuses_a_run_that_does_not_fit_before_building_anything(tmp_path, capsys, monkeypatch):
+    import nanodecoder.cli.run as run_cli
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the model was built")
+    monkeypatch.setattr(run_cli, "build_model", no_build)
+    monkeypatch.setenv(MEMORY_ENV, "64KiB")
+    bp = write_blueprint(tmp_path)
+    assert main([str(bp)]) == EXIT_WONT_FIT
+    err = capsys.readouterr().err
+    assert "error: the run does not fit in memory: the plan needs" in err and "64.00 KiB available" in err
+    assert f"({MEMORY_ENV}=64KiB)" in err and "--set runtime.check_memory=false tries anyway" in err
+    assert not (tmp_path / "runs").exists()
+    # the same plan with vocab_size 'auto' is checked once the tokenizer is known, still before any build
+    raw = tiny_raw(tmp_path)
+    raw["model"]["vocab_size"] = 256
+    assert main([str(write_blueprint(tmp_path, raw, name="fixed_vocab.yaml"))]) == EXIT_WONT_FIT
+    assert "does not fit" in capsys.readouterr().err
+
+
+def test_the_memory_check_can_be_overridden(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(MEMORY_ENV, "64KiB")
+    bp = write_blueprint(tmp_path, train={"steps": 2, "eval_every": 0, "checkpoint_every": 0})
+    assert main([str(bp), "--set", "runtime.check_memory=false", "sample.enabled=false"]) == 0
+    assert len(run_dirs(tmp_path / "runs")) == 1

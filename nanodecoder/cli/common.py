@@ -1,4 +1,10 @@
-"""What the command-line entry points share: the exit code of bad input and how it is printed."""
+"""What the command-line entry points share: their exit codes and how an error is printed.
+
+Exit codes: 0 done; 2 bad input (blueprint, data, checkpoint, a profile this machine cannot run); 3 training
+stopped at a non-finite loss (``train.loop.EXIT_NONFINITE``); 4 the run does not fit in memory
+(``--dry-run``'s memory plan, and training's refusal before anything is built); 128 + N a signal N
+(checkpoint saved); 130 Ctrl-C during set-up.
+"""
 from __future__ import annotations
 
 import sys
@@ -12,6 +18,7 @@ from ..train.trainer import StateMismatch
 from ..train.wandb_log import WandbError
 
 EXIT_USAGE = 2
+EXIT_WONT_FIT = 4
 
 
 def fail(err: Exception, code: int = EXIT_USAGE) -> int:

@@ -1,42 +1,194 @@
-"""Parameter report for blueprints: total, active per token, embedding split, per component.
+"""Plan blueprints before renting hardware: parameters, FLOPs per token and training memory, from the spec alone.
 
-    python tools/param_count.py blueprints/*.yaml [--set model.n_layers=2] [--json]
+    python tools/param_count.py BLUEPRINT [BLUEPRINT ...] [--context N] [--batch N] [--precision bf16]
+        [--optimizer adamw] [--activation-checkpointing] [--profile NAME] [--world-size N] [--set KEY=VALUE] [--json]
+    python tools/param_count.py --compare A.yaml B.yaml [same options]
 
-Models are built on the ``meta`` device, so even large blueprints cost no memory.
+Nothing is built and no data is prepared: every number is arithmetic on the blueprint's spec (see
+``nanodecoder/model/plan.py`` for the conventions), so a 671B-parameter blueprint plans in well under a second.
+Defaults come from the blueprint: the context is its context_length, the precision its runtime profile's, the
+optimizer its train.optimizer; the batch is one sequence per device.
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-from ..model.params import count_blueprint, flops_per_token
-from .blueprint import blueprint_model_spec
+from ..model.plan import Plan, Setting, human_bytes, human_count, human_flops, plan
+from ..runtime import AUTO, available_profiles, resolve_profile
+from ..config import BlueprintError
+from .blueprint import blueprint_model_spec, run_spec
 from .common import fail, user_errors
+
+#: what each parameter figure counts, and which published numbers use it
+MEANINGS = {
+    "total": "every distinct parameter (a tied head once)",
+    "active": "what one token uses (routed experts count top_k of n_experts), both embeddings counted: "
+              "the convention of Mixtral's published 12.9B",
+    "active_non_embedding": "active without the input embedding (token + learned positions; an untied head "
+                            "counted): the convention of published active counts such as DeepSeek-V3's 37B "
+                            "and GPT-OSS-120b's 5.1B",
+    "non_embedding": "total without the embeddings (Kaplan et al.'s N)",
+}
+ASSUMPTIONS = ("activations: what autograd saves for the backward as our components produce it (no "
+               "recomputation unless checkpointing), the residual stream, norms and router in fp32, the rest in "
+               "the compute precision, fp32 logits and their gradient; everything summed as if alive at once; "
+               "not counted: allocator fragmentation, the CUDA context (~0.5 GiB)")
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python tools/param_count.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("blueprints", nargs="*", help="blueprint files or shipped names (zoo/gpt_oss_120b)")
+    ap.add_argument("--compare", nargs="+", metavar="BLUEPRINT", default=[],
+                    help="two or more blueprints side by side, with each one's ratio to the first")
+    ap.add_argument("--context", type=int, metavar="N", help="tokens per sequence (default: model.context_length)")
+    ap.add_argument("--batch", type=int, default=1, metavar="N", help="sequences per micro-batch on each device")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "fp16", "mixed"),
+                    help="compute precision (default: the runtime profile's); weights stay fp32")
+    ap.add_argument("--optimizer", metavar="KIND", help="optimizer kind (default: train.optimizer)")
+    ap.add_argument("--activation-checkpointing", action="store_true",
+                    help="the run recomputes each block in the backward (both plans are printed either way)")
+    ap.add_argument("--profile", choices=[AUTO, *available_profiles()], metavar="NAME",
+                    help="runtime profile (precision, device kernels, data_parallel): " + ", ".join(available_profiles()))
+    ap.add_argument("--world-size", type=int, default=1, metavar="N",
+                    help="devices of the job (data parallel as the profile says: ddp replicates, fsdp shards)")
+    ap.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="override blueprint values, e.g. --set model.n_layers=2 runtime.data_parallel=fsdp")
+    ap.add_argument("--json", action="store_true", help="print everything as one JSON object keyed by blueprint")
+    args = ap.parse_args(argv)
+    if not args.blueprints and not args.compare:
+        ap.error("give one or more BLUEPRINTs, or --compare A B")
+    if len(args.compare) == 1:
+        ap.error("--compare needs two or more blueprints")
+    for flag in ("context", "batch", "world_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be at least 1")
+    return args
+
+
+def flag_overrides(args) -> list[str]:
+    """The flags as the blueprint overrides they stand for (validated like any --set)."""
+    out = list(args.overrides)
+    if args.profile:
+        out.append(f"runtime.profile={args.profile}")
+    if args.precision:
+        out.append(f"runtime.precision={args.precision}")
+    if args.optimizer:
+        out.append(f"train.optimizer={{kind: {args.optimizer}}}")
+    if args.activation_checkpointing:
+        out.append("runtime.activation_checkpointing=true")
+    return out
+
+
+def plan_blueprint(path: str, args) -> tuple[str, Plan]:
+    """``(name, plan)`` of one blueprint under the command line's settings."""
+    bp, model = blueprint_model_spec(path, flag_overrides(args))
+    spec = run_spec(bp)
+    profile = resolve_profile(spec.runtime)
+    context = args.context or model.context_length
+    if context > model.context_length:
+        raise BlueprintError([bp.problem(("model", "context_length"), (
+            f"--context {context} is longer than the model's context_length ({model.context_length}); "
+            f"plan it with --set model.context_length={context}"))])
+    device = "cpu" if profile.device == "cpu" else "cuda"
+    setting = Setting(context=context, batch=args.batch, precision=profile.precision,
+                      optimizer_states=spec.train.optimizer.states_per_param, optimizer=spec.train.optimizer.kind,
+                      world_size=args.world_size, sharded=profile.data_parallel == "fsdp" and args.world_size > 1,
+                      checkpointing=profile.activation_checkpointing, device=device)
+    return bp.name, plan(model, setting)
+
+
+def report(name: str, path: str, p: Plan) -> str:
+    """The readable report of one blueprint."""
+    s, st, pr, f = p.spec, p.setting, p.params, p.flops
+    tokens = st.batch * st.context
+    figures = {"total": pr.total, "active": pr.active, "active_non_embedding": pr.active_non_embedding,
+               "non_embedding": pr.non_embedding}
+    lines = [f"== {name} ({path}): vocab {s.vocab_size:,}, context_length {s.context_length:,}, "
+             f"{s.n_layers} layers, d_model {s.d_model:,}", pr.table(), "", "parameters"]
+    labels = {"total": "total", "active": "active per token", "active_non_embedding": "active, no embeddings",
+              "non_embedding": "non-embedding"}
+    lines += [f"  {labels[k]:<24} {human_count(v):>10}   {MEANINGS[k]}" for k, v in figures.items()]
+    lines += ["", f"FLOPs per token at context {st.context:,} (model FLOPs; causal: the token at position t "
+                  "attends t + 1 keys, a windowed layer at most its window, averaged over the sequence)",
+              f"  {'forward':<24} {human_flops(f.forward):>12}   weight matmuls {human_flops(f.block_matmuls + f.head)}"
+              f" + attention {human_flops(f.attention)}",
+              f"  {'training':<24} {human_flops(f.training):>12}   forward + backward = 3 x forward (the MFU "
+              "convention)",
+              f"  {'with recomputation':<24} {human_flops(f.training + f.recompute):>12}   + every block's forward "
+              "again under activation checkpointing (hardware FLOPs)",
+              f"  {'per micro-batch':<24} {human_flops(f.training * tokens * st.world_size):>12}   training, "
+              f"{tokens * st.world_size:,} tokens", "",
+              f"training memory per device: {st.describe()}", p.memory_table(),
+              f"  assumptions: {ASSUMPTIONS}", "",
+              f"sampling: weights {human_bytes(pr.total * p.compute_bytes)} in {p.compute_dtype}; KV cache "
+              f"{human_bytes(p.kv_cache_per_token)} per token, {human_bytes(p.kv_cache_per_sequence)} per sequence "
+              f"of {st.context:,} tokens (windowed layers hold at most their window)", ""]
+    return "\n".join(lines)
+
+
+#: rows of --compare: JSON key, label, how to read the value from a plan, how to show it
+COMPARED = (
+    ("total", "parameters, total", lambda p: p.params.total, human_count),
+    ("active", "active per token", lambda p: p.params.active, human_count),
+    ("active_non_embedding", "active, no embeddings", lambda p: p.params.active_non_embedding, human_count),
+    ("non_embedding", "non-embedding", lambda p: p.params.non_embedding, human_count),
+    ("context", "context", lambda p: p.setting.context, lambda v: f"{v:,}"),
+    ("forward_flops", "forward FLOPs/token", lambda p: p.flops.forward, human_flops),
+    ("training_flops", "training FLOPs/token", lambda p: p.flops.training, human_flops),
+    ("model_state_bytes", "weights+grads+optimizer", lambda p: p.memory().model_state, human_bytes),
+    ("activation_bytes", "activations", lambda p: p.memory(False).activations, human_bytes),
+    ("activation_bytes_checkpointing", "activations, checkpointing", lambda p: p.memory(True).activations,
+     human_bytes),
+    ("memory_bytes", "training memory", lambda p: p.memory(False).total, human_bytes),
+    ("memory_bytes_checkpointing", "training memory, ckpt", lambda p: p.memory(True).total, human_bytes),
+    ("kv_cache_bytes_per_token", "KV cache per token", lambda p: p.kv_cache_per_token, human_bytes),
+)
+
+
+def ratios(plans: list[Plan]) -> list[dict[str, float | None]]:
+    """Each plan's values divided by the first plan's, by JSON key (None where the first is 0)."""
+    first = plans[0]
+    return [{key: (get(p) / get(first) if get(first) else None) for key, _, get, _ in COMPARED} for p in plans[1:]]
+
+
+def compare_table(names: list[str], plans: list[Plan]) -> str:
+    heads = names + [f"{n} / {names[0]}" for n in names[1:]]
+    rel = ratios(plans)
+    rows = [[label] + [show(get(p)) for p in plans] + [f"{r[key]:.3g}x" if r[key] is not None else "-"
+                                                       for r in rel] for key, label, get, show in COMPARED]
+    widths = [max(len(r[i]) for r in rows + [[""] + heads]) for i in range(len(heads) + 1)]
+    out = ["  ".join([f"{'':<{widths[0]}}"] + [f"{h:>{w}}" for h, w in zip(heads, widths[1:])])]
+    out += ["  ".join([f"{r[0]:<{widths[0]}}"] + [f"{v:>{w}}" for v, w in zip(r[1:], widths[1:])]) for r in rows]
+    out.append(f"(each at its own context unless --context is given; {plans[0].setting.describe()})")
+    return "\n".join(out)
+
+
+def as_json(p: Plan) -> dict:
+    """Everything of one plan, the parameter figures at the top (and what each counts)."""
+    out = p.as_dict()
+    return {**out["params"], "vocab_size": p.spec.vocab_size, "flops_per_token": p.flops.training,
+            "meanings": MEANINGS, "assumptions": ASSUMPTIONS, **{k: v for k, v in out.items() if k != "params"}}
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python tools/param_count.py", description=__doc__.splitlines()[0])
-    ap.add_argument("blueprints", nargs="+", help="blueprint files or shipped names")
-    ap.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                    help="override blueprint values, e.g. --set model.n_layers=2 train.lr=3.0e-4")
-    ap.add_argument("--json", action="store_true", help="print one JSON object per blueprint")
-    args = ap.parse_args(argv)
-    results = {}
-    for path in args.blueprints:
-        try:
-            bp, spec = blueprint_model_spec(path, args.overrides)
-        except user_errors() as e:
-            return fail(e)
-        report = count_blueprint(spec)
-        flops = flops_per_token(spec)
-        if args.json:
-            results[str(path)] = {**report.as_dict(), "vocab_size": spec.vocab_size,
-                                  "flops_per_token": flops}
-        else:
-            print(f"== {bp.name} ({path}): {report.total:,} parameters, {report.active:,} active per token, "
-                  f"vocab {spec.vocab_size:,}")
-            print(report.table())
-            print(f"training FLOPs per token: {flops:,.0f}\n")
+    args = parse_args(argv)
+    paths = list(dict.fromkeys([*args.compare, *args.blueprints]))
+    try:
+        planned = [(path, *plan_blueprint(path, args)) for path in paths]
+    except user_errors() as e:
+        return fail(e)
+    compared = [(path, name, p) for path, name, p in planned if path in args.compare]
     if args.json:
-        print(json.dumps(results, indent=2))
+        out = {path: as_json(p) for path, _, p in planned}
+        if compared:
+            out["compare"] = {"baseline": compared[0][0],
+                              "ratios": dict(zip([c[0] for c in compared[1:]], ratios([c[2] for c in compared])))}
+        print(json.dumps(out, indent=2))
+        return 0
+    for path, name, p in planned:
+        if path not in args.compare:
+            print(report(name, path, p))
+    if compared:
+        print(compare_table([c[1] for c in compared], [c[2] for c in compared]))
     return 0

@@ -10,7 +10,18 @@ A run writes ``<runs_dir>/<name>/<timestamp>/``: the resolved ``blueprint.yaml``
 Ctrl-C or SIGTERM saves a checkpoint and exits; ``--resume`` continues exactly from
 the latest checkpoint, with the run's saved blueprint, or with BLUEPRINT when one
 is given (changed keys are listed; a changed architecture is refused).
-Errors in the blueprint, the data or a checkpoint print one message and exit 2.
+
+``--dry-run`` validates, builds nothing real and prints the parameter table, the
+plan and the memory plan per process for the chosen profile (with and without
+activation checkpointing) against the memory available here; a blueprint with
+``model.vocab_size`` and no data section is planned offline.  Training checks the
+same plan before it builds the weights (``runtime.check_memory: false`` skips it).
+
+Exit codes: 0 done; 2 an error in the blueprint, the data, a checkpoint or a
+profile this machine cannot run (one message, no traceback); 3 training stopped
+at a non-finite loss; 4 the run does not fit in memory (``--dry-run`` prints the
+whole plan and what does not fit; training refuses before building anything);
+128 + N after signal N (a checkpoint was saved); 130 Ctrl-C during set-up.
 """
 from __future__ import annotations
 
@@ -27,15 +38,17 @@ from ..finetune import dry_run as finetune_dry_run
 from ..finetune import prepare_finetune
 from ..model import build_model
 from ..model.generate import encode_prompt
-from ..model.params import count_params, flops_per_token
+from ..model.params import count_params
+from ..model.plan import flops_per_token
 from ..runtime import AUTO, available_profiles, describe_plan, setup_runtime
 from ..train.loop import resume_trainer, run_training
+from ..train.memory import WontFit, planned_check, refuse_if_too_big
 from ..train.rundir import RunDir
 from ..train.trainer import Trainer, seed_everything
 from ..train.wandb_log import preflight, start_wandb
 from ..config import Blueprint, BlueprintError
 from .blueprint import load_blueprint, run_spec
-from .common import EXIT_USAGE, fail, user_errors
+from .common import EXIT_USAGE, EXIT_WONT_FIT, fail, user_errors
 
 
 def parse_args(argv: list[str] | None):
@@ -48,7 +61,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--profile", choices=_profiles(), metavar="NAME",
                    help="runtime profile (overrides runtime.profile): " + ", ".join(_profiles()))
     p.add_argument("--dry-run", action="store_true",
-                   help="validate, prepare the data, build the model on the meta device, print the plan; no training")
+                   help="validate, prepare the data, build the model on the meta device, print the plan and the "
+                        "memory plan (exit 4 when it does not fit); no training")
     p.add_argument("--print-config", action="store_true", help="print the resolved blueprint (YAML) and exit")
     args = p.parse_args(argv)
     if args.blueprint is None and args.resume is None:
@@ -140,9 +154,13 @@ def dry_run(bp, prep, spec) -> int:
           f"({t.batch_size} x {spec.model.context_length} x {t.grad_accum} accum) = "
           f"{t.steps * tokens_per_step:,} tokens; {data}")
     print(f"optimizer {to_yaml(t.optimizer)}, lr {t.lr:g}, schedule {to_yaml(t.schedule)}")
-    print(f"about {flops_per_token(model) * t.steps * tokens_per_step:.3g} training FLOPs; "
+    print(f"about {flops_per_token(spec.model) * t.steps * tokens_per_step:.3g} training FLOPs; "
           f"runs go to {spec.logging.runs_dir}/{bp.name}/<timestamp>/  (dry run: nothing trained)")
     print(describe_plan(spec.runtime))
+    check = planned_check(spec.model, t, spec.runtime)
+    print(check.report())
+    if check.fits is False:
+        return fail(WontFit(f"the run does not fit in memory: {check.shortfall()}"), EXIT_WONT_FIT)
     return 0
 
 
@@ -150,7 +168,12 @@ def train(bp, run, base_dir: Path, saved: dict | None = None) -> int:
     spec = run_spec(bp)
     preflight(spec.logging.wandb)
     runtime = setup_runtime(spec.runtime)  # machine checks before any work
+    checked = spec.finetune is None and spec.model.vocab_size != "auto"
+    if checked:                            # the memory plan before the data is prepared
+        refuse_if_too_big(spec.model, spec.train, runtime)
     prep, spec = prepare(bp, base_dir, run, spec)
+    if spec.finetune is None and not checked:
+        refuse_if_too_big(spec.model, spec.train, runtime)
     if spec.sample.enabled:
         check_prompt(prep.tokenizer, spec.sample.prompt)
     seed_everything(spec.train.seed)
@@ -215,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         return train(bp, run, base_dir, saved)
     except user_errors() as e:
         return fail(e, EXIT_USAGE)
+    except WontFit as e:
+        return fail(e, EXIT_WONT_FIT)
     except KeyboardInterrupt:  # a second Ctrl-C while training, or one during set-up
         print("aborted (no checkpoint written for the current step)", file=sys.stderr)
         return 130

@@ -1,4 +1,4 @@
-"""Parameter and FLOP accounting: the one place these numbers come from.
+"""Parameter counts of a built model: the rows the analytic count (``model.plan``) is checked against.
 
 * ``total``: every distinct parameter (a tied head counts once).
 * ``active``: parameters used per token: routed experts count k of n
@@ -6,10 +6,8 @@
 * ``embedding``: token embedding + learned positions (+ an untied output
   head is listed as its own row and counted as non-embedding, as it is a
   real matmul per token).
-* ``flops_per_token``: 6 x (active non-embedding params + d_model x vocab for
-  the output head when tied) + 12 x n_layers x d_model x context (the
-  attention scores and weighted sum, fwd+bwd, causal mask not discounted,
-  as in the PaLM paper's appendix B).
+
+FLOPs and memory come from the spec alone: ``model.plan`` (``flops_per_token``, ``plan``).
 """
 from __future__ import annotations
 
@@ -103,21 +101,8 @@ def count_params(model: nn.Module) -> ParamReport:
     return ParamReport(total=total, active=active, embedding=embedding, rows=rows)
 
 
-def flops_per_token(spec_or_model, context_length: int | None = None) -> float:
-    """Training FLOPs (forward + backward) per token; see the module docstring."""
-    if isinstance(spec_or_model, nn.Module):
-        model = spec_or_model
-    else:
-        model = build_model(spec_or_model, device="meta")
-    model = unwrap(model)
-    s = model.spec
-    report = count_params(model)
-    head = s.d_model * s.vocab_size if s.tie_embeddings else 0   # untied head is already non-embedding
-    T = context_length or s.context_length
-    return 6.0 * (report.active_non_embedding + head) + 12.0 * s.n_layers * s.d_model * T
-
-
 def count_blueprint(model_spec) -> ParamReport:
-    """Count a model spec by building it on the meta device (no memory used)."""
+    """Count a model spec by building it on the meta device (no memory used; the tests check the analytic
+    ``model.plan.param_report`` against it)."""
     with torch.device("meta"):
         return count_params(build_model(model_spec, device="meta"))

@@ -2,7 +2,8 @@
 
 The trainer, the loop and checkpointing ask the runtime and never branch on
 the device type themselves.  :meth:`Runtime.apply` prepares a model in one
-fixed order: device -> precision -> compile -> data-parallel wrap (DDP or FSDP2).
+fixed order: device -> precision -> activation checkpointing -> compile ->
+data-parallel wrap (DDP or FSDP2).
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..model import unwrap
+from ..model import Decoder, unwrap
 from . import distributed as dist_
 from .compile import compile_errors, compile_model, eager, transformer_blocks
+from .hardware import Launch, MemoryBudget, available_memory
 from .profiles import Profile, RuntimeSetupError
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -57,6 +59,8 @@ class Runtime:
     peak_source: str = ""
     profile: Profile | None = None
     host_memory_cached: bool = False        # glibc keeps freed memory (profile's cache_host_memory)
+    activation_checkpointing: bool = False  # recompute each block in the backward (profile's setting)
+    local_world_size: int = 1               # processes on this node (they share its host memory)
     scaler: Any = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -113,6 +117,9 @@ class Runtime:
         if self.data_parallel != "fsdp":      # FSDP2 moves each unit to the device as it shards it
             model = model.to(self.device)
         # precision: weights stay fp32 (master copy); autocast() and the GradScaler do the rest
+        for module in model.modules():    # read by Decoder.hidden's block loop (training with gradients only)
+            if isinstance(module, Decoder):
+                module.activation_checkpointing = self.activation_checkpointing
         if self.compile:   # one process: the whole model; data parallel: each block (overlap, sharding)
             compile_model(model, self.compile_mode, per_block=self.data_parallel is not None)
         if self.data_parallel == "ddp":
@@ -122,6 +129,12 @@ class Runtime:
         return model
 
     prepare_model = apply
+
+    def memory_budget(self, env=None) -> MemoryBudget:
+        """What this process may still allocate on its device (see ``hardware.available_memory``)."""
+        launch = Launch(rank=self.rank, local_rank=self.local_rank, world_size=self.world_size,
+                        local_world_size=self.local_world_size)
+        return available_memory(self.device, launch, env)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The plain module under compile / DDP wrappers (an FSDP2 module is its own)."""

@@ -7,8 +7,10 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Mapping
 
 import torch
@@ -22,6 +24,7 @@ class Launch:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    local_world_size: int = 1     # processes on this node (they share its host memory)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Launch":
@@ -30,6 +33,7 @@ class Launch:
             world = int(env.get("WORLD_SIZE", 1))
             rank = int(env.get("RANK", 0))
             local = int(env.get("LOCAL_RANK", rank))
+            local_world = int(env.get("LOCAL_WORLD_SIZE", world))
         except ValueError as e:
             raise RuntimeSetupError(f"bad torchrun environment ({e}); launch with torchrun") from None
         if world < 1 or not 0 <= rank < world:
@@ -38,7 +42,100 @@ class Launch:
             raise RuntimeSetupError(f"WORLD_SIZE is {world} but MASTER_ADDR/MASTER_PORT are not set: start "
                                     f"distributed runs with torchrun, e.g. torchrun --nproc_per_node={world} "
                                     "-m nanodecoder.run BLUEPRINT")
-        return cls(rank=rank, local_rank=local, world_size=world)
+        return cls(rank=rank, local_rank=local, world_size=world, local_world_size=max(1, min(local_world, world)))
+
+
+#: bytes (``24GiB``, ``1.5e9``) that replace the measured memory available to the process (tests, planning)
+MEMORY_ENV = "NANODECODER_AVAILABLE_MEMORY"
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"24GiB"``, ``"80 GB"``, ``"1.5e9"`` -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
+    try:
+        return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    except (AttributeError, KeyError, ValueError):
+        raise RuntimeSetupError(f"{MEMORY_ENV}={text!r} is not a size in bytes (e.g. 24GiB, 80GB, 1.5e9)") from None
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """What one process may still allocate on its device: ``bytes`` (None: unknown here) and where it comes from."""
+    bytes: int | None
+    source: str
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None          # cgroup v2 writes "max" for no limit
+
+
+def mem_available(root: Path = Path("/")) -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (None where there is none)."""
+    try:
+        for line in (root / "proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def cgroup_free(root: Path = Path("/")) -> int | None:
+    """Bytes this process's memory cgroup still allows: limit - usage at the tightest level of its cgroup and
+    the levels above it (v2 ``memory.max`` - ``memory.current``, v1 ``memory.limit_in_bytes`` -
+    ``memory.usage_in_bytes``); None without a limit."""
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    free = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            base, limit, usage = root / "sys/fs/cgroup", "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            base, limit, usage = root / "sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        rel = PurePosixPath(path.strip().lstrip("/"))
+        for level in {base / rel, *(base / p for p in rel.parents)}:   # a container sees its own as the root
+            lim, used = _read_int(level / limit), _read_int(level / usage)
+            if lim is not None and used is not None:
+                free.append(max(lim - used, 0))
+    return min(free) if free else None
+
+
+def available_memory(device: torch.device, launch: Launch | None = None, env: Mapping[str, str] | None = None,
+                     root: Path = Path("/")) -> MemoryBudget:
+    """Memory this process may still allocate: ``NANODECODER_AVAILABLE_MEMORY`` when set; on a GPU its free
+    memory (``torch.cuda.mem_get_info``); on the CPU the smaller of ``MemAvailable`` and the cgroup's
+    remaining limit, divided among the processes of this node."""
+    env = os.environ if env is None else env
+    launch = launch or Launch()
+    if env.get(MEMORY_ENV):
+        return MemoryBudget(parse_bytes(env[MEMORY_ENV]), f"{MEMORY_ENV}={env[MEMORY_ENV]}")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return MemoryBudget(int(free), f"free on {device} ({torch.cuda.get_device_name(device)})")
+    if device.type != "cpu":
+        return MemoryBudget(None, f"unknown on '{device.type}'")
+    found = {"MemAvailable": mem_available(root), "the cgroup limit": cgroup_free(root)}
+    found = {name: n for name, n in found.items() if n is not None}
+    if not found:
+        return MemoryBudget(None, "unknown on this system (no /proc/meminfo, no cgroup limit)")
+    name, host = min(found.items(), key=lambda item: item[1])
+    other = {"MemAvailable": "the cgroup limit allows more", "the cgroup limit": "below MemAvailable"}[name]
+    source = f"host memory: {name}" + (f", {other}" if len(found) > 1 else "")
+    if launch.local_world_size > 1:
+        return MemoryBudget(host // launch.local_world_size,
+                            f"{source}, shared by the {launch.local_world_size} processes of this node")
+    return MemoryBudget(host, source)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3      # mallopt parameters of glibc's <malloc.h>

@@ -72,6 +72,17 @@ class Profile:
                    "per 4 KiB, which on small machines takes longer than the arithmetic on it (measured: exp over a "
                    "32 MiB tensor 10.2 -> 3.9 ms; dense_gpt steps ~7% faster on 2 cores). The process keeps its peak "
                    "memory until it exits. No effect on GPU devices or where the C library is not glibc.")
+    activation_checkpointing: bool = param(
+        False, doc="Recompute each transformer block's forward during the backward (torch.utils.checkpoint, "
+                   "non-reentrant, RNG state preserved so dropout and router noise repeat exactly) instead of "
+                   "keeping its activations: activation memory drops to each block's input plus one block's "
+                   "activations, for about a third more compute (one more forward of every block); losses and "
+                   "gradients are unchanged. python tools/param_count.py BLUEPRINT prints both memory plans.")
+    check_memory: bool = param(
+        True, doc="Refuse to train (exit 4, before the weights are built) when the memory plan -- weights, "
+                  "gradients, optimizer state and activations of one micro-batch, per process -- exceeds the memory "
+                  "available to the process: free GPU memory, or on the CPU the smaller of MemAvailable and the "
+                  "cgroup limit (shared by the processes of a node). false: try anyway.")
     name: str = dataclasses.field(default="", metadata={})          # the file's name, set on load
     overridden: tuple[str, ...] = ()      # fields the blueprint / --set changed
 
@@ -89,6 +100,10 @@ class Profile:
             parts.append(mark("peak_flops", f"peak {self.peak_flops:.3g} FLOP/s"))
         if self.cache_host_memory:
             parts.append(mark("cache_host_memory", "host memory cached"))
+        if self.activation_checkpointing:
+            parts.append(mark("activation_checkpointing", "activation checkpointing"))
+        if not self.check_memory:
+            parts.append(mark("check_memory", "memory not checked"))
         return ", ".join(parts)
 
 

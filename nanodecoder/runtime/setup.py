@@ -1,6 +1,7 @@
 """Resolve a profile on this machine: checks first (nothing built yet), then the process's set-up."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -42,24 +43,46 @@ def setup_runtime(spec: RuntimeSpec | None = None, *, env: Mapping[str, str] | N
     return Runtime(device=device, precision=precision, rank=launch.rank, world_size=launch.world_size,
                    threads=torch.get_num_threads(), local_rank=launch.local_rank, data_parallel=data_parallel,
                    compile=profile.compile, compile_mode=profile.compile_mode, peak_flops=peak,
-                   peak_source=source, profile=profile, host_memory_cached=cached)
+                   peak_source=source, profile=profile, host_memory_cached=cached,
+                   activation_checkpointing=profile.activation_checkpointing,
+                   local_world_size=launch.local_world_size)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a run would execute on this machine, resolved without setting anything up."""
+    profile: Profile
+    launch: Launch
+    device: torch.device | None     # None: the profile cannot run here (``problem`` says why)
+    precision: str                  # resolved where the device is known, else the profile's
+    data_parallel: str | None
+    problem: str | None = None
+
+
+def resolve_target(spec: RuntimeSpec | None = None, env: Mapping[str, str] | None = None) -> Target:
+    """The profile, this process's place in the job, its device and precision -- or why it cannot run here."""
+    profile = resolve_profile(spec)
+    try:
+        launch = Launch.from_env(env)
+        device, precision, data_parallel = _check(profile, launch)
+    except RuntimeSetupError as e:
+        return Target(profile, Launch(), None, profile.precision, None, str(e))
+    return Target(profile, launch, device, precision, data_parallel)
 
 
 def describe_plan(spec: RuntimeSpec | None = None, env: Mapping[str, str] | None = None) -> str:
     """What the runtime would do here (for ``--dry-run``): the profile, then this machine's
     outcome or the error a run would stop with.  Sets nothing up."""
-    profile = resolve_profile(spec)
+    target = resolve_target(spec, env)
+    profile = target.profile
     lines = [f"runtime profile '{profile.name}': {profile.description}",
              f"  settings       {profile.summary()}" + ("  (* = overridden)" if profile.overridden else ""),
-             "  order          device -> precision -> compile -> data-parallel wrap"]
-    try:
-        launch = Launch.from_env(env)
-        device, precision, data_parallel = _check(profile, launch)
-    except RuntimeSetupError as e:
-        lines.append(f"  on this machine: cannot run: {e}")
+             "  order          device -> precision -> activation checkpointing -> compile -> data-parallel wrap"]
+    if target.problem is not None:
+        lines.append(f"  on this machine: cannot run: {target.problem}")
         return "\n".join(lines)
-    scaler = " with a GradScaler" if precision == "fp16" else ""
-    dp = (f"{data_parallel} over {launch.world_size} processes" if data_parallel else
+    scaler = " with a GradScaler" if target.precision == "fp16" else ""
+    dp = (f"{target.data_parallel} over {target.launch.world_size} processes" if target.data_parallel else
           f"one process (under torchrun: {profile.data_parallel})")
-    lines.append(f"  on this machine: {device}, {precision}{scaler}, {dp}")
+    lines.append(f"  on this machine: {target.device}, {target.precision}{scaler}, {dp}")
     return "\n".join(lines)

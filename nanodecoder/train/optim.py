@@ -1,7 +1,8 @@
 """Optimizers, looked up by ``train.optimizer.kind`` in the ``optimizer`` registry.
 
 A registered optimizer is a class with a declared ``Spec`` (its YAML
-parameters) and ``build(spec, model, lr, device)`` returning a
+parameters and ``states_per_param``, the tensors of parameter size it keeps,
+for memory plans) and ``build(spec, model, lr, device)`` returning a
 ``torch.optim.Optimizer``.
 
 Weight decay (documented decision): parameters with two or more dimensions
@@ -76,6 +77,9 @@ class AdamW:
         implementation: Literal["auto", "fused", "foreach", "for-loop"] = param(
             "auto", doc="Kernel choice: 'auto' is the fused kernel where torch has one (CUDA, CPU) and foreach "
                         "elsewhere.")
+
+        #: state the optimizer keeps per parameter, in the parameter's dtype (memory plans): exp_avg, exp_avg_sq
+        states_per_param = 2
 
     @staticmethod
     def kernel_flags(implementation: str, device: torch.device) -> dict[str, bool]:

@@ -28,7 +28,8 @@ def test_cuda_profiles_are_planned_by_dry_run_and_refused_before_training(tmp_pa
     assert main([str(bp), "--dry-run", "--profile", name]) == 0
     out = capsys.readouterr().out
     assert f"runtime profile '{name}':" in out
-    assert "order          device -> precision -> compile -> data-parallel wrap" in out
+    assert "order          device -> precision -> activation checkpointing -> compile -> data-parallel wrap" in out
+    assert "memory plan per process: precision" in out and "cannot be checked against the device here" in out
     assert f"on this machine: cannot run: runtime profile '{name}' (device cuda) needs a CUDA GPU" in out
     assert main([str(bp), "--profile", name, "--set", f"logging.runs_dir={tmp_path / 'runs'}"]) == 2
     err = capsys.readouterr().err
@@ -136,7 +137,7 @@ def test_cached_host_memory_spares_the_page_faults_of_fresh_tensors(tmp_path):
 def test_launch_environment_errors():
     assert Launch.from_env({}) == Launch(0, 0, 1)
     assert Launch.from_env({"WORLD_SIZE": "4", "RANK": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "a",
-                            "MASTER_PORT": "1"}) == Launch(2, 0, 4)
+                            "MASTER_PORT": "1"}) == Launch(2, 0, 4, 4)     # no LOCAL_WORLD_SIZE: one node
     with pytest.raises(RuntimeSetupError, match="start distributed runs with torchrun, e.g. torchrun "
                                                 "--nproc_per_node=2"):
         Launch.from_env({"WORLD_SIZE": "2"})
@@ -171,7 +172,7 @@ def test_global_batch_must_split_over_the_processes():
 
 
 def test_metrics_report_model_flops_and_mfu(reference, workdir):
-    from nanodecoder.model.params import flops_per_token
+    from nanodecoder.model.plan import flops_per_token
     trainer, rt = trainer_for(workdir, dense_raw(workdir))
     assert trainer.flops_per_token == flops_per_token(trainer.raw_model) > 0
     train = rows(reference["dense"], "train")
