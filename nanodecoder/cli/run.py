@@ -1,7 +1,7 @@
 """Train a model from a blueprint.
 
     python -m nanodecoder.run BLUEPRINT [--set key=value ...] [--dry-run] [--print-config]
-    python -m nanodecoder.run [BLUEPRINT] --resume RUN_DIR [--set train.steps=4000]
+    python -m nanodecoder.run [BLUEPRINT] --resume RUN_DIR [--checkpoint step_000040] [--set train.steps=4000]
     python -m nanodecoder.run BLUEPRINT --profile gpu_mixed [--set runtime.compile=true]
     torchrun --nproc_per_node=8 -m nanodecoder.run BLUEPRINT --profile multi_gpu_compile
 
@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override a blueprint value (dotted key), e.g. --set train.steps=100; repeatable")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.add_argument("--checkpoint", default="latest", metavar="NAME",
+                   help="with --resume: the checkpoint to continue from, 'latest' (default), 'best' or a folder "
+                        "name such as step_000040 (later checkpoints move to ckpt/superseded/)")
     p.add_argument("--profile", choices=_profiles(), metavar="NAME",
                    help="runtime profile (overrides runtime.profile): " + ", ".join(_profiles()))
     p.add_argument("--dry-run", action="store_true",
@@ -65,6 +68,8 @@ def parse_args(argv: list[str] | None):
                         "memory plan (exit 4 when it does not fit); no training")
     p.add_argument("--print-config", action="store_true", help="print the resolved blueprint (YAML) and exit")
     args = p.parse_args(argv)
+    if args.checkpoint != "latest" and args.resume is None:
+        p.error("--checkpoint needs --resume RUN_DIR")
     if args.blueprint is None and args.resume is None:
         p.error("give a BLUEPRINT, or --resume RUN_DIR")
     return args
@@ -164,7 +169,7 @@ def dry_run(bp, prep, spec) -> int:
     return 0
 
 
-def train(bp, run, base_dir: Path, saved: dict | None = None) -> int:
+def train(bp, run, base_dir: Path, saved: dict | None = None, checkpoint: str = "latest") -> int:
     spec = run_spec(bp)
     preflight(spec.logging.wandb)
     runtime = setup_runtime(spec.runtime)  # machine checks before any work
@@ -197,7 +202,7 @@ def train(bp, run, base_dir: Path, saved: dict | None = None) -> int:
                      keep_checkpoints=spec.train.keep_checkpoints)
     else:
         run = RunDir(run.path, keep_checkpoints=spec.train.keep_checkpoints)
-        resumed_from = resume_trainer(trainer, run)
+        resumed_from = resume_trainer(trainer, run, checkpoint)
         changed = changed_keys(saved, bp.raw)
         if changed and runtime.is_main:
             print(f"note: resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
@@ -235,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             if spec.data is None and spec.finetune is None and spec.model.vocab_size != "auto":
                 return dry_run(bp, None, spec)         # an architecture without data: planned offline
             return dry_run(bp, *prepare(bp, base_dir, spec=spec))
-        return train(bp, run, base_dir, saved)
+        return train(bp, run, base_dir, saved, args.checkpoint)
     except user_errors() as e:
         return fail(e, EXIT_USAGE)
     except WontFit as e:

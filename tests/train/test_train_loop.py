@@ -165,3 +165,18 @@ def test_wandb_online_without_credentials_fails_fast(tmp_path, monkeypatch, caps
     assert main([str(bp)]) == 2
     assert "no W&B credentials were found (set WANDB_API_KEY" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()                  # refused before any work
+
+
+def test_resume_from_a_chosen_checkpoint_when_the_latest_is_damaged(tmp_path, trained_run, capsys):
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    weights = run / "ckpt/step_000008/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")          # the latest checkpoint is damaged
+    assert main(["--resume", str(run)]) == 2
+    assert "--checkpoint" in capsys.readouterr().err                  # the error says how to go on
+    assert main(["--resume", str(run), "--checkpoint", "step_000004"]) == 0
+    assert [r["loss"] for r in rows(run, "train")] == [r["loss"] for r in rows(trained_run, "train")]
+    assert (run / "ckpt/superseded/step_000008").is_dir()               # kept aside, not deleted
+    with pytest.raises(SystemExit):                                     # --checkpoint without --resume
+        main(["--checkpoint", "step_000004", str(run / "blueprint.yaml")])
