@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from ..config.declare import to_yaml
 from ..model import build_model, build_model_spec
 from ..model.spec import ModelSpec
-from ..train.checkpoint import MANIFEST, model_tensors, write_atomic_text
+from ..train.checkpoint import model_tensors
 from ..train.rundir import RunDir
 from .families import FAMILIES, TRAINING_ONLY, Family, family
 from .rules import HFError, Rule
@@ -193,10 +193,7 @@ def import_hf(model_dir: str | Path, out: str | Path, *, dtype: str = "float32",
                     "imported_from": {"path": str(model_dir.resolve()), "model_type": fam.model_type,
                                       "architectures": config.get("architectures")},
                     "weights_only": True})
-    ckpt = run.checkpoints.save(0, model, {"step": 0, "weights_only": True})
-    manifest = json.loads((ckpt / MANIFEST).read_text())
-    manifest.update(weights_only=True, source=f"huggingface:{fam.model_type}")
-    write_atomic_text(ckpt / MANIFEST, json.dumps(manifest, indent=2))
+    run.checkpoints.save_weights(0, model, source=f"huggingface:{fam.model_type}")
     return run
 
 

@@ -357,6 +357,13 @@ class CheckpointManager:
                 best.unlink()
         return [p.name for p in later]
 
+    def save_weights(self, step: int, model: nn.Module, source: str) -> Path:
+        """A weights-only checkpoint of ``model`` (see :func:`save_weights_only`) as ``latest``."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = save_weights_only(self.root / self.name(step), *model_tensors(model), source=source)
+        write_atomic_text(self.root / "latest", path.name)
+        return path
+
     def prune(self) -> None:
         keep = set(p.name for p in self.complete()[-self.keep:])
         for pointer in (self.latest(), self.best()):
