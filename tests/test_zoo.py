@@ -14,6 +14,7 @@ from nanodecoder.model import build_model
 from nanodecoder.model.generate import generate
 from nanodecoder.model.params import count_blueprint
 from nanodecoder.resources import blueprints_dir
+from nanodecoder.model.plan import param_report
 from trainhelpers import fit_pattern
 
 # figure: (total, active per token without the input embedding or None when not published that way)
@@ -43,15 +44,15 @@ def test_counted_exactly_two_ways(name):
     _, spec = blueprint_model_spec(f"zoo/{name}")
     total, active_no_input = FIGURES[name]
     built = count_blueprint(spec)                       # summing the parameters of the meta-device module
-    analytic = spec.param_counts()                      # from the spec alone
-    assert built.total == analytic["total"] == total
-    assert built.active == analytic["active"]
+    analytic = param_report(spec)                       # from the spec alone
+    assert built.total == analytic.total == total
+    assert built.active == analytic.active
     if active_no_input is not None:
-        assert analytic["active"] - spec.vocab_size * spec.d_model == active_no_input
+        assert analytic.active - spec.vocab_size * spec.d_model == active_no_input
     if name in ACTIVE_WITH_BOTH_EMBEDDINGS:
-        assert analytic["active"] == ACTIVE_WITH_BOTH_EMBEDDINGS[name]
+        assert analytic.active == ACTIVE_WITH_BOTH_EMBEDDINGS[name]
     if name == "mixtral_8x7b":
-        assert round(analytic["active"] / 1e8) == 129      # "about 12.9B active"
+        assert round(analytic.active / 1e8) == 129      # "about 12.9B active"
 
 
 def scaled_down(raw: dict) -> dict:

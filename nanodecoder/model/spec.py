@@ -1,8 +1,9 @@
 """The ``model:`` section, declared: the architecture as frozen, typed specs.
 
 Every parameter is declared once here or in its component's ``Spec``;
-derived values (the per-layer blocks after overrides, the head dimension, the
-vocabulary after padding) are properties computed here and only here.
+derived values (the per-layer blocks after overrides, the vocabulary after
+padding) are properties computed here and only here; parameter counts, FLOPs
+and memory are computed from these specs in ``model.plan``.
 """
 from __future__ import annotations
 
@@ -100,21 +101,6 @@ class ModelSpec:
     def final(self) -> Kind:
         """The norm before the output head."""
         return self.final_norm if self.final_norm is not None else self.block.norm
-
-    def param_counts(self) -> dict[str, int]:
-        """Parameters computed from the spec alone (no module built): ``total``, ``active`` per token (routed
-        experts count top_k of n_experts), ``embedding`` (token + learned positions; an untied head is
-        non-embedding), as ``model.params.count_params`` reports them from a built model."""
-        norms_per_block = {"pre": 2, "post": 2, "sandwich": 4}[self.norm_placement]
-        total = active = 0.0
-        for b in self.blocks:
-            mlp_total = b.mlp.n_params
-            fixed = norms_per_block * b.norm.n_params + b.attention.n_params
-            total += fixed + mlp_total
-            active += fixed + getattr(b.mlp, "n_active", mlp_total)
-        embedding = self.vocab_size * self.d_model + self.positional.n_params
-        rest = embedding + self.final.n_params + (0 if self.tie_embeddings else self.vocab_size * self.d_model)
-        return {"total": int(total + rest), "active": int(round(active + rest)), "embedding": embedding}
 
     def with_vocab(self, tokenizer_vocab: int | None) -> "ModelSpec":
         """This spec with ``vocab_size`` an integer: the tokenizer's where it is ``auto``, padded
