@@ -24,7 +24,9 @@ PACKAGE = ROOT / "nanodecoder"
 
 #: ``.get(key, default)`` calls whose receiver is not a blueprint mapping (file, receiver): why
 NOT_BLUEPRINT = {("config/messages.py", "schema"): "a JSON Schema node's description",
-                 ("cli/run.py", "meta"): "the run folder's run.json"}
+                 ("cli/run.py", "meta"): "the run folder's run.json",
+                 ("hf/families.py", "config"): "a Hugging Face config.json, whose defaults are transformers'",
+                 ("hf/families.py", "params"): "the rope parameters of a Hugging Face config.json"}
 
 
 def declared_classes() -> set[type]:

@@ -50,6 +50,8 @@ def test_old_run_resumes_with_the_old_losses(old_run):
         for key, value in want.items():
             if isinstance(value, float):
                 # the gradient norm's reduction order depends on the CPU's vector width (its last bits moved
-                # between two machines of this kind); losses and everything else must match bit for bit
-                tol = 1e-6 if key == "grad_norm" else 0
+                # between two machines of this kind), and grouped-query attention now runs SDPA's own grouped
+                # kernel (enable_gqa) instead of repeated heads, which moves the losses' last bits (1e-7
+                # relative); a wrongly restored state moves them by far more than 1e-6
+                tol = 1e-6
                 assert got[key] == pytest.approx(value, rel=tol, abs=0), (want["step"], key)

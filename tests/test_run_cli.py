@@ -73,8 +73,13 @@ def test_resume_errors_are_clear(tmp_path, capsys):
     assert main(["--resume", str(tmp_path)]) == 2
     assert "is not a run directory" in capsys.readouterr().err
     run = train_tiny(tmp_path)
-    assert main(["--resume", str(run), "--set", "model.d_model=64", "--set", "model.block.attention.n_heads=2"]) == 2
-    assert "does not match this model's architecture" in capsys.readouterr().err
+    changed = ["--set", "model.d_model=64", "--set", "model.block.attention.n_heads=2"]
+    assert main(["--resume", str(run), *changed]) == 2
+    err = capsys.readouterr().err
+    assert "model.d_model: 32 in the checkpoint, 64 now" in err and "--allow-architecture-change" in err
+    assert main(["--resume", str(run), *changed, "--allow-architecture-change"]) == 2   # shapes still must match
+    err = capsys.readouterr().err
+    assert "does not match this model's architecture" in err and "shape mismatch: " in err
     model = run / "ckpt/step_000008/model.safetensors"
     model.write_bytes(model.read_bytes()[:-4] + b"\0\0\0\0")
     assert main(["--resume", str(run)]) == 2
@@ -135,11 +140,13 @@ def test_dry_run_of_a_run_too_big_for_the_machine_prints_the_plan_and_exits_4(ca
     assert err.startswith("error: the run does not fit in memory") and "Traceback" not in err
 
 
-def test_dry_run_of_a_gpu_profile_without_cuda_says_the_plan_cannot_be_checked(capsys, monkeypatch):
+def test_dry_run_of_a_gpu_profile_without_cuda_prints_the_plan_and_exits_2(capsys, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert main(["zoo/gpt2_124m", "--dry-run", "--profile", "gpu_mixed"]) == 0
-    out = capsys.readouterr().out
+    assert main(["zoo/gpt2_124m", "--dry-run", "--profile", "gpu_mixed"]) == 2     # training would refuse here
+    captured = capsys.readouterr()
+    out = captured.out
+    assert captured.err.startswith("error: runtime profile 'gpu_mixed' (device cuda) needs a CUDA GPU")
     assert "memory plan per process: precision mixed" in out and "cuda kernels" in out
     assert "autocast weight copies" in out
     assert "cannot be checked against the device here: runtime profile 'gpu_mixed'" in out

@@ -10,6 +10,7 @@ mapping again.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from ..config import Blueprint, BlueprintError, build
@@ -56,9 +57,23 @@ class RunSpec:
         return dataclasses.replace(self, model=self.model.with_vocab(tokenizer_vocab))
 
 
+TOKENIZER_FILES = ("path", "files")     # data.tokenizer keys that name files or folders
+
+
 def load_blueprint(path: str | Path, overrides: list[str] | None = None, *, validate: bool = True) -> Blueprint:
-    """Load and validate a blueprint file (or a shipped blueprint's name) with every registered kind."""
-    return _load(path, overrides, root=RunSpec, catalog=catalog(), validate=validate)
+    """Load and validate a blueprint file (or a shipped blueprint's name) with every registered kind.
+
+    Relative tokenizer files (``data.tokenizer.path``/``files``) are made absolute from the blueprint's
+    folder here, as data sources are, so the tokenizer and its cache key do not depend on the current folder
+    (and the run folder's copy of the blueprint names the files it used)."""
+    bp = _load(path, overrides, root=RunSpec, catalog=catalog(), validate=validate)
+    tok = (bp.raw.get("data") or {}).get("tokenizer") if isinstance(bp.raw.get("data"), dict) else None
+    if isinstance(tok, dict):
+        for key in TOKENIZER_FILES:
+            value = tok.get(key)
+            if isinstance(value, str) and value and not os.path.isabs(value):
+                tok[key] = str((Path(bp.path).parent / os.path.expanduser(value)).resolve())
+    return bp
 
 
 def run_spec(bp: Blueprint | dict, vocab_size: int | None = None) -> RunSpec:

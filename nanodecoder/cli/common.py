@@ -13,9 +13,11 @@ from ..config import BlueprintError, RegistryError
 from ..data import DataError
 from ..runtime import RuntimeSetupError
 from ..train.checkpoint import CheckpointError
+from ..train.optim import OptimizerSetupError
 from ..train.rundir import RunDirError
 from ..train.trainer import StateMismatch
 from ..train.wandb_log import WandbError
+from .preflight import PreflightError
 
 EXIT_USAGE = 2
 EXIT_WONT_FIT = 4
@@ -30,4 +32,4 @@ def fail(err: Exception, code: int = EXIT_USAGE) -> int:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is the whole story: printed without a traceback, exit 2."""
     return (BlueprintError, DataError, RegistryError, RuntimeSetupError, CheckpointError, RunDirError,
-            StateMismatch, WandbError)
+            StateMismatch, WandbError, OptimizerSetupError, PreflightError)

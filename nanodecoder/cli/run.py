@@ -9,13 +9,16 @@ A run writes ``<runs_dir>/<name>/<timestamp>/``: the resolved ``blueprint.yaml``
 ``metrics.jsonl``, ``loss.png``, ``ckpt/``, ``samples.txt`` and the tokenizer.
 Ctrl-C or SIGTERM saves a checkpoint and exits; ``--resume`` continues exactly from
 the latest checkpoint, with the run's saved blueprint, or with BLUEPRINT when one
-is given (changed keys are listed; a changed architecture is refused).
+is given (changed keys are listed; a changed ``model:`` section is refused key by key
+unless ``--allow-architecture-change``, which still needs every tensor's shape to match).
 
-``--dry-run`` validates, builds nothing real and prints the parameter table, the
-plan and the memory plan per process for the chosen profile (with and without
-activation checkpointing) against the memory available here; a blueprint with
-``model.vocab_size`` and no data section is planned offline.  Training checks the
-same plan before it builds the weights (``runtime.check_memory: false`` skips it).
+``--dry-run`` validates, runs training's checks that need no prepared data (``cli/preflight.py``:
+the profile on this machine, the run folder, the data and eval files, the prompt where the tokenizer is known)
+without tokenizing the corpus, builds nothing real and prints the parameter table, the plan and the memory
+plan per process for the chosen profile (with and without activation checkpointing) against the memory
+available here, then the checks that wait for the prepared data; a blueprint with ``model.vocab_size`` and
+no data section is planned offline.  Training checks the same plan before it builds the weights
+(``runtime.check_memory: false`` skips it).
 
 Exit codes: 0 done; 2 an error in the blueprint, the data, a checkpoint or a
 profile this machine cannot run (one message, no traceback); 3 training stopped
@@ -32,23 +35,23 @@ from typing import NamedTuple
 
 from .. import __version__
 from ..config.declare import to_yaml
-from ..data import DataError, check_fits, prepare_data
-from ..eval import build_periodic_evals
+from ..data import DataError, check_fits, find_prepared, load_tokenizer, prepare_data, tokenizer_vocab_size
 from ..finetune import dry_run as finetune_dry_run
 from ..finetune import prepare_finetune
 from ..model import build_model
-from ..model.generate import encode_prompt
 from ..model.params import count_params
 from ..model.plan import flops_per_token
-from ..runtime import AUTO, available_profiles, describe_plan, setup_runtime
-from ..train.loop import resume_trainer, run_training
+from ..runtime import AUTO, RuntimeSetupError, available_profiles, describe_plan, setup_runtime
+from ..train.loop import (ALLOW_ARCHITECTURE_CHANGE, architecture_changes, refuse_architecture_change,
+                          resume_trainer, run_training)
 from ..train.memory import WontFit, planned_check, refuse_if_too_big
 from ..train.rundir import RunDir
 from ..train.trainer import Trainer, seed_everything
-from ..train.wandb_log import preflight, start_wandb
+from ..train.wandb_log import start_wandb
 from ..config import Blueprint, BlueprintError
 from .blueprint import load_blueprint, run_spec
 from .common import EXIT_USAGE, EXIT_WONT_FIT, fail, user_errors
+from .preflight import data_checks, preflight
 
 
 def parse_args(argv: list[str] | None):
@@ -61,15 +64,21 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--checkpoint", default="latest", metavar="NAME",
                    help="with --resume: the checkpoint to continue from, 'latest' (default), 'best' or a folder "
                         "name such as step_000040 (later checkpoints move to ckpt/superseded/)")
+    p.add_argument(ALLOW_ARCHITECTURE_CHANGE, dest="allow_architecture_change", action="store_true",
+                   help="with --resume: load the checkpoint even though the model section changed (the tensors "
+                        "must keep their names and shapes; the changes are listed and recorded in run.json)")
     p.add_argument("--profile", choices=_profiles(), metavar="NAME",
                    help="runtime profile (overrides runtime.profile): " + ", ".join(_profiles()))
     p.add_argument("--dry-run", action="store_true",
-                   help="validate, prepare the data, build the model on the meta device, print the plan and the "
-                        "memory plan (exit 4 when it does not fit); no training")
+                   help="validate, run training's checks that need no prepared data (exit 2 on a problem), build "
+                        "the model on the meta device, print the plan and the memory plan (exit 4 when it does not "
+                        "fit); nothing is tokenized or trained")
     p.add_argument("--print-config", action="store_true", help="print the resolved blueprint (YAML) and exit")
     args = p.parse_args(argv)
     if args.checkpoint != "latest" and args.resume is None:
         p.error("--checkpoint needs --resume RUN_DIR")
+    if args.allow_architecture_change and args.resume is None:
+        p.error(f"{ALLOW_ARCHITECTURE_CHANGE} needs --resume RUN_DIR")
     if args.blueprint is None and args.resume is None:
         p.error("give a BLUEPRINT, or --resume RUN_DIR")
     return args
@@ -114,6 +123,18 @@ def changed_keys(old, new, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
+def architecture_changes_on_resume(bp, saved: dict, run: RunDir, allow: bool = False) -> list[str]:
+    """The changes to the model section (defaults filled in, ``vocab_size: auto`` resolved with the run's
+    tokenizer) between the run's saved blueprint and ``bp``; refused unless ``allow``."""
+    try:
+        vocab = load_tokenizer(run / RunDir.TOKENIZER).vocab_size
+    except DataError:
+        vocab = None
+    changes = architecture_changes(to_yaml(run_spec(saved, vocab).model), to_yaml(run_spec(bp, vocab).model))
+    refuse_architecture_change(changes, run, allow)
+    return changes
+
+
 def read_source_blueprint(path: Path):
     """A fine-tuning source run's saved blueprint and its RunSpec."""
     bp = load_blueprint(path)
@@ -137,50 +158,91 @@ def prepare(bp, base_dir: Path, run=None, spec=None):
     return prep, spec
 
 
-def check_prompt(tokenizer, prompt: str) -> None:
-    """Refuse, before training, a final-sample prompt the tokenizer cannot encode."""
-    try:
-        encode_prompt(tokenizer, prompt)
-    except (DataError, ValueError) as e:
-        raise DataError(f"sample.prompt {prompt!r}: {e}") from None
+def dry_run(bp, base_dir: Path, spec, run=None) -> int:
+    """Training's checks that need no prepared data (:func:`preflight`), then the plan; exit 2 after the plan when
+    a check failed.  The data is not tokenized: it is used when already prepared (then its checks run too), and
+    prepared only where the model's vocabulary comes from the corpus (``char`` with ``vocab_size: auto``)."""
+    pf = preflight(spec, base_dir, name=bp.name, resume=run)
+    if spec.finetune is not None:             # the source run and the records: read, nothing tokenized
+        pf.raise_problems()
+        task, spec = prepare(bp, base_dir, run, spec)
+        data_checks(spec, task.tokenizer, base_dir)
+        code = finetune_dry_run(bp, task, spec)
+        print(pf.waiting_line())
+        return code
+    prep = None
+    if spec.data is None and spec.model.vocab_size == "auto":
+        prepare(bp, base_dir, run, spec)      # refuses: the vocabulary has nowhere to come from
+    if spec.data is not None and not pf.problems:
+        prep = find_prepared(spec.data, base_dir)
+        if prep is None and spec.model.vocab_size == "auto" and tokenizer_vocab_size(spec.data) is None:
+            print(f"the {spec.data.tokenizer.kind} tokenizer's vocabulary comes from the corpus: preparing the data",
+                  file=sys.stderr)
+            prep = prepare_data(spec.data, base_dir=base_dir, progress=True)
+    if prep is not None:
+        spec = spec.with_vocab(prep.tokenizer.vocab_size)
+        try:
+            check_fits(prep, spec.model.context_length, spec.model.vocab_size)
+            data_checks(spec, prep.tokenizer, base_dir)
+        except DataError as e:
+            pf.problems.append(str(e))
+        pf.waiting = []
+    elif spec.data is not None:
+        spec = spec.with_vocab(tokenizer_vocab_size(spec.data))
+    check = None
+    if spec.model.vocab_size != "auto":
+        check = print_plan(bp, prep, spec)
+    print(pf.waiting_line())
+    pf.raise_problems()
+    if check is not None and check.fits is False:
+        return fail(WontFit(f"the run does not fit in memory: {check.shortfall()}"), EXIT_WONT_FIT)
+    return 0
 
 
-def dry_run(bp, prep, spec) -> int:
-    if spec.finetune is not None:
-        return finetune_dry_run(bp, prep, spec)
+def print_plan(bp, prep, spec):
+    """The parameter table, the plan, the runtime plan and the memory plan; returns the memory check."""
     model = build_model(spec.model, device="meta")
     report = count_params(model)
     t = spec.train
     tokens_per_step = t.tokens_per_step(spec.model.context_length)
     print(report.table())
-    data = (f"{len(prep.train):,} train / {len(prep.val):,} val tokens ({prep.tokenizer.vocab_size:,}-token "
-            "vocabulary)" if prep is not None else "no data section: the architecture only (training needs one)")
+    if prep is not None:
+        data = (f"{len(prep.train):,} train / {len(prep.val):,} val tokens ({prep.tokenizer.vocab_size:,}-token "
+                "vocabulary)")
+    elif spec.data is not None:
+        data = (f"data not prepared yet ({spec.data.source.kind} source, {spec.data.tokenizer.kind} tokenizer, "
+                f"{spec.model.vocab_size:,}-token model vocabulary)")
+    else:
+        data = "no data section: the architecture only (training needs one)"
     print(f"\nplan for '{bp.name}': {t.steps:,} steps x {tokens_per_step:,} tokens/step "
           f"({t.batch_size} x {spec.model.context_length} x {t.grad_accum} accum) = "
           f"{t.steps * tokens_per_step:,} tokens; {data}")
     print(f"optimizer {to_yaml(t.optimizer)}, lr {t.lr:g}, schedule {to_yaml(t.schedule)}")
     print(f"about {flops_per_token(spec.model) * t.steps * tokens_per_step:.3g} training FLOPs; "
           f"runs go to {spec.logging.runs_dir}/{bp.name}/<timestamp>/  (dry run: nothing trained)")
-    print(describe_plan(spec.runtime))
-    check = planned_check(spec.model, t, spec.runtime)
+    try:
+        print(describe_plan(spec.runtime))
+        check = planned_check(spec.model, t, spec.runtime)
+    except RuntimeSetupError as e:       # the profile itself is refused (preflight reports it)
+        print(f"runtime: no plan: {e}")
+        return None
     print(check.report())
-    if check.fits is False:
-        return fail(WontFit(f"the run does not fit in memory: {check.shortfall()}"), EXIT_WONT_FIT)
-    return 0
+    return check
 
 
-def train(bp, run, base_dir: Path, saved: dict | None = None, checkpoint: str = "latest") -> int:
+def train(bp, run, base_dir: Path, saved: dict | None = None, checkpoint: str = "latest",
+          architecture: list[str] = ()) -> int:
+    """``architecture``: resuming, the model-section changes allowed by --allow-architecture-change."""
     spec = run_spec(bp)
-    preflight(spec.logging.wandb)
-    runtime = setup_runtime(spec.runtime)  # machine checks before any work
+    preflight(spec, base_dir, name=bp.name, resume=run).raise_problems()   # what shows before any data work
+    runtime = setup_runtime(spec.runtime)
     checked = spec.finetune is None and spec.model.vocab_size != "auto"
     if checked:                            # the memory plan before the data is prepared
         refuse_if_too_big(spec.model, spec.train, runtime)
     prep, spec = prepare(bp, base_dir, run, spec)
     if spec.finetune is None and not checked:
         refuse_if_too_big(spec.model, spec.train, runtime)
-    if spec.sample.enabled:
-        check_prompt(prep.tokenizer, spec.sample.prompt)
+    evals = data_checks(spec, prep.tokenizer, base_dir)   # the prompt and the eval files, against the tokenizer
     seed_everything(spec.train.seed)
     if spec.finetune is not None:  # weights from the source run; the task's batches and evaluation
         trainer = prep.make_trainer(spec, runtime)
@@ -189,7 +251,6 @@ def train(bp, run, base_dir: Path, saved: dict | None = None, checkpoint: str = 
                                                             seed=spec.train.seed)),
                           spec.train, runtime, prep, context_length=spec.model.context_length,
                           sampling=spec.data.sampling)
-    evals = build_periodic_evals(spec.eval, prep.tokenizer, base_dir)
     resumed_from = None
     if run is None:
         if runtime.is_main:  # rank 0 creates the run folder and tells the others its name
@@ -203,9 +264,14 @@ def train(bp, run, base_dir: Path, saved: dict | None = None, checkpoint: str = 
     else:
         run = RunDir(run.path, keep_checkpoints=spec.train.keep_checkpoints)
         resumed_from = resume_trainer(trainer, run, checkpoint)
-        changed = changed_keys(saved, bp.raw)
+        changed = [k for k in changed_keys(saved, bp.raw) if k.split(".")[0] != "model"]
         if changed and runtime.is_main:
             print(f"note: resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
+        if architecture and runtime.is_main:
+            print(f"note: resuming with a changed architecture ({ALLOW_ARCHITECTURE_CHANGE}): "
+                  f"{'; '.join(architecture)}", file=sys.stderr)
+        changed += [c.split(":")[0] for c in architecture]
+        if changed and runtime.is_main:
             (run / RunDir.BLUEPRINT).write_text(bp.to_yaml())
             run.update_meta(changed_on_resume=run.meta().get("changed_on_resume", []) + changed)
     meta = run.meta()
@@ -235,12 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(bp.to_yaml(), end="")
             return 0
+        architecture = [] if run is None else architecture_changes_on_resume(bp, saved, run,
+                                                                               args.allow_architecture_change)
         if args.dry_run:
-            spec = run_spec(bp)
-            if spec.data is None and spec.finetune is None and spec.model.vocab_size != "auto":
-                return dry_run(bp, None, spec)         # an architecture without data: planned offline
-            return dry_run(bp, *prepare(bp, base_dir, spec=spec))
-        return train(bp, run, base_dir, saved, args.checkpoint)
+            return dry_run(bp, base_dir, run_spec(bp), run)
+        return train(bp, run, base_dir, saved, args.checkpoint, architecture)
     except user_errors() as e:
         return fail(e, EXIT_USAGE)
     except WontFit as e:

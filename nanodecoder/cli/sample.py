@@ -2,6 +2,10 @@
 
     python -m nanodecoder.sample RUN_DIR --prompt "ROMEO:" --max-new-tokens 200 \\
         --temperature 0.8 --top-k 200 --top-p 0.95 --seed 1 [--checkpoint best|latest|step_000500]
+    python -m nanodecoder.sample RUN_DIR --chat "What is the capital of France?"
+
+``--chat TEXT`` (instead of ``--prompt``) sends TEXT as a user message through the run's chat
+template (an imported model's ``chat_template``) and prints each answer up to its end of turn.
 
 Loads the run's resolved ``blueprint.yaml``, its tokenizer and the chosen
 checkpoint's safetensors weights; the defaults are the blueprint's ``sample:``
@@ -15,6 +19,7 @@ from pathlib import Path
 
 from ..data import load_tokenizer
 from ..finetune.spec import ClassificationSpec
+from ..finetune.template import ChatPrompt, answer
 from ..model import build_model
 from ..model.generate import sample_text
 from ..train.checkpoint import load_model_weights
@@ -49,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     d = SampleSpec()
     p = argparse.ArgumentParser(prog="python -m nanodecoder.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path, help="a run directory (<runs_dir>/<name>/<timestamp>)")
-    p.add_argument("--prompt", default=d.prompt, help="text to continue (default: a newline)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--prompt", default=d.prompt, help="text to continue (default: a newline)")
+    what.add_argument("--chat", metavar="TEXT", default=None,
+                      help="a user message to answer with the run's chat template (instead of --prompt)")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -65,9 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, tok, path, _ = load_run_model(args.run_dir, args.checkpoint, args.device)
         print(f"# {path}", file=sys.stderr, flush=True)
-        texts = sample_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                            num_samples=args.num_samples, device=args.device)
+        if args.chat is not None:
+            template = ChatPrompt(tok)
+            texts = [answer(model, template, args.chat, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed + i,
+                            device=args.device) for i in range(args.num_samples)]
+        else:
+            texts = sample_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                num_samples=args.num_samples, device=args.device)
     except (*user_errors(), ValueError) as e:
         return fail(e)
     for i, text in enumerate(texts):

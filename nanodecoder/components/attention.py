@@ -182,21 +182,22 @@ class CausalSelfAttention(Component):
             k_BKSE, v_BKSE, q_pos, k_pos = cache.update(k_BKTE, v_BKTE)
         else:
             k_BKSE, v_BKSE, q_pos, k_pos = k_BKTE, v_BKTE, None, None
-        if s.kv_heads != s.n_heads:
-            rep = s.n_heads // s.kv_heads
-            k_BKSE = k_BKSE.repeat_interleave(rep, dim=1)
-            v_BKSE = v_BKSE.repeat_interleave(rep, dim=1)
+        gqa = s.kv_heads != s.n_heads       # SDPA shares each K/V head with its group of query heads itself
         p = s.dropout if self.training else 0.0
         if s.fused and q_pos is None:
-            y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKSE, v_BKSE, dropout_p=p, is_causal=True, scale=scale)
+            y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKSE, v_BKSE, dropout_p=p, is_causal=True, scale=scale,
+                                                    enable_gqa=gqa)
         else:
             if q_pos is None:
                 q_pos = k_pos = torch.arange(T, device=x_BTD.device)
             seen_TS = visible(q_pos, k_pos, s.window)
             if s.fused:
                 y_BHTE = F.scaled_dot_product_attention(q_BHTE, k_BKSE, v_BKSE, attn_mask=seen_TS, dropout_p=p,
-                                                        scale=scale)
+                                                        scale=scale, enable_gqa=gqa)
             else:
+                if gqa:                 # the written-out path expands the groups
+                    rep = s.n_heads // s.kv_heads
+                    k_BKSE, v_BKSE = k_BKSE.repeat_interleave(rep, dim=1), v_BKSE.repeat_interleave(rep, dim=1)
                 y_BHTE = self.explicit(q_BHTE, k_BKSE, v_BKSE, seen_TS, p, scale)
         return self.resid_dropout(self.out(rearrange(y_BHTE, "b h t e -> b t (h e)")))
 

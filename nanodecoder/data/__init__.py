@@ -13,10 +13,10 @@ sources and tokenizers to the catalog it is given.
 from __future__ import annotations
 
 from .bpe import BpeTokenizer, TiktokenTokenizer
-from .checks import bits_per_byte, check_fits, unigram_loss
+from .checks import bits_per_byte, check_fits, check_source, check_vocab, tokenizer_before_data, unigram_loss
 from .errors import DataError
 from .kinds import data_catalog, load_tokenizer, register, tokenizer_vocab_size
-from .prepare import Prepared, cache_root, load_prepared, prepare_data
+from .prepare import Prepared, cache_root, find_prepared, load_prepared, prepare_data
 from .sampler import BatchSampler
 from .sources import Corpus, DataSource, TextSource, UrlSource
 from .spec import DataSpec
@@ -26,6 +26,7 @@ from .tokenizers import ByteTokenizer, CharTokenizer, Tokenizer
 __all__ = [
     "BatchSampler", "BpeTokenizer", "ByteTokenizer", "CharTokenizer", "Corpus", "DataError", "DataSource",
     "DataSpec", "Prepared", "PythonStdlibSource", "TextSource", "TiktokenTokenizer", "Tokenizer", "UrlSource",
-    "bits_per_byte", "cache_root", "check_fits", "data_catalog", "unigram_loss", "load_prepared", "load_tokenizer",
-    "prepare_data", "register", "tokenizer_vocab_size",
+    "bits_per_byte", "cache_root", "check_fits", "check_source", "check_vocab", "data_catalog", "find_prepared",
+    "unigram_loss", "load_prepared", "load_tokenizer",
+    "prepare_data", "register", "tokenizer_before_data", "tokenizer_vocab_size",
 ]

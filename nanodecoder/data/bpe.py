@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -24,6 +25,7 @@ import tiktoken
 from ..config.declare import Kind, declared, param
 from ..config.registry import suggest
 from .errors import DataError
+from .hf_bpe import HF_TOKENIZER_FILE, MERGES_FILE, VOCAB_FILE, gpt2_from_files
 from .sources import Corpus
 from .tokenizers import META_FILE, Tokenizer
 
@@ -60,6 +62,12 @@ class RanksTokenizer(Tokenizer):
     def encode_many(self, texts: list[str]) -> list[np.ndarray]:
         out = self.encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
         return [np.asarray(ids, dtype=np.int64) for ids in out]
+
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self.encoding._special_tokens)
+
+    def encode_special(self, text: str) -> list[int]:
+        return self.encoding.encode(text, allowed_special="all")
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
@@ -134,7 +142,7 @@ class BpeTokenizer(RanksTokenizer):
 
 class TiktokenTokenizer(RanksTokenizer):
     """A named tiktoken encoding; needs tiktoken's cached file (fetched once online, or TIKTOKEN_CACHE_DIR pointing at
-    a copy).
+    a copy), or for ``gpt2`` a GPT-2 Hugging Face folder (``files:``, its vocab.json + merges.txt; see ``hf_bpe.py``).
 
     Its ranks are copied into the saved folder, so a run loads offline.
     """
@@ -145,17 +153,44 @@ class TiktokenTokenizer(RanksTokenizer):
     class Spec(Kind):
         name: str = param(doc="The encoding's name: gpt2, r50k_base, p50k_base, cl100k_base, o200k_base, ...",
                           min_length=1)
+        files: str | None = param(None, doc="For gpt2 only: a folder with GPT-2's Hugging Face vocab.json and "
+                                            "merges.txt (e.g. a download of openai-community/gpt2); the encoding is "
+                                            "built from them, offline, instead of from tiktoken's cache. Relative "
+                                            "paths start at the blueprint's folder.", min_length=1)
+
+        def check(self):
+            if self.files is not None and self.name != "gpt2":
+                yield ("files",), (f"only the gpt2 encoding is built from vocab.json/merges.txt, not "
+                                   f"'{self.name}'; remove files to use tiktoken's cache")
 
     @classmethod
     def known_vocab_size(cls, spec) -> int:
-        return get_named_encoding(spec.name).n_vocab
+        return cls._encoding(spec).n_vocab
 
     @classmethod
     def build(cls, spec, corpus: Corpus) -> "TiktokenTokenizer":
-        return cls(get_named_encoding(spec.name))
+        return cls(cls._encoding(spec))
+
+    @classmethod
+    def _encoding(cls, spec):
+        if spec.files is None:
+            return get_named_encoding(spec.name)
+        folder = Path(spec.files).resolve()
+        stamp = tuple((folder / f).stat().st_mtime_ns if (folder / f).is_file() else None
+                      for f in (VOCAB_FILE, MERGES_FILE, HF_TOKENIZER_FILE))
+        return _gpt2_from_files(str(folder), stamp)
 
     def meta(self) -> dict[str, Any]:
         return {"name": self.encoding.name, **super().meta()}
+
+
+@functools.lru_cache(maxsize=4)
+def _gpt2_from_files(folder: str, stamp: tuple):
+    """``gpt2_from_files``, read once per folder and file modification times (``stamp``)."""
+    try:
+        return gpt2_from_files(folder)
+    except DataError as e:
+        raise DataError(f"data.tokenizer.files: {e}") from None
 
 
 def get_named_encoding(name: str):
@@ -171,4 +206,6 @@ def get_named_encoding(name: str):
         raise DataError(
             f"tiktoken encoding '{name}' is not in tiktoken's cache ({where}) and could not be fetched "
             f"({type(e).__name__}); run once with internet access to cache it, or set TIKTOKEN_CACHE_DIR "
-            "to a folder holding the cached file copied from a machine that has it") from None
+            "to a folder holding the cached file copied from a machine that has it"
+            + ("; or set data.tokenizer.files to a folder with GPT-2's Hugging Face vocab.json and merges.txt"
+               if name == "gpt2" else "")) from None

@@ -1,12 +1,17 @@
-"""Numbers and guard rails that use prepared data: bits per byte, unigram baseline, model fit."""
+"""Numbers and guard rails: bits per byte, unigram baseline, model fit; the source's and tokenizer's checks before
+the data is prepared."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
 from .errors import DataError
-from .prepare import SPLITS, Prepared
+from .prepare import SPLITS, Prepared, cache_root
+from .sources import Corpus
+from .spec import DataSpec
+from .tokenizers import Tokenizer
 
 
 def bits_per_byte(loss_nats: float, n_tokens: int, n_bytes: int) -> float:
@@ -21,18 +26,36 @@ def bits_per_byte(loss_nats: float, n_tokens: int, n_bytes: int) -> float:
     return loss_nats * n_tokens / (n_bytes * math.log(2))
 
 
+def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
+    """Raise DataError unless the model's ``vocab_size`` covers the tokenizer's vocabulary."""
+    tok_vocab = tokenizer.vocab_size
+    if tok_vocab > vocab_size:
+        raise DataError(f"the {tokenizer.kind} tokenizer has {tok_vocab} tokens but the model's "
+                        f"vocab_size is {vocab_size}; set the model's vocab_size to at least {tok_vocab}")
+
+
 def check_fits(prepared: Prepared, context_length: int, vocab_size: int) -> None:
     """Raise DataError unless every split fills a window and the model covers the vocabulary."""
-    tok_vocab = prepared.tokenizer.vocab_size
-    if tok_vocab > vocab_size:
-        raise DataError(f"the {prepared.tokenizer.kind} tokenizer has {tok_vocab} tokens but the model's "
-                        f"vocab_size is {vocab_size}; set the model's vocab_size to at least {tok_vocab}")
+    check_vocab(prepared.tokenizer, vocab_size)
     for split in SPLITS:
         n = len(prepared.split(split))
         if n < context_length + 1:
             raise DataError(f"the {split} split has {n} tokens, fewer than context_length + 1 = "
                             f"{context_length + 1}; use more data (data.source max_bytes or val_fraction) "
                             "or a shorter context_length")
+
+
+def check_source(spec: DataSpec, base_dir: str | Path = ".") -> None:
+    """Raise DataError for what is wrong with the data source that shows without reading its text (a missing
+    or unreadable file, a device or an empty folder given as the corpus); offline."""
+    spec.source.build(base_dir=Path(base_dir), cache_root=cache_root()).check()
+
+
+def tokenizer_before_data(spec: DataSpec) -> Tokenizer | None:
+    """The data section's tokenizer when it is known without the corpus (``byte``), else None (``char`` and
+    ``bpe`` learn from the corpus; the others are checked once the data is prepared)."""
+    cls = spec.tokenizer.impl
+    return None if cls.needs_corpus else cls.build(spec.tokenizer, Corpus((), (), {}))
 
 
 def unigram_loss(prepared: Prepared) -> float:

@@ -68,6 +68,12 @@ class HFTokenizer(Tokenizer):
     def encode_array(self, text: str) -> np.ndarray:
         return np.asarray(self.backend.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
+    def special_tokens(self) -> dict[str, int]:
+        return {t.content: i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+
+    def encode_special(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids     # added tokens are matched in the text
+
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
         if any(not 0 <= i < self.vocab_size for i in ids):

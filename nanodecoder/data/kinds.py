@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..config.registry import Catalog, RegistryError, make_catalog
 from .bpe import BpeTokenizer, TiktokenTokenizer
+from .chat import read_saved_chat
 from .errors import DataError
 from .hf_tokenizer import HFTokenizer
 from .sources import TextSource, UrlSource
@@ -59,9 +60,11 @@ def load_tokenizer(directory: str | Path, catalog: Catalog | None = None, cls=No
         raise DataError(f"{path}: not a tokenizer description; prepare the data again")
     try:
         cls = cls if cls is not None and meta["kind"] == cls.kind else lookup("tokenizer", meta["kind"], catalog)
-        return cls.from_saved(meta, Path(directory))
+        tok = cls.from_saved(meta, Path(directory))
     except KeyError as e:
         raise DataError(f"{path}: missing field {e}; prepare the data again") from None
+    tok.chat = read_saved_chat(directory)
+    return tok
 
 
 def tokenizer_vocab_size(spec) -> int | None:

@@ -103,9 +103,8 @@ def prepare_data(spec: DataSpec, base_dir: str | Path = ".", cache_dir: str | Pa
     root = cache_root(cache_dir)
     source = spec.source.build(base_dir=Path(base_dir), cache_root=root)
     tok_cls = spec.tokenizer.impl
-    key = cache_key(spec, source.fingerprint(), tok_cls.cache_salt(spec.tokenizer))
-    parent = root / "prepared"
-    final = parent / f"{spec.source.kind}-{spec.tokenizer.kind}-{key[:16]}"
+    key, final = _prepared_folder(spec, source, root)
+    parent = final.parent
     if not final.exists():
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +121,23 @@ def prepare_data(spec: DataSpec, base_dir: str | Path = ".", cache_dir: str | Pa
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return load_prepared(final, tokenizer_cls=tok_cls)
+
+
+def _prepared_folder(spec: DataSpec, source, root: Path) -> tuple[str, Path]:
+    """The cache key of ``spec``'s prepared data and the folder it lives in (``source``: the built source)."""
+    key = cache_key(spec, source.fingerprint(), spec.tokenizer.impl.cache_salt(spec.tokenizer))
+    return key, root / "prepared" / f"{spec.source.kind}-{spec.tokenizer.kind}-{key[:16]}"
+
+
+def find_prepared(spec: DataSpec, base_dir: str | Path = ".", cache_dir: str | Path | None = None) -> Prepared | None:
+    """The prepared data for ``spec`` when it is already in the cache, else None; tokenizes and downloads
+    nothing (the source's content is fingerprinted: local files are read, a url source is not fetched)."""
+    root = cache_root(cache_dir)
+    source = spec.source.build(base_dir=Path(base_dir), cache_root=root)
+    _, final = _prepared_folder(spec, source, root)
+    if not (final / MANIFEST).is_file():
+        return None
+    return load_prepared(final, tokenizer_cls=spec.tokenizer.impl)
 
 
 def publish(tmp: Path, final: Path) -> None:

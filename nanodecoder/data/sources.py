@@ -19,6 +19,7 @@ import glob
 from abc import ABC, abstractmethod
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -61,6 +62,10 @@ class DataSource(ABC):
     @abstractmethod
     def load(self, progress: bool = True) -> Corpus:
         """The documents of both splits."""
+
+    def check(self) -> None:
+        """Raise DataError for what is wrong without reading the content (a missing file, a device given as a
+        file, ...): training's checks before any work, and ``--dry-run``'s.  Offline and cheap."""
 
 
 def read_utf8(path: Path) -> str:
@@ -143,13 +148,22 @@ class TextSource(DataSource):
         if path.is_dir():
             found = sorted(
                 Path(d, f) for d, dirs, names in os.walk(path)
-                for f in names if not f.startswith(".") and not _hidden(Path(d).relative_to(path)))
+                for f in names if not f.startswith(".") and not _hidden(Path(d).relative_to(path))
+                and os.path.isfile(os.path.join(d, f)))      # regular files (and links to them) only
             if not found:
                 raise DataError(f"data.source.path: the directory {path} holds no files")
             return found
         if path.is_file():
             return [path]
+        if path.exists():
+            raise DataError(f"data.source.path: '{self.spec.path}' is not a regular file ({file_type(path)}); "
+                            "give a UTF-8 text file, a folder of them or a glob")
         raise DataError(f"data.source.path: '{self.spec.path}' does not exist (looked for {path})")
+
+    def check(self) -> None:
+        for f in self.files():
+            if not os.access(f, os.R_OK):
+                raise DataError(f"data.source.path: cannot read {f} (permission denied)")
 
     def _read(self) -> list[str]:
         if self._texts is None:
@@ -163,6 +177,20 @@ class TextSource(DataSource):
         texts = self._read()
         train, val = split_documents(texts, self.spec.val_fraction)
         return Corpus(tuple(train), tuple(val), {"n_files": len(texts)})
+
+
+def file_type(path: Path) -> str:
+    """What ``path`` is, in words: 'a directory', 'a character device', ... ('missing' when it does not exist)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "missing"
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a regular file")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def _hidden(rel: Path) -> bool:

@@ -11,7 +11,11 @@ fields) and, for ``bpe``/``tiktoken``, ``ranks.tiktoken`` in tiktoken's format
 Text is encoded as plain text: a special token's spelling inside the corpus
 (e.g. ``<|endoftext|>``) is ordinary characters, so ``decode(encode(x)) == x``
 for any string (any characters for ``byte``, ``bpe`` and ``tiktoken``; the
-corpus's characters for ``char``).
+corpus's characters for ``char``).  ``encode_special`` is for text that a chat
+template wrote: there the special tokens' spellings are the special tokens.
+
+A tokenizer may carry a chat template (``chat``, see ``chat.py``; an imported
+model's), saved beside it as ``chat.json``.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from typing import Any, ClassVar, Iterable
 import numpy as np
 
 from ..config.declare import Kind
+from .chat import ChatTemplate, save_chat
 from .errors import DataError
 from .sources import DOC_SEPARATOR, Corpus
 
@@ -41,6 +46,9 @@ class Tokenizer(ABC):
     Spec: ClassVar[type[Kind]] = Kind
     vocab_size: int
     eot_id: int | None = None
+    chat: ChatTemplate | None = None       # an imported model's chat template, if it shipped one
+    #: False where ``build`` ignores the corpus (the tokenizer is known before any data is read)
+    needs_corpus: ClassVar[bool] = True
 
     @classmethod
     def known_vocab_size(cls, spec) -> int | None:
@@ -70,6 +78,15 @@ class Tokenizer(ABC):
     def encode_many(self, texts: list[str]) -> list[np.ndarray]:
         return [self.encode_array(t) for t in texts]
 
+    def special_tokens(self) -> dict[str, int]:
+        """The special tokens' texts and ids (none for byte and char)."""
+        return {}
+
+    def encode_special(self, text: str) -> list[int]:
+        """The ids of ``text`` in which each special token's spelling is that special token (chat templates);
+        kinds without special tokens encode it as plain text."""
+        return self.encode(text)
+
     @abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
         """The text of ``ids``; ids outside the vocabulary are a DataError."""
@@ -83,6 +100,8 @@ class Tokenizer(ABC):
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id, **self.meta()}
         (directory / META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        if self.chat is not None:
+            save_chat(self.chat, directory)
         return directory
 
     def info(self) -> dict[str, Any]:
@@ -98,6 +117,7 @@ class ByteTokenizer(Tokenizer):
 
     kind = "byte"
     vocab_size = 256
+    needs_corpus = False
 
     @classmethod
     def known_vocab_size(cls, spec) -> int:

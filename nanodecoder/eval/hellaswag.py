@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import DataError
+from ..data.errors import read_utf8
 from ..model import unwrap
 
 NORMALIZATION = "per_token_mean"
@@ -57,12 +58,7 @@ def _bad(path: Path, line: int, record: int, what: str) -> DataError:
 def load_items(path: str | Path, limit: int | None = None) -> list[Item]:
     """The first ``limit`` items (all when None) of a HellaSwag JSONL file; a bad line is a DataError."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file; HellaSwag data comes from {SOURCE}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read it ({e})") from None
+    text = read_utf8(path, f"no such file; HellaSwag data comes from {SOURCE}")
     items: list[Item] = []
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

@@ -20,19 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from ..data import DataError
+from ..data.errors import read_utf8
 from ..model import unwrap
 
 
 def read_text(path: str | Path) -> str:
-    path = Path(path)
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read it ({e})") from None
+    return read_utf8(path)
 
 
 def windows(n_tokens: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:

@@ -32,7 +32,7 @@ from .batches import pad_rows
 from .records import load_instructions, split_off
 from .spec import InstructionSpec
 from .task import FinetuneTask
-from .template import PromptTemplate
+from .template import ChatPrompt, make_template
 
 Encoded = tuple[list[int], int]      # (tokens, prompt length)
 
@@ -60,7 +60,7 @@ class InstructionTuning(FinetuneTask):
 
     def load(self) -> None:
         spec = self.spec
-        self.template = PromptTemplate(spec.template, self.tokenizer)
+        self.template = make_template(spec.template, self.tokenizer)
         records = load_instructions(self.path(spec.data))
         if spec.val_data:
             train, val = records, load_instructions(self.path(spec.val_data, "val_data"))
@@ -126,7 +126,10 @@ class InstructionTuning(FinetuneTask):
     def describe(self) -> str:
         n_train, n_val = self.n_records
         rows = f"{len(self.train_units):,} packed rows" if self.spec.batching == "pack" else "padded batches"
-        end = "end-of-text token" if self.template.end_text is None else f"end text {self.template.end_text!r}"
+        if isinstance(self.template, ChatPrompt):
+            end = f"the chat template's end of turn ({self.template.chat.origin})"
+        else:
+            end = "end-of-text token" if self.template.end_text is None else f"end text {self.template.end_text!r}"
         return "\n".join([f"instruction tuning {self.source_line()}",
                           f"  {n_train:,} train / {n_val:,} validation records ({rows}; responses end with {end}; "
                           f"loss on {'prompt and ' if self.spec.loss_on_prompt else ''}response tokens)",

@@ -28,7 +28,11 @@ VAL_FRACTION_DOC = ("Fraction of the records held out for validation (a fixed, s
 class TemplateSpec:
     """How a record becomes the prompt. {instruction} and {input} are replaced in 'prompt'; its {input} becomes the
     'input' text (with the record's input in it), or nothing when the record's input is empty. The response follows
-    the prompt, then the end marker."""
+    the prompt, then the end marker. With chat: true the source run's chat template formats the record instead."""
+    chat: bool = param(False, doc="Format records with the source run's chat template (the chat_template an imported "
+                                  "Hugging Face model ships, rendered in a Jinja sandbox; needs jinja2): the "
+                                  "instruction, then a blank line and the input if any, is the user message, the "
+                                  "output the assistant's answer; prompt, input and end are not used.")
     prompt: str = param(ALPACA_PROMPT, doc="The prompt; must contain {instruction} and {input}.")
     input: str = param(ALPACA_INPUT, doc="What {input} in the prompt becomes for a record with a non-empty input; "
                                          "must contain {input}.")
@@ -37,6 +41,10 @@ class TemplateSpec:
                                       "char).")
 
     def check(self):
+        if self.chat:
+            for key, default in (("prompt", ALPACA_PROMPT), ("input", ALPACA_INPUT), ("end", None)):
+                if getattr(self, key) != default:
+                    yield (key,), f"with chat: true the chat template formats the record; remove {key}"
         for key, needed in (("prompt", ("{instruction}", "{input}")), ("input", ("{input}",))):
             missing = [p for p in needed if p not in getattr(self, key)]
             if missing:

@@ -4,13 +4,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+try:
+    import resource
+except ImportError:                       # Windows: no peak to report
+    resource = None
 from pathlib import Path
 
 from ..cli.blueprint import load_blueprint
 from ..cli.common import fail, user_errors
 from ..cli.sample import load_run_model
 from . import export_hf, import_hf
-from .convert import DTYPES
+from ..model.plan import human_bytes, human_count
+from .convert import DTYPES, KEEP
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux/macOS ``ru_maxrss``), 0 where unknown."""
+    if resource is None:
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     imp = sub.add_parser("import", help="a local Hugging Face model directory -> a run folder")
     imp.add_argument("model_dir", type=Path)
     imp.add_argument("--out", type=Path, required=True, help="the new run folder")
-    imp.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the stored weights")
+    imp.add_argument("--dtype", choices=[*DTYPES, KEEP], default="float32",
+                     help="dtype of the stored weights (default float32, what the CPU profile computes in; "
+                          "keep: the dtype of the files)")
     imp.add_argument("--no-tokenizer", action="store_true", help="import the weights without tokenizer.json")
     exp = sub.add_parser("export", help="a run folder -> a Hugging Face model directory")
     exp.add_argument("run_dir", type=Path)
@@ -30,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "import":
             run = import_hf(args.model_dir, args.out, dtype=args.dtype, tokenizer=not args.no_tokenizer)
             load_blueprint(run / "blueprint.yaml")          # the written blueprint validates like any other
-            print(f"imported {args.model_dir} -> {run}")
+            info = json.loads((run / "run.json").read_text())["imported_from"]
+            print(f"imported {args.model_dir} -> {run}: {human_count(info['parameters'])} parameters, "
+                  f"{human_bytes(info['weights_bytes'])} of {info['dtype']} weights; peak memory of the import "
+                  f"{human_bytes(peak_rss())}")
         else:
             model, tokenizer, path, _ = load_run_model(args.run_dir, args.checkpoint, lm_only=True, task="export")
             hint = None

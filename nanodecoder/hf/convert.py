@@ -31,10 +31,16 @@ from ..train.checkpoint import model_tensors
 from ..train.rundir import RunDir
 from .families import FAMILIES, TRAINING_ONLY, Family, family
 from .rules import HFError, Rule
+from ..data import DataError
+from ..data.bpe import TiktokenTokenizer
+from ..data.chat import read_model_chat
+from ..data.hf_bpe import GPT2_PATTERN, MERGES_FILE, VOCAB_FILE, gpt2_from_files, write_files
 from ..data.hf_tokenizer import HF_CONFIG, HFTokenizer
 
 INDEX = "model.safetensors.index.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+KEEP = "keep"           # --dtype keep: the dtype the files store (that of the embedding matrix)
 
 
 # ----------------------------------------------------------------------------------- reading
@@ -88,10 +94,21 @@ class Weights:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open(self.file_of[name]).get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> torch.dtype:
+        stored = self._open(self.file_of[name]).get_slice(name).get_dtype()
+        found = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(stored)
+        if found is None:
+            raise HFError(f"{self.dir / self.file_of[name]}: tensor {name} is stored as {stored}; --dtype keep "
+                          "needs float32, bfloat16 or float16 weights")
+        return found
+
     def get(self, name: str) -> torch.Tensor:
+        """One tensor, read through a handle of its own: closing it unmaps the pages just read, so the
+        process holds the converted model and one tensor at a time, not also the whole file's mapping."""
         try:
-            return self._open(self.file_of[name]).get_tensor(name)
-        except SafetensorError as e:
+            with safe_open(str(self.dir / self.file_of[name]), framework="pt") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
             raise HFError(f"{self.dir / self.file_of[name]}: cannot read tensor {name}: {e}") from None
 
 
@@ -109,12 +126,13 @@ def _check_rules(rules: list[Rule], tensors: dict[str, torch.Tensor]) -> None:
                            f"rules for unknown {sorted(set(ours) - set(tensors))}")
 
 
-def load_hf_weights(model, fam: Family, weights: Weights, tied: bool) -> None:
-    """Fill ``model``'s tensors from ``weights`` by the family's rules; refuse missing, misshaped, unused tensors."""
+def load_hf_weights(model, fam: Family, weights: Weights, tied: bool, config: dict | None = None) -> None:
+    """Fill ``model``'s tensors from ``weights`` by the family's rules; refuse missing, misshaped, unused tensors.
+    ``config``: the directory's config.json (some layouts depend on it, e.g. DeepSeek's ``rope_interleave``)."""
     names = weights.names()
     tensors, _ = model_tensors(model)
     state = model.state_dict()
-    rules = fam.rules(model.spec, names)
+    rules = fam.rules(model.spec, names, config)
     _check_rules(rules, tensors)
     used: set[str] = set()
     for rule in rules:
@@ -130,7 +148,7 @@ def load_hf_weights(model, fam: Family, weights: Weights, tied: bool) -> None:
         with torch.no_grad():
             target.copy_(rule.to_ours([weights.get(n) for n in rule.hf]))
         used.update(rule.hf)
-    ignored = [re.compile(p) for p in fam.ignored]
+    ignored = [re.compile(p) for p in (*fam.ignored, *(fam.skipped(config) if config is not None else ()))]
     unused = sorted(n for n in names - used
                     if not any(p.search(n) for p in ignored) and not (tied and n == "lm_head.weight"))
     if unused:
@@ -150,6 +168,46 @@ def _eot_id(config: dict, model_dir: Path) -> int | None:
     return int(eos) if eos is not None else None
 
 
+#: Text on which a GPT-2 folder's tokenizer.json must agree with tiktoken's gpt2 built from its vocab.json/merges.txt.
+GPT2_CHECK_TEXT = ("Hello world! It's 2024: we'll see 3.14159 and 1,000,000 numbers.\n\n\tIndented  code()  \n"
+                   "naïve café, Ünïcödé, 日本語, emoji 🎉👍🏽 and   runs of   spaces   \r\n")
+
+
+def import_tokenizer(model_dir: Path, eot_id: int | None):
+    """The tokenizer of a model folder: tiktoken's ``gpt2`` encoding when its vocab.json + merges.txt are
+    GPT-2's (and its tokenizer.json, if any, encodes like it), else its tokenizer.json (kind ``hf``); with
+    the folder's chat template, if it ships one."""
+    has_json = (model_dir / "tokenizer.json").is_file()
+    tok = None
+    if (model_dir / VOCAB_FILE).is_file() and (model_dir / MERGES_FILE).is_file():
+        try:
+            tok = TiktokenTokenizer(gpt2_from_files(model_dir))
+        except DataError as e:
+            if not has_json:
+                raise HFError(f"{model_dir} has no tokenizer.json, and its {VOCAB_FILE}/{MERGES_FILE} do not give "
+                              f"GPT-2's tokenizer: {e}") from None
+        if tok is not None and has_json and not _same_as_hf(tok, model_dir / "tokenizer.json"):
+            tok = None                       # the model's own tokenizer.json differs from plain GPT-2: keep it
+    if tok is None:
+        if not has_json:
+            raise HFError(f"{model_dir} has no tokenizer.json (only the fast-tokenizer file, or GPT-2's vocab.json "
+                          "+ merges.txt, is read; a sentencepiece tokenizer.model is not converted): save it with "
+                          "transformers' AutoTokenizer(...).save_pretrained first, or import without a tokenizer "
+                          "(--no-tokenizer)")
+        tok = HFTokenizer.from_file(model_dir / "tokenizer.json", eot_id)
+    tok.chat = read_model_chat(model_dir)
+    return tok
+
+
+def _same_as_hf(tok, tokenizer_json: Path) -> bool:
+    try:
+        hf = HFTokenizer.from_file(tokenizer_json)
+    except DataError:                        # no tokenizers package: the GPT-2 files alone decide
+        return True
+    return (hf.vocab_size == tok.vocab_size and hf.special_tokens() == tok.special_tokens()
+            and hf.encode(GPT2_CHECK_TEXT) == tok.encode(GPT2_CHECK_TEXT))
+
+
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "imported"
 
@@ -162,11 +220,7 @@ def import_hf(model_dir: str | Path, out: str | Path, *, dtype: str = "float32",
     spec = build_model_spec(model_section)
     tok = None
     if tokenizer:
-        if not (model_dir / "tokenizer.json").is_file():
-            raise HFError(f"{model_dir} has no tokenizer.json (only the fast-tokenizer file is read; a sentencepiece "
-                          "tokenizer.model is not converted): save it with transformers' AutoTokenizer(...)"
-                          ".save_pretrained first, or import without a tokenizer (--no-tokenizer)")
-        tok = HFTokenizer.from_file(model_dir / "tokenizer.json", _eot_id(config, model_dir))
+        tok = import_tokenizer(model_dir, _eot_id(config, model_dir))
         if tok.vocab_size > spec.vocab_size:
             raise HFError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens, more than the model's "
                           f"vocab_size {spec.vocab_size}")
@@ -174,10 +228,17 @@ def import_hf(model_dir: str | Path, out: str | Path, *, dtype: str = "float32",
     if out.exists() and any(out.iterdir()):
         raise HFError(f"{out} exists and is not empty; choose a new folder for the run")
 
-    model = build_model(spec, device="meta").to_empty(device="cpu").to(DTYPES[dtype])
+    if dtype == KEEP:
+        name = next(r.hf[0] for r in fam.rules(spec, weights.names()) if r.ours == "wte.weight")
+        torch_dtype = weights.dtype(name)
+    elif dtype in DTYPES:
+        torch_dtype = DTYPES[dtype]
+    else:
+        raise HFError(f"dtype '{dtype}' is not one of {', '.join([*DTYPES, KEEP])}")
+    model = build_model(spec, device="meta").to(torch_dtype).to_empty(device="cpu")
     if spec.tie_embeddings:
         model.head.weight = model.wte.weight
-    load_hf_weights(model, fam, weights, spec.tie_embeddings)
+    load_hf_weights(model, fam, weights, spec.tie_embeddings, config)
 
     out.mkdir(parents=True, exist_ok=True)
     run = RunDir(out)
@@ -189,9 +250,13 @@ def import_hf(model_dir: str | Path, out: str | Path, *, dtype: str = "float32",
     (out / RunDir.BLUEPRINT).write_text(header + yaml.safe_dump(blueprint, sort_keys=False))
     if tok is not None:
         tok.save(out / RunDir.TOKENIZER)
+    tensors, _ = model_tensors(model)                   # tied weights once
     run.write_meta({"name": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "base_dir": str(out.resolve()),
                     "imported_from": {"path": str(model_dir.resolve()), "model_type": fam.model_type,
-                                      "architectures": config.get("architectures")},
+                                      "architectures": config.get("architectures"),
+                                      "parameters": sum(tensors[n].numel() for n in tensors),
+                                      "weights_bytes": sum(tensors[n].nbytes for n in tensors),
+                                      "dtype": str(torch_dtype).removeprefix("torch.")},
                     "weights_only": True})
     run.checkpoints.save_weights(0, model, source=f"huggingface:{fam.model_type}")
     return run
@@ -266,7 +331,7 @@ def export_hf(model, tokenizer, out: str | Path, *, hint: str | None = None) -> 
     config.update(bos_token_id=eot, eos_token_id=eot)
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
-    for rule in fam.rules(spec, set()):
+    for rule in fam.rules(spec, set(), config):
         for name, t in zip(rule.hf, rule.to_hf(state[rule.ours])):
             tensors[name] = t.detach().to("cpu", torch.float32).contiguous()
     out.mkdir(parents=True, exist_ok=True)
@@ -279,4 +344,12 @@ def export_hf(model, tokenizer, out: str | Path, *, hint: str | None = None) -> 
         cfg = tokenizer.source.with_name(HF_CONFIG)
         if cfg.is_file():
             (out / HF_CONFIG).write_bytes(cfg.read_bytes())
+    elif isinstance(tokenizer, TiktokenTokenizer) and tokenizer.encoding._pat_str == GPT2_PATTERN:
+        write_files(tokenizer.encoding, out)          # GPT-2's tokenizer files: GPT2Tokenizer reads them
+        eot_text = next((t for t, i in tokenizer.special_tokens().items() if i == eot), None)
+        cfg = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False,
+               **({k: eot_text for k in ("bos_token", "eos_token", "unk_token")} if eot_text else {})}
+        (out / HF_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    if getattr(tokenizer, "chat", None) is not None:
+        (out / "chat_template.jinja").write_text(tokenizer.chat.template, encoding="utf-8")
     return out

@@ -16,7 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .rules import HFError, Rule, concat, experts_down, experts_up, fused_experts, same, transposed
+import torch
+
+from ..components.positional import yarn_mscale
+from .rules import (HFError, Rule, concat, experts_down, experts_up, fused_experts, interleaved, permuted, same,
+                    shared_experts_down, shared_experts_up, transposed)
 
 
 
@@ -29,10 +33,15 @@ def _get(config: dict, key: str, default: Any = ...):
 
 
 # ------------------------------------------------------------------------------------------ pieces
-def rope_section(config: dict) -> dict:
+def rope_section(config: dict, *, softmax_mscale: bool = False) -> dict:
     """Our ``positional:`` for a config's RoPE (transformers 5 ``rope_parameters`` or 4.x ``rope_theta`` +
-    ``rope_scaling``)."""
+    ``rope_scaling``).  ``softmax_mscale``: the family's attention multiplies its softmax scale by YaRN's
+    ``mscale_all_dim`` temperature (DeepSeek-V2/V3); elsewhere transformers uses that key only for cos and sin."""
     params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    nested = sorted(k for k, v in params.items() if isinstance(v, dict))
+    if nested:
+        raise HFError(f"config.json: rope_parameters per layer type ({', '.join(nested)}) are not implemented "
+                      "(one RoPE for every layer)")
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     out: dict[str, Any] = {"kind": "rope", "theta": float(theta)}
@@ -42,27 +51,85 @@ def rope_section(config: dict) -> dict:
     if rope_type == "default":
         return out
     if rope_type == "llama3":
+        if softmax_mscale and params.get("mscale_all_dim"):
+            raise HFError("config.json: rope_parameters.mscale_all_dim with rope type llama3 is not implemented "
+                          "(our softmax temperature comes with yarn only)")
+        missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if params.get(k) is None]
+        if missing:
+            raise HFError(f"config.json: rope_parameters.{missing[0]} is missing, which rope type llama3 needs")
         out["scaling"] = {"kind": "llama3", "factor": float(params["factor"]),
                           "low_freq_factor": float(params["low_freq_factor"]),
                           "high_freq_factor": float(params["high_freq_factor"]),
-                          "original_max_position_embeddings": int(params["original_max_position_embeddings"])}
+                          "original_max_position_embeddings": _original_context(config, params)}
         return out
-    raise HFError(f"config.json: rope type '{rope_type}' is not implemented (we convert default and llama3); "
+    if rope_type == "yarn":
+        out["scaling"] = _yarn_section(config, params, softmax_mscale)
+        return out
+    raise HFError(f"config.json: rope type '{rope_type}' is not implemented (we convert default, llama3 and yarn); "
                   "the model would not be the same")
 
 
-def rope_config(positional) -> dict:
+def _original_context(config: dict, params: dict) -> int:
+    """The pre-scaling context length as transformers reads it: a top-level ``original_max_position_embeddings``
+    (Phi-3 style) first, then the RoPE parameters', then ``max_position_embeddings``."""
+    old = config.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+    return int(old if old is not None else _get(config, "max_position_embeddings"))
+
+
+def _yarn_section(config: dict, params: dict, softmax_mscale: bool) -> dict:
+    """Our ``yarn`` scaling for transformers' yarn ``rope_parameters`` (the same defaults, the same formulas)."""
+    old = _original_context(config, params)
+    factor = params.get("factor")
+    if factor is None:                          # transformers: the ratio of the two context lengths
+        factor = int(_get(config, "max_position_embeddings")) / int(old)
+    for key in ("factor", "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim"):
+        value = factor if key == "factor" else params.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or value < 0
+                                  or (value == 0 and key in ("factor", "attention_factor"))):
+            raise HFError(f"config.json: rope_parameters.{key} {value!r} is not implemented (yarn needs a positive "
+                          "number)")
+    out: dict[str, Any] = {"kind": "yarn", "factor": float(factor), "original_max_position_embeddings": int(old),
+                           "beta_fast": float(params.get("beta_fast") or 32.0),    # 0 or null: the default, as
+                           "beta_slow": float(params.get("beta_slow") or 1.0),     # transformers does
+                           "truncate": bool(params.get("truncate", True))}
+    attention, mscale, mscale_all_dim = (params.get(k) for k in ("attention_factor", "mscale", "mscale_all_dim"))
+    if attention is not None:
+        out["attention_factor"] = float(attention)
+    if softmax_mscale or not mscale_all_dim:
+        if mscale:
+            out["mscale"] = float(mscale)
+        if mscale_all_dim:
+            out["mscale_all_dim"] = float(mscale_all_dim)
+    elif attention is None and mscale:
+        # this family scales only cos and sin: the ratio of the two temperatures, written out
+        out["attention_factor"] = yarn_mscale(float(factor), float(mscale)) / yarn_mscale(float(factor),
+                                                                                          float(mscale_all_dim))
+    return out
+
+
+def rope_config(positional, *, softmax_mscale: bool = False) -> dict:
     """The inverse of :func:`rope_section`, in transformers 5's ``rope_parameters`` (and 4.x's keys)."""
     if positional.kind != "rope":
         raise HFError(f"positional kind '{positional.kind}' has no Hugging Face llama-family equivalent")
     params: dict[str, Any] = {"rope_theta": positional.theta, "rope_type": "default"}
     s = positional.scaling
-    if s is not None:
-        if s.kind != "llama3":
-            raise HFError(f"rope scaling '{s.kind}' is not exported (we export llama3)")
+    if s is not None and s.kind == "llama3":
         params.update(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
                       high_freq_factor=s.high_freq_factor,
                       original_max_position_embeddings=s.original_max_position_embeddings)
+    elif s is not None and s.kind == "yarn":
+        if s.mscale_all_dim and not softmax_mscale:
+            raise HFError("rope scaling yarn with mscale_all_dim (a softmax temperature) is exported only by "
+                          "families whose attention applies it (deepseek_v3)")
+        params.update(rope_type="yarn", factor=s.factor,
+                      original_max_position_embeddings=s.original_max_position_embeddings,
+                      beta_fast=s.beta_fast, beta_slow=s.beta_slow, truncate=s.truncate)
+        for key, value in (("attention_factor", s.attention_factor_), ("mscale", s.mscale),
+                           ("mscale_all_dim", s.mscale_all_dim)):
+            if value is not None:
+                params[key] = value
+    elif s is not None:
+        raise HFError(f"rope scaling '{s.kind}' is not exported (we export llama3 and yarn)")
     out = {"rope_parameters": params, "rope_theta": positional.theta}
     if positional.partial != 1.0:
         out["partial_rotary_factor"] = positional.partial
@@ -70,14 +137,15 @@ def rope_config(positional) -> dict:
     return out
 
 
-def _check_common(config: dict) -> None:
+def _check_common(config: dict, layer_types: tuple[str, ...] = ("full_attention",)) -> None:
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "?")
         raise HFError(f"config.json has a quantization_config (quant_method '{method}'): quantized checkpoints "
                       "are not converted; use the unquantized (float) weights")
     for t in config.get("layer_types") or ():
-        if t != "full_attention":
-            raise HFError(f"config.json: layer type '{t}' is not implemented here (only full_attention)")
+        if t not in layer_types:
+            raise HFError(f"config.json: layer type '{t}' is not implemented for {config.get('model_type')} "
+                          f"(only {', '.join(layer_types)})")
 
 
 def _silu(config: dict) -> None:
@@ -86,9 +154,19 @@ def _silu(config: dict) -> None:
         raise HFError(f"config.json: hidden_act '{act}' is not implemented for this family (silu only)")
 
 
-def llama_model(config: dict, *, bias=None, qk_norm: str | None = None, window: bool = False) -> dict:
+def decoder_section(config: dict, positional: dict, attention: dict) -> dict:
+    """The ``model:`` section of a pre-norm RMSNorm decoder (callers add the MLP)."""
+    return {"vocab_size": int(_get(config, "vocab_size")), "pad_vocab_to": 1,
+            "context_length": int(_get(config, "max_position_embeddings")), "d_model": int(_get(config, "hidden_size")),
+            "n_layers": int(_get(config, "num_hidden_layers")),
+            "tie_embeddings": bool(config.get("tie_word_embeddings", False)), "positional": positional,
+            "block": {"norm": {"kind": "rmsnorm", "eps": float(_get(config, "rms_norm_eps"))}, "attention": attention}}
+
+
+def llama_model(config: dict, *, bias=None, qk_norm: str | None = None, window: bool = False,
+                layer_types: tuple[str, ...] = ("full_attention",)) -> dict:
     """The ``model:`` section shared by the llama-shaped families (everything but the MLP)."""
-    _check_common(config)
+    _check_common(config, layer_types)
     d, heads = int(_get(config, "hidden_size")), int(_get(config, "num_attention_heads"))
     attn: dict[str, Any] = {"kind": "causal", "n_heads": heads,
                             "n_kv_heads": int(_get(config, "num_key_value_heads", heads))}
@@ -109,12 +187,7 @@ def llama_model(config: dict, *, bias=None, qk_norm: str | None = None, window: 
                       "implemented here")
     if config.get("clip_qkv") is not None:
         raise HFError(f"config.json: clip_qkv {config['clip_qkv']} is not implemented")
-    return {"vocab_size": int(_get(config, "vocab_size")), "pad_vocab_to": 1,
-            "context_length": int(_get(config, "max_position_embeddings")), "d_model": d,
-            "n_layers": int(_get(config, "num_hidden_layers")),
-            "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
-            "positional": rope_section(config),
-            "block": {"norm": {"kind": "rmsnorm", "eps": float(_get(config, "rms_norm_eps"))}, "attention": attn}}
+    return decoder_section(config, rope_section(config), attn)
 
 
 def llama_config(spec, model_type: str, architecture: str) -> dict:
@@ -189,11 +262,17 @@ def mlp_rules(m, ours: str, layer: str, names: set[str], moe_prefix: str, expert
             experts_down(ours + "experts.down", [f"{hf}experts.{i}.{down}.weight" for i in e])]
 
 
-def llama_rules(spec, names: set[str], moe_prefix: str = "mlp.",
-                expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> list[Rule]:
+def base_rules(spec) -> list[Rule]:
+    """Embedding, final norm and (untied) head of a llama-shaped checkpoint."""
     rules = [same("wte.weight", "model.embed_tokens.weight"), same("norm.weight", "model.norm.weight")]
     if not spec.tie_embeddings:
         rules.append(same("head.weight", "lm_head.weight"))
+    return rules
+
+
+def llama_rules(spec, names: set[str], config: dict | None = None, moe_prefix: str = "mlp.",
+                expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> list[Rule]:
+    rules = base_rules(spec)
     for i, b in enumerate(spec.blocks):
         ours, hf = f"blocks.{i}.", f"model.layers.{i}."
         rules += [same(ours + "norm1.weight", hf + "input_layernorm.weight"),
@@ -210,8 +289,11 @@ class Family:
     architecture: str
     to_model: Callable[[dict], dict]
     to_config: Callable[[Any], dict]
-    rules: Callable[[Any, set[str]], list[Rule]]
+    rules: Callable[..., list[Rule]]        # (spec, names in the files, config.json or None) -> rules
     ignored: tuple[str, ...] = ()           # regular expressions of HF tensors that carry no weights
+    #: config.json -> regular expressions of checkpoint tensors outside the causal LM (DeepSeek's
+    #: multi-token-prediction layers, which transformers does not load either)
+    skipped: Callable[[dict], tuple[str, ...]] = lambda config: ()
 
 
 def _dense_llama(model_type: str, architecture: str, *, bias=None, qk_norm=None, window=False) -> Family:
@@ -313,6 +395,226 @@ def _olmoe_config(spec):
     return config
 
 
+# ---- GPT-OSS
+GPT_OSS_LAYERS = ("full_attention", "sliding_attention")
+CLAMPED_SWIGLU = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}     # what our swiglu_clamped experts compute
+
+
+def _gpt_oss_layer_types(config: dict, n_layers: int) -> list[str]:
+    types = config.get("layer_types")
+    if types is None:                            # transformers' default: sliding first, then alternating
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+    if len(types) != n_layers:
+        raise HFError(f"config.json: layer_types has {len(types)} entries for num_hidden_layers {n_layers}")
+    return list(types)
+
+
+def _gpt_oss_model(config):
+    for key, ours in CLAMPED_SWIGLU.items():
+        if float(config.get(key, ours)) != ours:
+            raise HFError(f"config.json: {key} {config[key]} is not implemented (our swiglu_clamped experts use "
+                          f"{ours})")
+    model = llama_model(config, bias=bool(config.get("attention_bias", True)), layer_types=GPT_OSS_LAYERS)
+    full = dict(model["block"]["attention"], sinks=True)
+    types = _gpt_oss_layer_types(config, model["n_layers"])
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    local = dict(full, window=int(_get(config, "sliding_window"))) if sliding else full
+    first, other = (local, full) if types[0] == "sliding_attention" else (full, local)
+    model["block"]["attention"] = first
+    rest = [i for i, t in enumerate(types) if t != types[0]]
+    if rest:
+        model["overrides"] = [{"layers": rest, "attention": other}]
+    mlp = moe_mlp(config, _n_experts(config), _get(config, "num_experts_per_tok"), _get(config, "intermediate_size"),
+                  renormalize=True)
+    mlp.update(expert_kind="swiglu_clamped", bias=True, router={"kind": "topk", "renormalize": True, "bias": True},
+               z_loss_coef=0.0)
+    model["block"]["mlp"] = mlp
+    return model
+
+
+def _gpt_oss_config(spec):
+    m = spec.block.mlp
+    if m.kind != "moe" or m.expert_kind != "swiglu_clamped" or m.router.kind != "topk":
+        raise HFError("the gpt_oss family has an MoE of swiglu_clamped experts with a topk router in every layer")
+    windows = {b.attention.window for b in spec.blocks} - {None}
+    if len(windows) > 1:
+        raise HFError(f"the gpt_oss family has one sliding window for its local layers (here {sorted(windows)})")
+    config = llama_config(spec, "gpt_oss", "GptOssForCausalLM")
+    config.update({"num_local_experts": m.n_experts, "num_experts_per_tok": m.top_k, "intermediate_size": m.hidden,
+                   "router_aux_loss_coef": m.lb_loss_coef, "output_router_logits": False,
+                   "attention_bias": bool(spec.block.attention.biased), **CLAMPED_SWIGLU,
+                   "layer_types": ["full_attention" if b.attention.window is None else "sliding_attention"
+                                   for b in spec.blocks],
+                   "sliding_window": windows.pop() if windows else None})
+    return config
+
+
+def _gpt_oss_rules(spec, names: set[str], config: dict | None = None) -> list[Rule]:
+    """One layout: the experts fused as ``save_pretrained`` writes them (``gate_up_proj`` [E, D, 2I] with gate and
+    up interleaved, its bias, ``down_proj`` [E, I, D] and its bias); MXFP4 files are refused by config.json."""
+    rules = base_rules(spec)
+    for i, b in enumerate(spec.blocks):
+        ours, hf = f"blocks.{i}.", f"model.layers.{i}."
+        m, e = b.mlp, hf + "mlp."
+        if m.kind != "moe" or not m.bias or not m.router.bias or not b.attention.sinks:
+            raise HFError("every gpt_oss layer has attention sinks and an MoE with biased experts and router")
+        rules += [same(ours + "norm1.weight", hf + "input_layernorm.weight"),
+                  same(ours + "norm2.weight", hf + "post_attention_layernorm.weight"),
+                  *attention_rules(b.attention, ours + "attn.", hf + "self_attn."),
+                  same(ours + "attn.sinks", hf + "self_attn.sinks"),
+                  same(ours + "mlp.router.weight", e + "router.weight"),
+                  same(ours + "mlp.router.bias", e + "router.bias"),
+                  interleaved(ours + "mlp.experts.up", e + "experts.gate_up_proj"),
+                  interleaved(ours + "mlp.experts.up_bias", e + "experts.gate_up_proj_bias"),
+                  same(ours + "mlp.experts.down", e + "experts.down_proj"),
+                  same(ours + "mlp.experts.down_bias", e + "experts.down_proj_bias")]
+    return rules
+
+
+# ---- DeepSeek-V3
+def _deepseek_model(config):
+    _check_common(config)
+    _silu(config)
+    heads = int(_get(config, "num_attention_heads"))
+    if int(config.get("num_key_value_heads") or heads) != heads:
+        raise HFError(f"config.json: num_key_value_heads {config['num_key_value_heads']} differs from "
+                      f"num_attention_heads {heads}; multi-head latent attention has one key/value per head")
+    for key, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
+        if config.get(key, want) != want:
+            raise HFError(f"config.json: {key} '{config[key]}' is not implemented (transformers and we compute "
+                          f"'{want}')")
+    q_lora = config.get("q_lora_rank")
+    attn = {"kind": "mla", "n_heads": heads, "q_lora_rank": int(q_lora) if q_lora is not None else None,
+            "kv_lora_rank": int(_get(config, "kv_lora_rank")),
+            "qk_nope_head_dim": int(_get(config, "qk_nope_head_dim")),
+            "qk_rope_head_dim": int(_get(config, "qk_rope_head_dim")), "v_head_dim": int(_get(config, "v_head_dim")),
+            "bias": bool(config.get("attention_bias", False)),
+            "latent_norm_eps": 1e-6}                 # transformers' q_a/kv_a_layernorm keep their default eps
+    model = decoder_section(config, rope_section(config, softmax_mscale=True), attn)
+    top_k, shared = int(_get(config, "num_experts_per_tok")), int(config.get("n_shared_experts") or 0)
+    if not config.get("norm_topk_prob", True):
+        raise HFError("config.json: norm_topk_prob false is not implemented (our sigmoid router always "
+                      "normalises the top-k weights)")
+    if top_k == 1:
+        raise HFError("config.json: num_experts_per_tok 1 is not implemented (transformers then weighs the expert "
+                      "by 1, our sigmoid router by its raw affinity)")
+    if shared < 1:
+        raise HFError("config.json: n_shared_experts 0 is not implemented for deepseek_v3 (transformers still "
+                      "builds an empty shared MLP)")
+    n_group = int(config.get("n_group") or 1)
+    model["block"]["mlp"] = {
+        "kind": "moe", "n_experts": int(_get(config, "n_routed_experts")), "top_k": top_k, "expert_kind": "swiglu",
+        "expert_hidden": int(_get(config, "moe_intermediate_size")), "n_shared_experts": shared,
+        "lb_loss_type": "sequence", "lb_loss_coef": float(config.get("aux_loss_alpha", 0.0001)), "z_loss_coef": 0.0,
+        "router": {"kind": "sigmoid", "routed_scaling_factor": float(config.get("routed_scaling_factor", 1.0)),
+                   "n_group": n_group, "topk_group": int(config.get("topk_group") or 1) if n_group > 1 else 1}}
+    dense = min(int(config.get("first_k_dense_replace") or 0), model["n_layers"])
+    if dense:
+        model["overrides"] = [{"layers": list(range(dense)), "mlp": swiglu_mlp(_get(config, "intermediate_size"))}]
+    return model
+
+
+def _deepseek_config(spec):
+    a, m, norm = spec.block.attention, spec.block.mlp, spec.block.norm
+    if a.kind != "mla" or norm.kind != "rmsnorm" or m.kind != "moe" or m.router.kind != "sigmoid":
+        raise HFError("the deepseek_v3 family needs mla attention, rmsnorm and an MoE with a sigmoid router")
+    dense = 0
+    while dense < spec.n_layers and spec.blocks[dense].mlp.kind == "swiglu":
+        dense += 1
+    r = m.router
+    return {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": spec.vocab_size,
+            "hidden_size": spec.d_model, "num_hidden_layers": spec.n_layers, "num_attention_heads": a.n_heads,
+            "num_key_value_heads": a.n_heads, "q_lora_rank": a.q_lora_rank, "kv_lora_rank": a.kv_lora_rank,
+            "qk_nope_head_dim": a.qk_nope_head_dim, "qk_rope_head_dim": a.qk_rope_head_dim,
+            "v_head_dim": a.v_head_dim, "head_dim": a.qk_rope_head_dim, "attention_bias": a.bias,
+            "rope_interleave": True, "intermediate_size": spec.blocks[0].mlp.hidden if dense else m.hidden,
+            "moe_intermediate_size": m.hidden, "n_routed_experts": m.n_experts, "num_experts_per_tok": m.top_k,
+            "n_shared_experts": m.n_shared_experts, "routed_scaling_factor": r.routed_scaling_factor,
+            "n_group": r.n_group, "topk_group": r.topk_group, "norm_topk_prob": True,
+            "first_k_dense_replace": dense, "num_nextn_predict_layers": 0, "hidden_act": "silu",
+            "max_position_embeddings": spec.context_length, "rms_norm_eps": norm.eps,
+            "tie_word_embeddings": spec.tie_embeddings, "attention_dropout": 0.0, "dtype": "float32",
+            **rope_config(spec.positional, softmax_mscale=True)}
+
+
+def _rope_rows(rows: int, per_head: int, nope: int) -> torch.Tensor:
+    """``ours[j] = hf[index[j]]`` for ``rows`` rows in blocks of ``per_head``: in each block the first ``nope`` rows
+    stay, the rotary rows after them go from DeepSeek's interleaved pairs (x0, x1), (x2, x3) ... to our halves
+    (x0, x2, ..., x1, x3, ...), which is what transformers' interleaved RoPE computes."""
+    rope = per_head - nope
+    within = torch.cat([torch.arange(nope), nope + torch.arange(0, rope, 2), nope + torch.arange(1, rope, 2)])
+    return (torch.arange(0, rows, per_head)[:, None] + within[None, :]).reshape(-1)
+
+
+def _mla_rules(a, ours: str, hf: str, interleave: bool) -> list[Rule]:
+    H, N, R, C = a.n_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.kv_lora_rank
+
+    def rope_rows(our_name, hf_name, rows, per_head, nope):
+        if not interleave:
+            return same(our_name, hf_name)
+        return permuted(our_name, hf_name, _rope_rows(rows, per_head, nope))
+
+    rules = []
+    if a.q_lora_rank:
+        rules += [same(ours + "q_down.weight", hf + "q_a_proj.weight"),
+                  same(ours + "q_norm.weight", hf + "q_a_layernorm.weight"),
+                  rope_rows(ours + "q_up.weight", hf + "q_b_proj.weight", H * (N + R), N + R, N)]
+        if a.bias:
+            rules.append(same(ours + "q_down.bias", hf + "q_a_proj.bias"))
+    else:
+        rules.append(rope_rows(ours + "q_proj.weight", hf + "q_proj.weight", H * (N + R), N + R, N))
+    rules += [rope_rows(ours + "kv_down.weight", hf + "kv_a_proj_with_mqa.weight", C + R, C + R, C),
+              same(ours + "kv_norm.weight", hf + "kv_a_layernorm.weight"),
+              same(ours + "kv_up.weight", hf + "kv_b_proj.weight"),
+              same(ours + "out.weight", hf + "o_proj.weight")]
+    if a.bias:
+        rules += [rope_rows(ours + "kv_down.bias", hf + "kv_a_proj_with_mqa.bias", C + R, C + R, C),
+                  same(ours + "out.bias", hf + "o_proj.bias")]
+    return rules
+
+
+def _deepseek_rules(spec, names: set[str], config: dict | None = None) -> list[Rule]:
+    """Routed experts per expert (``experts.N.{gate,up,down}_proj``, what ``save_pretrained`` writes) or fused
+    (transformers 5's in-memory ``gate_up_proj`` / ``down_proj``); the shared experts as one wide MLP."""
+    interleave = bool((config or {}).get("rope_interleave", True))
+    rules = base_rules(spec)
+    for i, b in enumerate(spec.blocks):
+        ours, hf = f"blocks.{i}.", f"model.layers.{i}."
+        m = b.mlp
+        rules += [same(ours + "norm1.weight", hf + "input_layernorm.weight"),
+                  same(ours + "norm2.weight", hf + "post_attention_layernorm.weight"),
+                  *_mla_rules(b.attention, ours + "attn.", hf + "self_attn.", interleave)]
+        if m.kind == "swiglu" and not m.bias:
+            rules += mlp_rules(m, ours + "mlp.", hf, names, "mlp.", ("gate_proj", "up_proj", "down_proj"))
+            continue
+        if m.kind != "moe" or m.expert_kind != "swiglu" or m.bias or m.router.kind != "sigmoid" \
+                or not m.n_shared_experts:
+            raise HFError("every deepseek_v3 layer is a swiglu MLP or an MoE of swiglu experts with shared experts "
+                          "and a sigmoid router")
+        e, o = hf + "mlp.", ours + "mlp."
+        rules += [same(o + "router.weight", e + "gate.weight"),
+                  same(o + "router.expert_bias", e + "gate.e_score_correction_bias"),
+                  shared_experts_up(o + "shared.up", e + "shared_experts.gate_proj.weight",
+                                    e + "shared_experts.up_proj.weight", m.n_shared_experts),
+                  shared_experts_down(o + "shared.down", e + "shared_experts.down_proj.weight", m.n_shared_experts)]
+        if e + "experts.gate_up_proj" in names:
+            rules += [fused_experts(o + "experts.up", e + "experts.gate_up_proj"),
+                      fused_experts(o + "experts.down", e + "experts.down_proj")]
+        else:
+            n = range(m.n_experts)
+            rules += [experts_up(o + "experts.up", [f"{e}experts.{j}.gate_proj.weight" for j in n],
+                                 [f"{e}experts.{j}.up_proj.weight" for j in n]),
+                      experts_down(o + "experts.down", [f"{e}experts.{j}.down_proj.weight" for j in n])]
+    return rules
+
+
+def _deepseek_skipped(config: dict) -> tuple[str, ...]:
+    """DeepSeek's multi-token-prediction layers follow the last layer (``model.layers.61`` of DeepSeek-V3)."""
+    n = int(config.get("num_hidden_layers") or 0)
+    extra = int(config.get("num_nextn_predict_layers") or 0)
+    return tuple(rf"^model\.layers\.{n + j}\." for j in range(extra))
+
+
 # ---- GPT-2
 def _gpt2_model(config):
     _check_common(config)
@@ -346,7 +648,7 @@ def _gpt2_config(spec):
             "scale_attn_weights": True, "dtype": "float32"}
 
 
-def _gpt2_rules(spec, names: set[str]) -> list[Rule]:
+def _gpt2_rules(spec, names: set[str], config: dict | None = None) -> list[Rule]:
     t = "transformer." if any(n.startswith("transformer.") for n in names) or not names else ""
     rules = [same("wte.weight", t + "wte.weight"), same("pos.wpe.weight", t + "wpe.weight"),
              same("norm.weight", t + "ln_f.weight"), same("norm.bias", t + "ln_f.bias")]
@@ -368,15 +670,18 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("gpt2", "GPT2LMHeadModel", _gpt2_model, _gpt2_config, _gpt2_rules,
            ignored=(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$",)),
     Family("mixtral", "MixtralForCausalLM", _mixtral_model, _mixtral_config,
-           lambda spec, names: llama_rules(spec, names, "block_sparse_moe.", ("w1", "w3", "w2"))),
+           lambda spec, names, config=None: llama_rules(spec, names, config, "block_sparse_moe.", ("w1", "w3", "w2"))),
     Family("qwen3_moe", "Qwen3MoeForCausalLM", _qwen3_moe_model, _qwen3_moe_config, llama_rules),
     Family("olmoe", "OlmoeForCausalLM", _olmoe_model, _olmoe_config, llama_rules),
+    Family("gpt_oss", "GptOssForCausalLM", _gpt_oss_model, _gpt_oss_config, _gpt_oss_rules),
+    Family("deepseek_v3", "DeepseekV3ForCausalLM", _deepseek_model, _deepseek_config, _deepseek_rules,
+           skipped=_deepseek_skipped),
 )}
 
 #: our ``model:`` keys that change training but not the function the model computes (ignored when export
 #: compares a model with the one its config.json describes)
 TRAINING_ONLY = {"dropout", "init", "lb_loss_coef", "z_loss_coef", "lb_loss_type", "dispatch", "jitter",
-                 "min_capacity", "drop_policy", "multiple_of", "hidden_mult", "expert_hidden_mult"}
+                 "bias_update_speed", "min_capacity", "drop_policy", "multiple_of", "hidden_mult", "expert_hidden_mult"}
 
 
 def family(model_type: str | None) -> Family:

@@ -72,3 +72,41 @@ def fused_experts(ours: str, hf: str) -> Rule:
     """Ours ``[E, in, out]`` from transformers 5's fused ``[E, out, in]`` (``gate_up_proj`` [E, 2I, D] with gate
     then up, ``down_proj`` [E, D, I])."""
     return Rule(ours, (hf,), lambda ts: ts[0].transpose(1, 2), lambda t: [t.transpose(1, 2)])
+
+
+def interleaved(ours: str, hf: str) -> Rule:
+    """Ours ``[..., 2I]`` (gate | up on the last axis) from GPT-OSS's interleaved ``[..., 2I]`` (gate at the even
+    positions, up at the odd ones): ``gate_up_proj`` [E, D, 2I] and ``gate_up_proj_bias`` [E, 2I]."""
+    def to_ours(ts):
+        return torch.cat([ts[0][..., 0::2], ts[0][..., 1::2]], dim=-1)
+
+    def to_hf(t):
+        gate, up = t.chunk(2, dim=-1)
+        return [torch.stack([gate, up], dim=-1).flatten(-2)]
+    return Rule(ours, (hf,), to_ours, to_hf)
+
+
+def permuted(ours: str, hf: str, index: torch.Tensor, dim: int = 0) -> Rule:
+    """Ours is the HF tensor with its entries along ``dim`` reordered: ``ours[j] = hf[index[j]]``."""
+    inverse = torch.argsort(index)
+    return Rule(ours, (hf,), lambda ts: ts[0].index_select(dim, index.to(ts[0].device)),
+                lambda t: [t.index_select(dim, inverse.to(t.device))])
+
+
+def shared_experts_up(ours: str, gate: str, up: str, n: int) -> Rule:
+    """Ours ``[n, D, 2I]`` (gate | up per expert) from one MLP of hidden width ``n * I`` (``gate_proj`` and
+    ``up_proj`` ``[n*I, D]``): the width splits into n experts whose outputs add up to the same sum."""
+    def to_ours(ts):
+        g, u = (x.reshape(n, x.shape[0] // n, x.shape[1]) for x in ts)
+        return torch.cat([g, u], dim=1).transpose(1, 2)
+
+    def to_hf(t):
+        g, u = t.transpose(1, 2).chunk(2, dim=1)                  # [n, I, D] each
+        return [g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])]
+    return Rule(ours, (gate, up), to_ours, to_hf)
+
+
+def shared_experts_down(ours: str, down: str, n: int) -> Rule:
+    """Ours ``[n, I, D]`` from the shared MLP's ``down_proj`` ``[D, n*I]``."""
+    return Rule(ours, (down,), lambda ts: ts[0].t().reshape(n, ts[0].shape[1] // n, ts[0].shape[0]),
+                lambda t: [t.reshape(-1, t.shape[-1]).t()])

@@ -212,8 +212,8 @@ class AttentionBytes:
 def attention_bytes(a, T: int, c: int, rotates: bool, device: str) -> AttentionBytes:
     """What one attention layer saves for a sequence of T tokens, its input included.
 
-    Plain causal attention runs a fused SDPA kernel: q, k and v (each n_heads wide: grouped keys and values are
-    repeated), the output and the log-sum-exp; where q is a view of the qkv projection (no RoPE, no qk-norm) the
+    Plain causal attention runs a fused SDPA kernel: q, k and v (grouped keys and values stay n_kv_heads wide:
+    SDPA's ``enable_gqa``), the output and the log-sum-exp; where q is a view of the qkv projection (no RoPE, no qk-norm) the
     whole projection stays alive, and where it is not the output is copied once more for the out-projection.
     A window, soft-capping and sinks take our explicit path, which keeps q, k, v copies, a [T, T] mask, the
     probabilities ([T, T + sinks] per head: all T keys, masked or not; fp32 plus a compute-dtype copy under CUDA
@@ -245,11 +245,12 @@ def attention_bytes(a, T: int, c: int, rotates: bool, device: str) -> AttentionB
         per_sequence = H * T * ((T + extra) * probs + (T * m if getattr(a, "logit_softcap", None) else 0)
                                 + (T * (mask + m) if dropout else 0))
     else:
-        new_q = rotates or qk_norm
-        new_k, new_v = new_q or K < H, K < H
-        views = not (new_q and new_k and new_v) and not qk_norm       # some of q/k/v is a view of the buffer
+        new_q = rotates or qk_norm                                     # rotated or normed q and k are new
+        # v (at least) is a view of the qkv buffer, which stays alive (counted above where the fp32 qk-norm keeps it)
+        views = not (qk_norm and c == FP32)
         buffer = H * (s + v) if latents else H * s + K * s + K * v
-        per_token += ((new_q + new_k) * H * s + new_v * H * v + views * buffer) * c
+        kv_heads = H if latents else K                                 # SDPA groups the heads itself
+        per_token += (new_q * (H + kv_heads) * s + views * buffer) * c
         per_token += H * v * c * (1 + new_q) + H * FP32               # the output (and its copy), log-sum-exp
     return AttentionBytes(per_token, per_sequence, T * T if not fused else 0)
 

@@ -7,6 +7,7 @@ start and end summaries.
 """
 from __future__ import annotations
 
+import json
 import math
 import signal
 import sys
@@ -19,7 +20,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from ..model.generate import sample_text
-from .checkpoint import load_model_weights, load_state
+from .checkpoint import CheckpointError, load_model_weights, load_state
 from .metrics import MetricsLog, MoEMonitor
 from .plots import plot_expert_load, plot_losses
 from .rundir import RunDir
@@ -63,6 +64,45 @@ class GracefulStop:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         return False
+
+
+ALLOW_ARCHITECTURE_CHANGE = "--allow-architecture-change"
+
+
+class ArchitectureChanged(CheckpointError):
+    """Resuming with a ``model:`` section other than the one the run was trained with."""
+
+
+def architecture_changes(saved: dict, now: dict, prefix: str = "model") -> list[str]:
+    """``key: old in the checkpoint, new now`` for each leaf that differs between two ``model:`` sections
+    written out in full (every default filled in, e.g. by ``to_yaml(spec.model)``), so that writing a default
+    explicitly is no change."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = []
+        for key in sorted(set(saved) | set(now), key=str):
+            out += architecture_changes(saved.get(key, _ABSENT), now.get(key, _ABSENT), f"{prefix}.{key}")
+        return out
+    if saved == now:
+        return []
+    return [f"{prefix}: {_shown(saved)} in the checkpoint, {_shown(now)} now"]
+
+
+_ABSENT = object()
+
+
+def _shown(value) -> str:
+    return "absent" if value is _ABSENT else json.dumps(value)
+
+
+def refuse_architecture_change(changes: list[str], run: RunDir, allow: bool = False) -> None:
+    """Raise ArchitectureChanged listing ``changes`` unless ``allow`` (the command line's
+    ``--allow-architecture-change``)."""
+    if changes and not allow:
+        raise ArchitectureChanged("\n".join(
+            [f"cannot resume {run}: the model section differs from the one its checkpoints were trained with:",
+             *(f"  {c}" for c in changes),
+             f"  resume with the run's own model section, or pass {ALLOW_ARCHITECTURE_CHANGE} to load the "
+             "checkpoint into the changed model (every tensor must keep its name and shape)"]))
 
 
 def resume_trainer(trainer: Trainer, run: RunDir, which: str = "latest") -> Path:

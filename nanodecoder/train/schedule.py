@@ -113,5 +113,6 @@ def build_schedule(spec, total_steps: int, base_lr: float) -> Schedule:
 
 
 def set_lr(optimizer, lr: float) -> None:
+    """Set every group's learning rate: ``lr`` times the group's ``lr_scale`` (its peak / train.lr; 1 if absent)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

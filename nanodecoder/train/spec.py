@@ -30,7 +30,9 @@ class TrainSpec:
     grad_accum: int = param(1, doc="Micro-batches accumulated per optimizer step (gradients are synchronised "
                                    "across processes on the last one only); tokens per step = batch_size * "
                                    "grad_accum * context_length.", minimum=1)
-    lr: float = param(1e-3, doc="Peak learning rate; the schedule scales it (warm-up, decay).", exclusive_minimum=0)
+    lr: float = param(1e-3, doc="Peak learning rate; the schedule scales it (warm-up, decay). With optimizer kind "
+                                "muon it is Muon's; a group with a peak of its own (the AdamW part's lr, a rule's "
+                                "lr) is scaled in proportion.", exclusive_minimum=0)
     grad_clip: float | None = param(1.0, doc="Clip the global gradient norm to this value; 0 or null disables "
                                              "clipping.", minimum=0)
     eval_every: int = param(250, doc="Evaluate on the validation split every this many steps (and after the last "

@@ -76,5 +76,5 @@ def test_eval_section_errors_are_reported_before_training(tmp_path, capsys):
     assert "eval.hellaswag.evry" in capsys.readouterr().err
     raw["eval"] = {"hellaswag": {"data": "nope.jsonl"}}
     assert run_main([str(write_blueprint(tmp_path, raw))]) == 2
-    assert "nope.jsonl: no such file" in capsys.readouterr().err
+    assert "nope.jsonl does not exist" in capsys.readouterr().err
     assert not run_dirs(tmp_path / "runs")

@@ -25,8 +25,10 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behav
 @pytest.mark.parametrize("name", CUDA_PROFILES)
 def test_cuda_profiles_are_planned_by_dry_run_and_refused_before_training(tmp_path, capsys, name):
     bp = write(tmp_path, dense_raw(tmp_path), "bp.yaml")
-    assert main([str(bp), "--dry-run", "--profile", name]) == 0
-    out = capsys.readouterr().out
+    assert main([str(bp), "--dry-run", "--profile", name]) == 2           # the plan, then training's refusal
+    captured = capsys.readouterr()
+    out = captured.out
+    assert f"error: runtime profile '{name}' (device cuda) needs a CUDA GPU" in captured.err
     assert f"runtime profile '{name}':" in out
     assert "order          device -> precision -> activation checkpointing -> compile -> data-parallel wrap" in out
     assert "memory plan per process: precision" in out and "cannot be checked against the device here" in out

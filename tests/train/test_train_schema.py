@@ -137,7 +137,7 @@ def test_build_applies_defaults_and_nesting():
     assert t.schedule.impl is WSD and to_yaml(t.schedule) == {
         "kind": "wsd", "warmup_steps": 100, "decay_fraction": 0.2, "decay_shape": "linear", "min_lr_ratio": 0.0}
     assert to_yaml(t)["optimizer"] == {"kind": "adamw", "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1,
-                                       "decay_embeddings": True, "implementation": "auto"}
+                                       "decay_embeddings": True, "implementation": "auto", "rules": []}
     assert dataclasses.is_dataclass(t.optimizer) and t.optimizer.betas == (0.9, 0.95)
     default = build(TrainSpec, None, catalog())
     assert default.optimizer.kind == "adamw" and default.schedule.kind == "cosine"
