@@ -45,10 +45,11 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, temper
     model.eval()
     try:
         idx = idx[:, -ctx:]
-        cache = model.new_kv_cache(idx.size(0), ctx) if use_cache else None
+        size = min(ctx, idx.size(1) + max_new_tokens)    # the positions this call can reach, not the whole context
+        cache = model.new_kv_cache(idx.size(0), size) if use_cache else None
         pending = idx  # tokens not yet seen by the cache
         for _ in range(max_new_tokens):
-            if cache is not None and cache.pos + pending.size(1) <= ctx:
+            if cache is not None and cache.pos + pending.size(1) <= size:
                 logits = model(pending, cache=cache).logits[:, -1, :]
             else:  # uncached, or the cache is full: re-read the window (absolute positions shift)
                 cache = None
