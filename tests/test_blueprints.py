@@ -10,13 +10,14 @@ from nanodecoder.model.params import count_blueprint
 from nanodecoder.resources import blueprints_dir
 from nanodecoder.model.plan import param_report
 
-SHIPPED = sorted(p.name for p in blueprints_dir().glob("*.yaml"))
+SHIPPED = sorted([p.name for p in blueprints_dir().glob("*.yaml")]
+                 + [f"speedrun/{p.name}" for p in (blueprints_dir() / "speedrun").glob("*.yaml")])
 SMALL = ["model.d_model=64", "model.n_layers=2", "model.context_length=16", "model.vocab_size=97"]
 
 
 def test_the_shipped_set_is_complete():
     for name in ["dense_gpt.yaml", "moe_gpt.yaml", "switch_gpt.yaml", "deepseek_style_moe.yaml",
-                 "gpt2_124m.yaml", "nanogpt_cpu_char.yaml", "seed_moe_gpt.yaml"]:
+                 "gpt2_124m.yaml", "nanogpt_cpu_char.yaml", "seed_moe_gpt.yaml", "speedrun/shakespeare_char_cpu.yaml"]:
         assert name in SHIPPED
 
 
@@ -115,3 +116,21 @@ def test_analytic_count_equals_the_built_count(name):
     built = count_blueprint(spec)
     analytic = param_report(spec)
     assert (analytic.total, analytic.active, analytic.embedding) == (built.total, built.active, built.embedding)
+
+
+def test_the_speedrun_recipe_runs_end_to_end(tmp_path, monkeypatch):
+    """The speedrun blueprint as shipped (Muon with its AdamW part, untied head, ReLU², WSD), a few steps on
+    a small text: the step budget replaces the time budget here, so nothing depends on this machine's speed."""
+    import json
+    from nanodecoder.cli.run import main as run_main
+    monkeypatch.setenv("NANODECODER_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "text.txt").write_text("ROMEO:\nBefore we proceed any further, hear me speak.\n" * 60)
+    code = run_main([str(blueprints_dir() / "speedrun" / "shakespeare_char_cpu.yaml"),
+                     "--set", f"data.source.path={tmp_path / 'text.txt'}", "--set", f"logging.runs_dir={tmp_path}",
+                     "--set", "train.time_budget=null", "--set", "train.steps=30", "--set", "logging.plots=false",
+                     "--set", "sample.max_new_tokens=8"])
+    assert code == 0
+    (metrics,) = tmp_path.glob("shakespeare_char_cpu/*/metrics.jsonl")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert rows[-1]["kind"] == "eval" and losses[-1] < losses[0] - 1.0
