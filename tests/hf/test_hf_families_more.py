@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from nanodecoder.cli.sample import load_run_model  # noqa: E402
 from nanodecoder.hf import import_hf  # noqa: E402
 from nanodecoder.hf.__main__ import main as hf_main  # noqa: E402
-from nanodecoder.model.generate import generate  # noqa: E402
 
-from test_hf_interop import hf_tokenizer_kind, ours_logits, router_indices, write_tokenizer  # noqa: E402,F401
+from test_hf_interop import (assert_same_greedy_tokens, hf_tokenizer_kind, ours_logits,  # noqa: E402,F401
+                              router_indices, write_tokenizer)
 
 V = 96
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256}
@@ -134,10 +134,7 @@ def test_import_matches_transformers(tmp_path, name):
             hf_i, hf_w = by_expert(*theirs[k])
             assert torch.equal(ours_i, hf_i)
             assert torch.allclose(ours_w.float(), hf_w.float(), atol=1e-5)
-    prompt = idx[:1, :4]
-    want = hf.generate(prompt, max_new_tokens=20, do_sample=False)
-    for use_cache in (True, False):
-        assert torch.equal(generate(model, prompt, 20, temperature=0.0, use_cache=use_cache), want)
+    assert_same_greedy_tokens(hf, model, idx[:1, :4])
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

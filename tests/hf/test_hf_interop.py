@@ -121,10 +121,14 @@ def test_import_matches_transformers(tmp_path, name):
         assert sorted(seen) == sorted(theirs) and seen
         for k in seen:
             assert torch.equal(seen[k][0].sort(-1).values, theirs[k].sort(-1).values)
-    prompt = idx[:1, :4]
-    want = hf.generate(prompt, max_new_tokens=20, do_sample=False)
+    assert_same_greedy_tokens(hf, model, idx[:1, :4])
+
+
+def assert_same_greedy_tokens(hf, model, prompt, n: int = 20):
+    """Our greedy decoding, with and without the KV cache, gives transformers' ``generate`` ids."""
+    want = hf.generate(prompt, max_new_tokens=n, do_sample=False)
     for use_cache in (True, False):
-        assert torch.equal(generate(model, prompt, 20, temperature=0.0, use_cache=use_cache), want)
+        assert torch.equal(generate(model, prompt, n, temperature=0.0, use_cache=use_cache), want)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
