@@ -33,6 +33,7 @@ from ..runtime import RuntimeSetupError, resolve_target
 from ..train.rundir import RunDir
 from ..train.wandb_log import WandbError
 from ..train.wandb_log import preflight as wandb_preflight
+from ..config.loader import blueprint_path
 
 
 class PreflightError(Exception):
@@ -105,7 +106,7 @@ def preflight(spec, base_dir: Path, *, name: str, resume: RunDir | None = None, 
             hs = spec.eval.hellaswag
             if attempt(regular_file, hs.data, base_dir, "eval.hellaswag.data", f"; HellaSwag data comes from "
                                                                                 f"{HELLASWAG_SOURCE}"):
-                attempt(load_items, _path(hs.data, base_dir), hs.limit)
+                attempt(load_items, blueprint_path(hs.data, base_dir), hs.limit)
         if spec.eval.text is not None:
             path = attempt(regular_file, spec.eval.text.data, base_dir, "eval.text.data")
             text = attempt(read_text, path) if path is not None else None
@@ -150,7 +151,7 @@ def writable_folder(path: Path, key: str) -> None:
 
 def regular_file(raw: str, base_dir: Path, key: str, hint: str = "") -> Path:
     """The file a blueprint names (relative paths start at its folder), or DataError saying what is wrong."""
-    path = _path(raw, base_dir)
+    path = blueprint_path(raw, base_dir)
     if not os.path.exists(path):
         raise DataError(f"{key}: {path} does not exist (relative paths start at the blueprint's folder){hint}")
     if not path.is_file():
@@ -158,10 +159,6 @@ def regular_file(raw: str, base_dir: Path, key: str, hint: str = "") -> Path:
     if not os.access(path, os.R_OK):
         raise DataError(f"{key}: cannot read {path} (permission denied)")
     return path
-
-
-def _path(raw: str, base_dir: Path) -> Path:
-    return Path(raw) if os.path.isabs(raw) else Path(base_dir) / raw
 
 
 def _runtime(spec, env) -> None:

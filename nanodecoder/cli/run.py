@@ -49,6 +49,8 @@ from ..train.rundir import RunDir
 from ..train.trainer import Trainer, seed_everything
 from ..train.wandb_log import start_wandb
 from ..config import Blueprint, BlueprintError
+from ..config.diff import differences
+from ..config.loader import dotted
 from .blueprint import load_blueprint, run_spec
 from .common import EXIT_USAGE, EXIT_WONT_FIT, fail, user_errors
 from .preflight import data_checks, preflight
@@ -113,14 +115,9 @@ def load(args) -> Loaded:
     return Loaded(bp, run, base_dir, saved.raw)
 
 
-def changed_keys(old, new, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two resolved blueprints."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new), key=str):
-            out += changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
-        return out
-    return [] if old == new else [prefix.rstrip(".")]
+def changed_keys(old, new) -> list[str]:
+    """Dotted keys whose values differ between two resolved blueprints (an absent key equals a null one)."""
+    return [dotted(d.path) for d in differences(old, new, missing=None)]
 
 
 def architecture_changes_on_resume(bp, saved: dict, run: RunDir, allow: bool = False) -> list[str]:

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,11 @@ from .errors import BlueprintError, Problem
 
 Location = tuple[str, "int | None"]     # (file shown to the user, 1-based line)
 LineMap = dict[tuple, Location]
+
+
+def blueprint_path(raw: str, base_dir: str | Path) -> Path:
+    """A file a blueprint names: as written when absolute, else relative to the blueprint's folder ``base_dir``."""
+    return Path(raw) if os.path.isabs(raw) else Path(base_dir) / raw
 
 
 def dotted(path: tuple) -> str:

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 from ..config.declare import Kind, declared, param
 from .download import fetch
 from .errors import DataError
+from ..config.loader import blueprint_path
 
 #: Text put between documents when the tokenizer has no end-of-text token.
 DOC_SEPARATOR = "\n\n"
@@ -138,7 +139,7 @@ class TextSource(DataSource):
 
     def files(self) -> list[Path]:
         raw = os.path.expanduser(self.spec.path)
-        path = Path(raw) if os.path.isabs(raw) else self.base_dir / raw
+        path = blueprint_path(raw, self.base_dir)
         if any(c in str(path) for c in "*?["):
             found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if os.path.isfile(p))
             if not found:

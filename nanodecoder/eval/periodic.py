@@ -7,7 +7,6 @@ under ``val/``), e.g. ``{"hellaswag_acc": .., "hellaswag_acc_norm": ..}``.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -15,10 +14,7 @@ from ..data import DataError
 from .hellaswag import NORMALIZATION, evaluate_hellaswag, load_items
 from .spec import EvalSpec
 from .text import evaluate_text, read_text
-
-
-def _path(raw: str, base_dir: Path) -> Path:
-    return Path(raw) if os.path.isabs(raw) else Path(base_dir) / raw
+from ..config.loader import blueprint_path
 
 
 class PeriodicEval:
@@ -44,7 +40,7 @@ def build_periodic_evals(spec: EvalSpec | None, tokenizer, base_dir: Path) -> li
         return out
     if spec.hellaswag is not None:
         hs = spec.hellaswag
-        hs_path = _path(hs.data, base_dir)
+        hs_path = blueprint_path(hs.data, base_dir)
         items = load_items(hs_path, hs.limit)
 
         def hellaswag(trainer) -> dict:
@@ -58,7 +54,7 @@ def build_periodic_evals(spec: EvalSpec | None, tokenizer, base_dir: Path) -> li
                                           f"{r['hellaswag_n']} items"))
     if spec.text is not None:
         ts = spec.text
-        text_path = _path(ts.data, base_dir)
+        text_path = blueprint_path(ts.data, base_dir)
         text = read_text(text_path)
         try:
             tokenizer.encode(text)  # refuse, before training, a text the tokenizer cannot encode

@@ -3,7 +3,6 @@ that the fine-tuning blueprint describes the same model and tokenizer."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -13,6 +12,7 @@ from ..config.declare import to_yaml
 from ..data import load_tokenizer
 from ..train.checkpoint import load_model_weights
 from ..train.rundir import RunDir, RunDirError
+from ..config.loader import blueprint_path
 
 #: reads a run's saved blueprint into ``(Blueprint, RunSpec)`` (the command-line layer's loader)
 ReadBlueprint = Callable[[Path], tuple[Any, Any]]
@@ -44,7 +44,7 @@ def _newest_run(folder: Path) -> Path | None:
 
 def open_source(raw_path: str, base_dir: Path, which: str, read_blueprint: ReadBlueprint) -> SourceRun:
     """A run directory, or a folder of runs (``runs/dense_gpt``: the newest with a checkpoint)."""
-    path = Path(raw_path) if os.path.isabs(raw_path) else Path(base_dir) / raw_path
+    path = blueprint_path(raw_path, base_dir)
     if not (path / RunDir.BLUEPRINT).is_file() and path.is_dir():
         path = _newest_run(path) or path
     if not (path / RunDir.BLUEPRINT).is_file():

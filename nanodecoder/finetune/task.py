@@ -10,7 +10,6 @@ the task's ``evaluate``.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,6 +20,7 @@ from ..data import DataError
 from ..model import build_model
 from ..train.trainer import Trainer
 from .batches import UnitBatches
+from ..config.loader import blueprint_path
 
 
 class FinetuneTask:
@@ -58,7 +58,7 @@ class FinetuneTask:
     # ---- shared ---------------------------------------------------------------------------
     def path(self, raw: str, key: str = "data") -> Path:
         """A data file named in the blueprint (relative paths start at the blueprint's folder)."""
-        path = Path(raw) if os.path.isabs(raw) else self.base_dir / raw
+        path = blueprint_path(raw, self.base_dir)
         if not path.is_file():
             raise DataError(f"finetune.{key}: {path} does not exist (relative paths start at the blueprint's "
                             f"folder, {self.base_dir}); name another file with --set finetune.{key}=/path/to/file")

@@ -25,6 +25,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config.declare import to_yaml
+from ..config.diff import differences
+from ..config.loader import dotted
 from ..model import build_model, build_model_spec
 from ..model.spec import ModelSpec
 from ..train.checkpoint import model_tensors
@@ -291,12 +293,9 @@ def comparable(spec: ModelSpec) -> dict:
     return _strip({**top, "layers": _layer_view(spec)})
 
 
-def _differences(a, b, path="") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b), key=str) for d in _differences(a.get(k), b.get(k), f"{path}.{k}")]
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}[{i}]")]
-    return [] if a == b else [f"model{path} is {a!r} here, {b!r} in {{family}}"]
+def _differences(a, b) -> list[str]:
+    return [f"{dotted(('model', *d.path))} is {d.old!r} here, {d.new!r} in {{family}}"
+            for d in differences(a, b, missing=None, lists=True)]
 
 
 def hf_family_for(spec: ModelSpec, hint: str | None = None) -> tuple[Family, dict]:

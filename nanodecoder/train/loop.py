@@ -19,6 +19,8 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
+from ..config.diff import ABSENT, differences
+from ..config.loader import dotted
 from ..model.generate import sample_text
 from .checkpoint import CheckpointError, load_model_weights, load_state
 from .metrics import MetricsLog, MoEMonitor
@@ -77,21 +79,12 @@ def architecture_changes(saved: dict, now: dict, prefix: str = "model") -> list[
     """``key: old in the checkpoint, new now`` for each leaf that differs between two ``model:`` sections
     written out in full (every default filled in, e.g. by ``to_yaml(spec.model)``), so that writing a default
     explicitly is no change."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        out = []
-        for key in sorted(set(saved) | set(now), key=str):
-            out += architecture_changes(saved.get(key, _ABSENT), now.get(key, _ABSENT), f"{prefix}.{key}")
-        return out
-    if saved == now:
-        return []
-    return [f"{prefix}: {_shown(saved)} in the checkpoint, {_shown(now)} now"]
-
-
-_ABSENT = object()
+    return [f"{dotted((prefix, *d.path))}: {_shown(d.old)} in the checkpoint, {_shown(d.new)} now"
+            for d in differences(saved, now)]
 
 
 def _shown(value) -> str:
-    return "absent" if value is _ABSENT else json.dumps(value)
+    return "absent" if value is ABSENT else json.dumps(value)
 
 
 def refuse_architecture_change(changes: list[str], run: RunDir, allow: bool = False) -> None:
