@@ -185,7 +185,12 @@ def dry_run(bp, base_dir: Path, spec, run=None) -> int:
             pf.problems.append(str(e))
         pf.waiting = []
     elif spec.data is not None:
-        spec = spec.with_vocab(tokenizer_vocab_size(spec.data))
+        try:
+            spec = spec.with_vocab(tokenizer_vocab_size(spec.data))
+        except DataError as e:       # e.g. tiktoken's file not cached: a problem, but a fixed vocabulary still plans
+            if spec.model.vocab_size == "auto":
+                raise
+            pf.problems.append(str(e))
     check = None
     if spec.model.vocab_size != "auto":
         check = print_plan(bp, prep, spec)

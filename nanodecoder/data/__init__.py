@@ -18,6 +18,7 @@ from .errors import DataError
 from .kinds import data_catalog, load_tokenizer, register, tokenizer_vocab_size
 from .prepare import Prepared, cache_root, find_prepared, load_prepared, prepare_data
 from .sampler import BatchSampler
+from .shards import ShardedTokens, TokenShardsSource
 from .sources import Corpus, DataSource, TextSource, UrlSource
 from .spec import DataSpec
 from .stdlib import PythonStdlibSource
@@ -25,7 +26,8 @@ from .tokenizers import ByteTokenizer, CharTokenizer, Tokenizer
 
 __all__ = [
     "BatchSampler", "BpeTokenizer", "ByteTokenizer", "CharTokenizer", "Corpus", "DataError", "DataSource",
-    "DataSpec", "Prepared", "PythonStdlibSource", "TextSource", "TiktokenTokenizer", "Tokenizer", "UrlSource",
+    "DataSpec", "Prepared", "PythonStdlibSource", "ShardedTokens", "TextSource", "TiktokenTokenizer",
+    "TokenShardsSource", "Tokenizer", "UrlSource",
     "bits_per_byte", "cache_root", "check_fits", "check_source", "check_vocab", "data_catalog", "find_prepared",
     "unigram_loss", "load_prepared", "load_tokenizer",
     "prepare_data", "register", "tokenizer_before_data", "tokenizer_vocab_size",

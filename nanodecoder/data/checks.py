@@ -58,12 +58,39 @@ def tokenizer_before_data(spec: DataSpec) -> Tokenizer | None:
     return None if cls.needs_corpus else cls.build(spec.tokenizer, Corpus((), (), {}))
 
 
+#: Tokens of a split counted for the unigram baseline; a larger split is sampled (see :func:`token_counts`).
+UNIGRAM_TOKENS = 1 << 25
+_CHUNK = 1 << 20
+
+
+def token_counts(tokens, minlength: int, limit: int = UNIGRAM_TOKENS) -> np.ndarray:
+    """How often each id occurs in ``tokens`` (a 1-D array or anything sliceable like one), read in chunks;
+    beyond ``limit`` tokens, ``limit // 2**20`` evenly spaced chunks of 2**20 tokens are counted instead."""
+    n = len(tokens)
+    if n <= limit:
+        starts = range(0, n, _CHUNK)
+    else:
+        k = max(1, limit // _CHUNK)
+        starts = np.linspace(0, n - _CHUNK, k).astype(np.int64).tolist()
+    counts = np.zeros(minlength, dtype=np.int64)
+    for s in starts:
+        c = np.bincount(np.asarray(tokens[s:s + _CHUNK]), minlength=minlength)
+        if len(c) > len(counts):
+            counts = np.concatenate([counts, np.zeros(len(c) - len(counts), dtype=np.int64)])
+        counts[:len(c)] += c
+    return counts
+
+
 def unigram_loss(prepared: Prepared) -> float:
     """Cross-entropy (nats/token) of the validation split under the training split's
     unigram distribution (add-one smoothed): the loss of a model that ignores context.
-    A trained model's validation loss should end well below it."""
+    A trained model's validation loss should end well below it.  Splits beyond
+    ``UNIGRAM_TOKENS`` (token shards) are sampled, so the figure is an estimate there."""
     vocab = prepared.tokenizer.vocab_size
-    counts = np.bincount(np.asarray(prepared.train), minlength=vocab).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
-    val = np.bincount(np.asarray(prepared.val), minlength=vocab).astype(np.float64)
-    return float(-(val * logp[: len(val)]).sum() / max(val.sum(), 1.0))
+    train = token_counts(prepared.train, vocab).astype(np.float64)
+    val = token_counts(prepared.val, vocab).astype(np.float64)
+    size = max(len(train), len(val))
+    train = np.pad(train, (0, size - len(train))) + 1.0
+    logp = np.log(train / train.sum())
+    val = np.pad(val, (0, size - len(val)))
+    return float(-(val * logp).sum() / max(val.sum(), 1.0))

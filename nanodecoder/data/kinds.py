@@ -14,6 +14,7 @@ from .bpe import BpeTokenizer, TiktokenTokenizer
 from .chat import read_saved_chat
 from .errors import DataError
 from .hf_tokenizer import HFTokenizer
+from .shards import TokenShardsSource
 from .sources import TextSource, UrlSource
 from .stdlib import PythonStdlibSource
 from .tokenizers import META_FILE, ByteTokenizer, CharTokenizer, Tokenizer
@@ -24,6 +25,7 @@ def register(catalog: Catalog) -> None:
     catalog["data_source"].add("python_stdlib", PythonStdlibSource)
     catalog["data_source"].add("text", TextSource)
     catalog["data_source"].add("url", UrlSource)
+    catalog["data_source"].add("token_shards", TokenShardsSource)
     catalog["tokenizer"].add("byte", ByteTokenizer)
     catalog["tokenizer"].add("char", CharTokenizer)
     catalog["tokenizer"].add("bpe", BpeTokenizer)

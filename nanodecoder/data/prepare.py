@@ -44,7 +44,7 @@ from ..config.declare import to_yaml
 from .errors import DataError
 from .download import sha256_of
 from .kinds import load_tokenizer
-from .sources import DOC_SEPARATOR
+from .sources import DOC_SEPARATOR, Corpus
 from .spec import DataSpec
 from .tokenizers import Tokenizer
 
@@ -73,7 +73,8 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
 @dataclass(frozen=True, eq=False)
 class Prepared:
-    """Prepared data: the tokenizer, the two token arrays (memory-mapped) and the manifest."""
+    """Prepared data: the tokenizer, the two token arrays (memory-mapped; for token shards a
+    :class:`~.shards.ShardedTokens` over many files) and the manifest."""
 
     tokenizer: Tokenizer
     train: np.ndarray
@@ -95,13 +96,16 @@ def cache_key(spec: DataSpec, fingerprint: dict[str, Any], tokenizer_salt: dict[
 
 def prepare_data(spec: DataSpec, base_dir: str | Path = ".", cache_dir: str | Path | None = None,
                  progress: bool = True) -> Prepared:
-    """Return the prepared data for ``spec``, tokenizing it first unless it is cached.
+    """Return the prepared data for ``spec``, tokenizing it first unless it is cached (a source of token ids,
+    ``token_shards``, is read in place: :func:`open_tokenized`).
 
     ``base_dir`` is the blueprint's folder (relative source paths start there);
     ``cache_dir`` overrides the cache root; ``progress`` shows tqdm bars on stderr.
     """
     root = cache_root(cache_dir)
     source = spec.source.build(base_dir=Path(base_dir), cache_root=root)
+    if source.tokenized:
+        return open_tokenized(spec, source)
     tok_cls = spec.tokenizer.impl
     key, final = _prepared_folder(spec, source, root)
     parent = final.parent
@@ -134,10 +138,31 @@ def find_prepared(spec: DataSpec, base_dir: str | Path = ".", cache_dir: str | P
     nothing (the source's content is fingerprinted: local files are read, a url source is not fetched)."""
     root = cache_root(cache_dir)
     source = spec.source.build(base_dir=Path(base_dir), cache_root=root)
+    if source.tokenized:
+        return open_tokenized(spec, source)
     _, final = _prepared_folder(spec, source, root)
     if not (final / MANIFEST).is_file():
         return None
     return load_prepared(final, tokenizer_cls=spec.tokenizer.impl)
+
+
+def open_tokenized(spec: DataSpec, source) -> Prepared:
+    """The prepared data of a source whose files hold token ids (``source.tokenized``): its splits read in place
+    (memory-mapped, nothing copied into the cache) with the tokenizer built from its spec.  The manifest has no
+    byte counts (the text is not at hand), so no bits per byte are reported for such data."""
+    why = source.tokenizer_problem(spec.tokenizer)
+    if why:
+        raise DataError(f"data.tokenizer: {why}")
+    splits = source.splits()
+    tokenizer = spec.tokenizer.impl.build(spec.tokenizer, Corpus((), (), {}))
+    manifest = {
+        "format_version": FORMAT_VERSION, "dtype": np.dtype(splits["train"].dtype).name,
+        "source": to_yaml(spec.source), "source_info": source.info(splits),
+        "tokenizer": {**tokenizer.info(), "spec": to_yaml(spec.tokenizer)}, "separator": "eot",
+        "n_tokens": {s: len(splits[s]) for s in SPLITS}, "n_bytes": {s: None for s in SPLITS},
+    }
+    folder = Path(os.path.commonpath([str(p.parent) for s in SPLITS for p in splits[s].paths]))
+    return Prepared(tokenizer, splits["train"], splits["val"], manifest, folder)
 
 
 def publish(tmp: Path, final: Path) -> None:

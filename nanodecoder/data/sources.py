@@ -1,5 +1,5 @@
 """Data sources: where the raw text comes from (``text`` and ``url``; see
-``stdlib.py`` for ``python_stdlib``).
+``stdlib.py`` for ``python_stdlib`` and ``shards.py`` for ``token_shards``, whose files hold token ids).
 
 A source class (registered in category ``data_source``) has a frozen
 ``Spec`` (its YAML parameters, ``kind`` included) and is built as
@@ -50,6 +50,14 @@ class DataSource(ABC):
     """Base of the registered sources; see the module docstring for the protocol."""
 
     Spec: ClassVar[type[Kind]]
+    #: True for a source whose files hold token ids already (``token_shards``): ``prepare_data`` reads its
+    #: ``splits()`` in place instead of tokenizing ``load()``'s text into the cache.
+    tokenized: ClassVar[bool] = False
+
+    @classmethod
+    def tokenizer_problem(cls, tokenizer) -> str | None:
+        """Why the built tokenizer spec ``tokenizer`` cannot go with this source (None: it can)."""
+        return None
 
     def __init__(self, spec, base_dir: Path, cache_root: Path):
         self.spec = spec

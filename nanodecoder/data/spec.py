@@ -21,3 +21,8 @@ class DataSpec:
     sampling: Literal["random", "sequential"] = param(
         "random", doc="How training windows are drawn: 'random' picks window starts uniformly (like nanoGPT); "
                       "'sequential' walks epochs over non-overlapping windows in a seeded shuffled order.")
+
+    def check(self):
+        why = self.source.impl.tokenizer_problem(self.tokenizer)
+        if why:
+            yield ("tokenizer",), why

@@ -68,3 +68,21 @@ def http_server(monkeypatch):
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def gpt2_files(tmp_path_factory):
+    """A byte-level BPE folder (vocab.json + merges.txt, ~560 tokens, <|endoftext|> = 0) standing in for GPT-2's
+    files, which cannot be downloaded here; use it with ``as_gpt2``."""
+    pytest.importorskip("tokenizers")
+    from test_gpt2_offline import train_bpe
+    folder = tmp_path_factory.mktemp("gpt2_files")
+    train_bpe(folder)
+    return folder
+
+
+@pytest.fixture
+def as_gpt2(monkeypatch):
+    """The GPT-2 identity check (``hf_bpe.gpt2_mismatch``) accepts the stand-in vocabulary of ``gpt2_files``."""
+    from nanodecoder.data import hf_bpe
+    monkeypatch.setattr(hf_bpe, "gpt2_mismatch", lambda enc: None)
