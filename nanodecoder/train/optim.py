@@ -39,6 +39,7 @@ from ..components.moe_experts import Experts
 from ..components.norms import LayerNorm, RMSNorm
 from ..components.routers import Router
 from ..config.declare import Kind, context, declared, param
+from .newton_schulz import BatchedMuon
 
 
 class OptimizerSetupError(Exception):
@@ -385,6 +386,12 @@ class MuonParams:
         "original", doc="Learning-rate scaling per matrix shape (A x B): 'original' (Keller Jordan) "
                         "sqrt(max(1, A/B)); 'match_rms_adamw' (Moonshot) 0.2 * sqrt(max(A, B)), which lets Muon "
                         "reuse AdamW's learning rate and weight decay.")
+    newton_schulz: Literal["torch", "batched"] = param(
+        "torch", doc="'torch': torch.optim.Muon, one matrix at a time; 'batched': the same update with the "
+                     "Newton-Schulz iterations of all matrices of one shape stacked into batched matmuls "
+                     "(train/newton_schulz.py; faster for many small matrices), which also takes 3-D MoE experts "
+                     "(one matrix per expert) when a rule gives them to muon, e.g. "
+                     "{roles: [expert], optimizer: muon}.")
 
 
 class Muon:
@@ -434,11 +441,14 @@ class Muon:
                     f"{where}: parameter '{pl.name}' (shape {tuple(pl.param.shape)}) matches no rule that sets its "
                     f"optimizer; add one to {where}.rules, e.g. {{names: ['{pl.name}'], optimizer: adamw}}, or set "
                     f"{where}.default_rules: true")
-            if pl.optimizer == "muon" and pl.param.ndim != 2:
+            batched = spec.newton_schulz == "batched"
+            if pl.optimizer == "muon" and pl.param.ndim not in ((2, 3) if batched else (2,)):
+                also = "" if batched or pl.param.ndim != 3 else (
+                    f", or set {where}.newton_schulz: batched, which orthogonalises each matrix of a 3-D stack")
                 raise OptimizerSetupError(
                     f"{where}: {origin} parameter '{pl.name}' (shape {tuple(pl.param.shape)}) to Muon, which "
-                    f"updates only 2-D matrices; give it to adamw with a rule before, e.g. "
-                    f"{{names: ['{pl.name}'], optimizer: adamw}}")
+                    f"updates only 2-D matrices{' and 3-D stacks of them' if batched else ''}; give it to adamw "
+                    f"with a rule before, e.g. {{names: ['{pl.name}'], optimizer: adamw}}{also}")
             if pl.optimizer == "muon" and _sharded(pl.param):
                 raise OptimizerSetupError(
                     f"{where}.kind: muon cannot update parameters sharded by FSDP (runtime data_parallel: fsdp, "
@@ -458,7 +468,8 @@ class Muon:
                 others.setdefault(key, []).append(pl.param)
         groups = [_group(base, lr, lr, spec.weight_decay, optimizer="muon"),
                   *(_group(ps, group_lr, lr, wd, optimizer="muon") for (group_lr, wd), ps in others.items())]
-        muon = torch.optim.Muon(groups, lr=lr, weight_decay=spec.weight_decay, momentum=spec.momentum,
+        muon_cls = BatchedMuon if spec.newton_schulz == "batched" else torch.optim.Muon
+        muon = muon_cls(groups, lr=lr, weight_decay=spec.weight_decay, momentum=spec.momentum,
                                 nesterov=spec.nesterov, ns_coefficients=spec.ns_coefficients, eps=spec.eps,
                                 ns_steps=spec.ns_steps, adjust_lr_fn=spec.adjust_lr_fn)
         part = spec.adamw
