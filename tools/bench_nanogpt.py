@@ -29,8 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 README_FLAGS = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
-                "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--lr_decay_iters=2000",
-                "--dropout=0.0"]
+                "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--dropout=0.0"]
 TOKENS_PER_STEP = 12 * 64
 ITER = re.compile(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms")
 VAL = re.compile(r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)")
@@ -46,14 +45,16 @@ def prepare_nanogpt(checkout: Path, text: Path) -> None:
         subprocess.run([sys.executable, "prepare.py"], cwd=data, check=True)
 
 
-def run_nanogpt(checkout: Path, steps: int, out: Path) -> dict:
+def run_nanogpt(checkout: Path, steps: int, out: Path, keep: Path | None = None) -> dict:
     cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", *README_FLAGS,
-           f"--max_iters={steps}", f"--out_dir={out}"]
+           f"--max_iters={steps}", f"--lr_decay_iters={steps}", f"--out_dir={out}"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=checkout, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"nanoGPT failed:\n{proc.stderr[-2000:]}")
+    if keep is not None:
+        (keep / f"{out.name}.log").write_text(proc.stdout, encoding="utf-8")
     times, evals, val = {}, set(), None
     for line in proc.stdout.splitlines():
         if m := VAL.match(line):
@@ -66,7 +67,7 @@ def run_nanogpt(checkout: Path, steps: int, out: Path) -> dict:
     return {"ms_per_step": statistics.median(steady), "wall_s": wall, "val_loss": val, "first_step_s": times.get(0, 0) / 1000}
 
 
-def run_ours(steps: int, overrides: list[str], runs: Path) -> dict:
+def run_ours(steps: int, overrides: list[str], runs: Path, keep: Path | None = None) -> dict:
     cmd = [sys.executable, "-m", "nanodecoder.run", str(ROOT / "blueprints" / "nanogpt_cpu_char.yaml"),
            "--set", f"train.steps={steps}", "--set", f"logging.runs_dir={runs}", "--set", "logging.progress=false",
            *[x for o in overrides for x in ("--set", o)]]
@@ -81,6 +82,8 @@ def run_ours(steps: int, overrides: list[str], runs: Path) -> dict:
     evals = {r["step"] for r in rows if r["kind"] == "eval"}
     steady = [r["ms_per_step"] for r in train if r["step"] > 50 and r["step"] not in evals]
     val = [r["val_loss"] for r in rows if r["kind"] == "eval"][-1]
+    if keep is not None:
+        shutil.move(str(metrics.parent), keep / runs.name)   # the run folder (metrics.jsonl, checkpoints)
     shutil.rmtree(runs, ignore_errors=True)
     return {"ms_per_step": statistics.median(steady), "wall_s": wall, "val_loss": val,
             "first_step_s": train[0]["ms_per_step"] / 1000 if train[0]["step"] == 1 else None}
@@ -92,18 +95,23 @@ def main(argv=None) -> int:
     ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                    help="keep nanoGPT's logs (DIR/nanogptN.log) and our run folders (DIR/oursN) there, e.g. for "
+                         "tools/compare_runs.py DIR/ours0 --nanogpt-log DIR/nanogpt0.log")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="an override for our blueprint (repeatable)")
     args = ap.parse_args(argv)
     prepare_nanogpt(args.nanogpt, args.text)
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {"nanoGPT": [], "nanodecoder": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for name in results:
                 if name == "nanoGPT":
-                    res = run_nanogpt(args.nanogpt, args.steps, Path(tmp) / f"nanogpt{r}")
+                    res = run_nanogpt(args.nanogpt, args.steps, Path(tmp) / f"nanogpt{r}", args.keep)
                 else:
-                    res = run_ours(args.steps, args.overrides, Path(tmp) / f"ours{r}")
+                    res = run_ours(args.steps, args.overrides, Path(tmp) / f"ours{r}", args.keep)
                 results[name].append(res)
                 print(f"round {r + 1} {name:<12} {res['ms_per_step']:6.2f} ms/step "
                       f"{TOKENS_PER_STEP / res['ms_per_step'] * 1000:>8,.0f} tokens/s  wall {res['wall_s']:6.1f} s  "

@@ -2,12 +2,19 @@
 """Compare finished (or running) runs: validation loss against wall-clock time and tokens.
 
     python tools/compare_runs.py runs/dense_gpt/<ts> runs/moe_gpt/<ts> --out compare.png
+    python tools/compare_runs.py RUN --nanogpt-log nanogpt.log     # with nanoGPT's train.py stdout
 
 Prints, for each run, the validation loss reached by equal amounts of training
 time (eval pauses excluded: the x axis is the trainer's ``elapsed_s``; linear
 between evaluations) and at the end of each run, and
 draws one PNG with both views.  This is how the MoE-vs-dense claim of the
 README is checked: at equal wall-clock the MoE twin should be lower.
+
+``--nanogpt-log`` adds a run of nanoGPT's ``train.py`` from its printed log
+(``tools/bench_nanogpt.py --keep DIR`` keeps it): its ``iter N: ... time Xms``
+lines give the training time (an iteration right after an evaluation, whose
+time includes the evaluation, counts as the median iteration) and its
+``step N: ... val loss V`` lines the (20-batch estimate of the) validation loss.
 """
 from __future__ import annotations
 
@@ -17,6 +24,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import re  # noqa: E402
+import statistics  # noqa: E402
 
 from nanodecoder.train.metrics import read_rows  # noqa: E402
 from nanodecoder.train.plots import _pyplot, _save  # noqa: E402
@@ -33,6 +43,32 @@ def val_curve(run: Path) -> list[dict]:
             t = elapsed.get(r["step"])
             if t is not None:
                 points.append({"step": r["step"], "tokens": r["tokens"], "elapsed_s": t, "val_loss": r["val_loss"]})
+    return points
+
+
+NANOGPT_ITER = re.compile(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms")
+NANOGPT_EVAL = re.compile(r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)")
+
+
+def nanogpt_curve(log: Path, tokens_per_iter: int) -> list[dict]:
+    """The evaluations of a nanoGPT ``train.py`` log, at the training time before each (evaluation pauses
+    left out, as our ``elapsed_s`` leaves them out)."""
+    times, evals = {}, []
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        if m := NANOGPT_ITER.match(line):
+            times[int(m.group(1))] = float(m.group(2)) / 1000
+        elif m := NANOGPT_EVAL.match(line):
+            evals.append((int(m.group(1)), float(m.group(2))))
+    if not times or not evals:
+        raise SystemExit(f"{log}: no nanoGPT 'iter N: ... time Xms' and 'step N: ... val loss' lines "
+                         "(run train.py with --log_interval=1)")
+    after_eval = {step for step, _ in evals}
+    typical = statistics.median(t for i, t in times.items() if i not in after_eval)
+    points, elapsed, done = [], 0.0, 0
+    for step, val in evals:                      # evaluation at iter N happens before iteration N runs
+        elapsed += sum(typical if i in after_eval else times.get(i, typical) for i in range(done, step))
+        done = step
+        points.append({"step": step, "tokens": step * tokens_per_iter, "elapsed_s": elapsed, "val_loss": val})
     return points
 
 
@@ -62,10 +98,19 @@ def label(run: Path) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", type=Path, help="run directories")
+    ap.add_argument("runs", nargs="*", type=Path, help="run directories")
+    ap.add_argument("--nanogpt-log", type=Path, action="append", default=[],
+                    help="a log of nanoGPT's train.py (stdout, --log_interval=1), drawn as 'nanoGPT train.py'")
+    ap.add_argument("--nanogpt-tokens", type=int, default=12 * 64,
+                    help="tokens per nanoGPT iteration (default 768: the README CPU recipe)")
     ap.add_argument("--out", type=Path, default=Path("compare.png"), help="PNG to write (default compare.png)")
     args = ap.parse_args(argv)
+    if not args.runs and not args.nanogpt_log:
+        ap.error("give run directories and/or --nanogpt-log")
     curves = {label(r): val_curve(r) for r in args.runs}
+    for i, log in enumerate(args.nanogpt_log):
+        curves["nanoGPT train.py" + (f" ({i + 1})" if len(args.nanogpt_log) > 1 else "")] = \
+            nanogpt_curve(log, args.nanogpt_tokens)
     common = min((c[-1]["elapsed_s"] for c in curves.values() if c), default=0.0)
     marks = [common * f for f in (0.25, 0.5, 0.75, 1.0)]
     print(f"{'run':<24}" + "".join(f"{f'@{m:.0f}s':>12}" for m in marks)
