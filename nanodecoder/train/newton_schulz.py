@@ -50,6 +50,14 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float
     return lr
 
 
+def evaluate_closure(closure):
+    """An optimizer's ``step(closure)`` protocol: the closure's loss, computed with gradients on (or None)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class BatchedMuon(torch.optim.Optimizer):
     """torch.optim.Muon's update for 2-D matrices and stacks of them (3-D MoE experts: one matrix per expert),
     with the Newton-Schulz iterations of all matrices of one shape done together."""
@@ -69,10 +77,7 @@ class BatchedMuon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:

@@ -39,7 +39,7 @@ from ..components.moe_experts import Experts
 from ..components.norms import LayerNorm, RMSNorm
 from ..components.routers import Router
 from ..config.declare import Kind, context, declared, param
-from .newton_schulz import BatchedMuon
+from .newton_schulz import BatchedMuon, evaluate_closure
 
 
 class OptimizerSetupError(Exception):
@@ -323,10 +323,7 @@ class MuonWithAdamW:
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         self.muon.step()
         self.adamw.step()
         return loss

@@ -185,8 +185,9 @@ def test_bad_rules_are_blueprint_errors(tmp_path, optimizer_block, tie, message)
         load_blueprint(write_blueprint(tmp_path, raw))
 
 
-def test_resume_with_muon_state_is_bit_for_bit(tmp_path):
-    train = {"lr": 0.02, "optimizer": MUON}
+def resumes_bit_for_bit(tmp_path, train: dict):
+    """Train 6 steps straight and 3 + 3 with a checkpoint between (Muon's momentum buffers in it): the same
+    losses and weights. Returns the checkpoint."""
     straight = make_trainer(tmp_path, moe=True, **train)
     losses = [straight.step().loss.item() for _ in range(6)]
     first = make_trainer(tmp_path, moe=True, **train)
@@ -202,6 +203,11 @@ def test_resume_with_muon_state_is_bit_for_bit(tmp_path):
     assert [resumed.step().loss.item() for _ in range(3)] == losses[3:]
     for (n, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(a, b), n
+    return ckpt, state
+
+
+def test_resume_with_muon_state_is_bit_for_bit(tmp_path):
+    ckpt, state = resumes_bit_for_bit(tmp_path, {"lr": 0.02, "optimizer": MUON})
     adamw_trainer = make_trainer(tmp_path, moe=True, lr=0.02)             # the state of another optimizer
     with pytest.raises(StateMismatch):
         adamw_trainer.load_state_dict(load_state(ckpt))

@@ -10,9 +10,7 @@ from torch.optim._muon import _zeropower_via_newtonschulz
 from nanodecoder.train import build_optimizer
 from nanodecoder.train.newton_schulz import BatchedMuon, newton_schulz_batched
 from nanodecoder.train.optim import OptimizerSetupError
-from nanodecoder.train.checkpoint import load_model_weights, load_state, save_checkpoint
-from test_muon import CPU, MUON, optimizer, tiny_model
-from trainhelpers import make_trainer
+from test_muon import CPU, MUON, optimizer, resumes_bit_for_bit, tiny_model
 
 COEFFS = (3.4445, -4.775, 2.0315)
 BATCHED = {**MUON, "newton_schulz": "batched"}
@@ -83,15 +81,5 @@ def test_3d_parameters_to_torch_muon_are_refused_naming_the_batched_option():
 
 
 def test_resume_with_batched_muon_and_muon_experts_is_bit_for_bit(tmp_path):
-    train = {"lr": 0.02, "optimizer": {**BATCHED, "rules": [{"roles": ["expert"], "optimizer": "muon"}]}}
-    straight = make_trainer(tmp_path, moe=True, **train)
-    losses = [straight.step().loss.item() for _ in range(6)]
-    first = make_trainer(tmp_path, moe=True, **train)
-    assert [first.step().loss.item() for _ in range(3)] == losses[:3]
-    ckpt = save_checkpoint(tmp_path / "ckpt" / "step_000003", first.model, first.state_dict())
-    resumed = make_trainer(tmp_path, moe=True, model_seed=123, **train)
-    load_model_weights(resumed.model, ckpt)
-    resumed.load_state_dict(load_state(ckpt))
-    assert [resumed.step().loss.item() for _ in range(3)] == losses[3:]
-    for (n, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
-        assert torch.equal(a, b), n
+    resumes_bit_for_bit(tmp_path, {"lr": 0.02, "optimizer": {**BATCHED, "rules": [{"roles": ["expert"],
+                                                                                     "optimizer": "muon"}]}})
