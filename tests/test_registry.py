@@ -1,8 +1,4 @@
 """Registries: closed, duplicate-proof, in agreement with the schemas, open to entry-point plug-ins."""
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest

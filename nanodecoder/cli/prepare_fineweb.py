@@ -33,7 +33,7 @@ from tqdm import tqdm
 from ..data import DataError
 from ..data.bpe import EOT_TEXT, get_named_encoding
 from ..data.hf_bpe import gpt2_from_files
-from ..data.shards import ShardWriter
+from ..data.shards import ShardWriter, check_uint16
 from .common import EXIT_USAGE, fail
 
 
@@ -126,8 +126,7 @@ def join_documents(encoded: list[list[int]], eot: int) -> np.ndarray:
         flat.append(eot)
         flat.extend(ids)
     out = np.array(flat, dtype=np.int64)
-    if out.size and (int(out.min()) < 0 or int(out.max()) >= 2 ** 16):      # the shards store uint16
-        raise DataError(f"token id {int(out.max())} does not fit uint16")
+    check_uint16(out, "")
     return out.astype(np.uint16)
 
 

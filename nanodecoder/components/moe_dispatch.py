@@ -71,7 +71,6 @@ def priority_layout(t: torch.Tensor, policy: str) -> torch.Tensor:
 
 def sum_choices(slots: torch.Tensor, n: int, k: int, policy: str) -> torch.Tensor:
     """``[N*k, D]`` rows in the priority layout of ``policy`` -> ``[N, D]``, summed over each token's k choices."""
-    d = slots.shape[-1]
     if k == 1:
         return slots
     if policy == "priority":         # k contiguous [N, D] blocks: adding them beats a strided sum

@@ -49,15 +49,22 @@ def header(n_tokens: int) -> bytes:
     return h.tobytes()
 
 
-def write_shard(path: str | Path, tokens: np.ndarray) -> Path:
-    """Write ``tokens`` (ids < 2**16) as one shard at ``path``: to a temporary name first, then renamed."""
+def check_uint16(tokens: np.ndarray, where: str) -> None:
+    """A DataError naming ``where`` unless every id of ``tokens`` fits a uint16."""
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= 2 ** 16):
+        raise DataError(f"{where}token ids must lie in [0, 65536) to be stored as uint16 "
+                        f"(got {int(tokens.min())}..{int(tokens.max())}); shards hold GPT-2-sized vocabularies")
+
+
+def write_shard(path: str | Path, tokens: np.ndarray, checked: bool = False) -> Path:
+    """Write ``tokens`` (ids < 2**16) as one shard at ``path``: to a temporary name first, then renamed.
+    ``checked``: the caller has already checked the ids' range."""
     path = Path(path)
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"a shard holds a 1-D token array, got shape {tokens.shape}")
-    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= 2 ** 16):
-        raise DataError(f"{path}: token ids must lie in [0, 65536) to be stored as uint16 "
-                        f"(got {int(tokens.min())}..{int(tokens.max())})")
+    if not checked:
+        check_uint16(tokens, f"{path}: ")
     if len(tokens) >= 2 ** 31:
         raise DataError(f"{path}: {len(tokens):,} tokens do not fit one shard's int32 count; use smaller shards")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -185,9 +192,7 @@ class ShardWriter:
 
     def add(self, tokens) -> None:
         tokens = np.asarray(tokens)
-        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= 2 ** 16):
-            raise DataError(f"token ids must lie in [0, 65536) to be stored as uint16 (got "
-                            f"{int(tokens.min())}..{int(tokens.max())}); shards hold GPT-2-sized vocabularies")
+        check_uint16(tokens, "")
         at = 0
         while at < len(tokens):
             take = min(len(tokens) - at, self.shard_size - self.filled)
@@ -200,7 +205,7 @@ class ShardWriter:
     def _flush(self) -> None:
         index = len(self.written)
         name = shard_name(self.prefix, "val" if index == 0 else "train", index)
-        self.written.append(write_shard(self.folder / name, self.buffer[:self.filled]))
+        self.written.append(write_shard(self.folder / name, self.buffer[:self.filled], checked=True))
         self.n_tokens += self.filled
         self.filled = 0
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 

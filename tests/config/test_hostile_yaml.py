@@ -28,7 +28,7 @@ def problems_of(tmp_path, text: str, overrides=()) -> str:
 @pytest.mark.parametrize("char,name", [("\x1b", "ESC"), ("\x00", "NUL"), ("\x07", "BEL")])
 def test_a_control_character_is_named_with_its_line_and_column(tmp_path, char, name):
     msg = problems_of(tmp_path, BASE + f"description: a{char}b\n")
-    assert f"(line 7)" in msg and f"({name}) at column 15" in msg
+    assert "(line 7)" in msg and f"({name}) at column 15" in msg
 
 
 def test_a_control_character_in_a_set_value(tmp_path):

@@ -232,7 +232,7 @@ def test_the_speedrun_blueprint_dry_runs_on_the_test_shards(env, capsys):
 
 def test_documents_are_joined_after_end_of_text_and_must_fit_uint16():
     assert tool.join_documents([[5, 6], [], [7]], 9).tolist() == [9, 5, 6, 9, 9, 7]
-    with pytest.raises(tool.DataError, match="does not fit uint16"):
+    with pytest.raises(tool.DataError, match=r"must lie in \[0, 65536\)"):
         tool.join_documents([[1, 65536]], 0)
 
 
