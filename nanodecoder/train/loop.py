@@ -26,6 +26,7 @@ from .checkpoint import CheckpointError, load_model_weights, load_state
 from .metrics import MetricsLog, MoEMonitor
 from .plots import plot_expert_load, plot_losses
 from .rundir import RunDir
+from .schedule import build_schedule
 from .summary import end_summary, start_summary
 from .trainer import NonFiniteLoss, Trainer
 
@@ -163,31 +164,85 @@ clock = time.perf_counter     # the loop's clock (tests replace it with a fake o
 
 
 class TimeBudget:
-    """``train.time_budget``: fix the run's step count from the speed of its first steps; say when the clock
-    has run out.  Training time is the time of optimizer steps only (``trainer.train_time_s``)."""
+    """``train.time_budget``: fix the run's step count from the speed of its steps; say when the clock has run
+    out.  Training time is the time of optimizer steps only (``trainer.train_time_s``).
+
+    The count is first fixed after ``budget_probe_steps``.  While the steps taken are still ones whose learning
+    rate does not depend on the count (``Schedule.free_steps``: WSD's warm-up and stable phase, cosine's
+    warm-up), it is re-planned every ``budget_probe_steps`` steps from the speed of the later half of the steps
+    since the first count, never so that an applied learning rate would change; it is final once the schedule
+    starts to depend on it (WSD's decay begins).  A machine whose speed drifts therefore still ends the decay inside
+    the budget.  The count in force is stored in checkpoints (a resume is exact from there on)."""
 
     def __init__(self, trainer: Trainer, spec):
         self.trainer, self.seconds, self.probe = trainer, spec.time_budget_s, spec.budget_probe_steps
-        self.times: list[float] = []
+        self.times: list[float] = []    # this session's step times
+        self.since_fix = 0              # how many of them came after the first count
         self.per_step = 0.0
+        self.first_count: int | None = None
 
-    def after_step(self, seconds: float) -> int | None:
-        """Record one step's time; the fixed total step count on the step that fixes it, else None."""
+    def after_step(self, seconds: float) -> str | None:
+        """Record one step's time; ``"fixed"`` on the step that fixes the count, ``"final"`` on the step that
+        re-plans it for the last time, else None (re-plans in between change ``total_steps`` quietly)."""
         t = self.trainer
-        if t.budget_fixed:
-            return None
         self.times.append(seconds)
-        if len(self.times) < self.probe:
+        if not t.budget_fixed:
+            if len(self.times) < self.probe:
+                return None
+            self._count(self.times[1:] or self.times)           # the first step may compile
+            self.first_count = t.total_steps
+            return "fixed"
+        self.since_fix += 1
+        if t.budget_replanned:
             return None
-        timed = self.times[1:] or self.times           # the first step may compile
+        free = t.schedule.free_steps()
+        if free is None or free < t.step_count:    # nothing is left to re-plan (or never was)
+            t.budget_replanned = True
+            return None
+        if free != t.step_count and self.since_fix % self.probe:
+            return None
+        # the later half of this session's steps since the first count (after a resume: of all but the first):
+        # long enough to average out noise, recent enough to follow a drift
+        since = self.times[-self.since_fix:] if self.since_fix < len(self.times) else self.times[1:]
+        window = since[-max(self.probe, len(since) // 2):]
+        if len(window) >= self.probe:
+            self._count(window, keep=t.step_count)
+        if t.schedule.free_steps() == t.step_count:     # the next step's learning rate depends on the count
+            t.budget_replanned = True
+            return "final"
+        return None
+
+    def _count(self, timed: list[float], keep: int = 0) -> None:
+        """Fix the count from the mean of ``timed``, keeping the learning rates of the first ``keep`` steps."""
+        t = self.trainer
         self.per_step = max(sum(timed) / len(timed), 1e-9)
         left = max(0.0, self.seconds - t.train_time_s)
-        total = t.step_count + int(left // self.per_step)
+        total = _free_at_least(t, t.step_count + int(left // self.per_step), keep)
         t.fix_total_steps(int(t.runtime.broadcast_text(str(total))))     # rank 0's count on every rank
-        return t.total_steps
 
     def out_of_time(self) -> bool:
         return self.trainer.train_time_s >= self.seconds
+
+
+def budget_line(budget_text: str, event: str, step: int, total: int, budget: TimeBudget) -> str:
+    ms = f"{1000 * budget.per_step:.1f} ms/step"
+    if event == "fixed":
+        return f"time budget {budget_text}: {ms} measured over the first {step} steps -> {total:,} steps in all"
+    first = f" (first count {budget.first_count:,})" if budget.first_count is not None else ""
+    return (f"time budget {budget_text}: {ms} lately; the schedule depends on the count from "
+            f"step {step + 1}: {total:,} steps in all{first}")
+
+
+def _free_at_least(trainer: Trainer, total: int, steps: int) -> int:
+    """The smallest count >= ``total`` whose schedule gives the first ``steps`` steps the learning rates they
+    had (the count in force does, by the caller's check)."""
+    if steps == 0:
+        return total
+    for candidate in range(max(total, steps), max(total, steps, trainer.total_steps) + 1):
+        free = build_schedule(trainer.spec.schedule, candidate, trainer.spec.lr).free_steps()
+        if free is None or free >= steps:
+            return candidate
+    return trainer.total_steps
 
 
 def run_training(trainer: Trainer, run: RunDir, *, logging, sample, name: str, params, tokenizer,
@@ -231,14 +286,15 @@ def run_training(trainer: Trainer, run: RunDir, *, logging, sample, name: str, p
                 step = trainer.step_count
                 total = trainer.total_steps
                 if budget is not None:
-                    fixed = budget.after_step(dt)
-                    if fixed is not None:
-                        total = fixed
+                    event = budget.after_step(dt)
+                    if trainer.total_steps != total:
+                        total = trainer.total_steps
                         progress.set_total(total)
+                    if event is not None:
                         metrics.write({"kind": "budget", "step": step, "total_steps": total,
-                                       "ms_per_step": 1000 * budget.per_step, "time_budget_s": budget.seconds})
-                        progress.echo(f"time budget {spec.time_budget}: {1000 * budget.per_step:.1f} ms/step "
-                                      f"measured over the first {step} steps -> {total:,} steps in all")
+                                       "ms_per_step": 1000 * budget.per_step, "time_budget_s": budget.seconds,
+                                       "final": event == "final"})
+                        progress.echo(budget_line(spec.time_budget, event, step, total, budget))
                     out_of_time = runtime.any_rank(budget.out_of_time()) and step < total   # all ranks alike
                 else:
                     out_of_time = False

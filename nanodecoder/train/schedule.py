@@ -6,6 +6,11 @@ Being stateless, a schedule resumes exactly from the step alone.  A registered
 schedule is a class with a declared ``Spec``, built as ``cls(spec, total_steps,
 base_lr)`` (``base_lr`` is ``train.lr``, the peak), whose ``factor(step)``
 scales ``base_lr``.
+
+``free_steps()`` says how many leading steps have a learning rate that does not
+depend on ``total_steps`` (``None``: all of them).  A time budget uses it to
+settle the run's length as late as it can without changing any learning rate
+already applied (``loop.TimeBudget``).
 """
 from __future__ import annotations
 
@@ -35,6 +40,11 @@ class Schedule:
     def factor(self, step: int) -> float:
         raise NotImplementedError
 
+    def free_steps(self) -> int | None:
+        """Leading steps whose learning rate is the same for every ``total_steps`` (None: every step).
+        The default, 0, claims none (a time budget then never re-plans); a schedule that knows says so."""
+        return 0
+
     def __call__(self, step: int) -> float:
         return self.base_lr * self.factor(step)
 
@@ -51,6 +61,9 @@ class Constant(Schedule):
 
     def factor(self, step: int) -> float:
         return warmup(step, self.p.warmup_steps)
+
+    def free_steps(self) -> int | None:
+        return None
 
 
 class Cosine(Schedule):
@@ -70,6 +83,9 @@ class Cosine(Schedule):
     def floor(self) -> float:
         """The final factor: ``min_lr / lr`` when ``min_lr`` is set, else ``min_lr_ratio``."""
         return self.p.min_lr / self.base_lr if self.p.min_lr is not None else self.p.min_lr_ratio
+
+    def free_steps(self) -> int | None:
+        return None if self.p.decay_steps is not None else self.p.warmup_steps + 1    # the peak, at progress 0
 
     def factor(self, step: int) -> float:
         if step < self.p.warmup_steps:
@@ -95,9 +111,16 @@ class WSD(Schedule):
         min_lr_ratio: float = param(0.0, doc="Floor of the learning rate at the last step as a fraction of "
                                              "train.lr.", minimum=0, maximum=1)
 
+    @property
+    def decay_start(self) -> int:
+        return self.total_steps - max(1, round(self.p.decay_fraction * self.total_steps))
+
+    def free_steps(self) -> int | None:
+        return self.decay_start         # warm-up and the stable phase
+
     def factor(self, step: int) -> float:
-        decay_steps = max(1, round(self.p.decay_fraction * self.total_steps))
-        decay_start = self.total_steps - decay_steps
+        decay_start = self.decay_start
+        decay_steps = self.total_steps - decay_start
         if step < decay_start:
             return warmup(step, self.p.warmup_steps)
         progress = min(1.0, (step - decay_start + 1) / decay_steps)

@@ -15,9 +15,12 @@ class TrainSpec:
     time_budget: str | None = param(
         None, doc="Wall-clock budget of training, e.g. 90s, 10m, 1h30m: the time of the optimizer steps from the "
                   "first one, compilation included, evaluation and checkpoints excluded. It overrides steps: after "
-                  "budget_probe_steps the run measures its speed, fixes its total step count from what is left "
-                  "(stored in checkpoints, so a resume is exact and the step-based schedule still anneals) and "
-                  "stops early, with a checkpoint, should the clock run out anyway; null: train for steps.",
+                  "budget_probe_steps the run measures its speed and fixes its total step count from what is left "
+                  "(stored in checkpoints, so a resume is exact and the step-based schedule still anneals); while "
+                  "the schedule does not yet depend on the count (wsd: until the decay starts; cosine: during "
+                  "warm-up) it re-plans it every budget_probe_steps steps from the recent speed, so a drifting "
+                  "machine still ends the decay in time; it stops early, with a checkpoint, should the clock run "
+                  "out anyway. null: train for steps.",
         pattern=r"^([0-9]+(\.[0-9]+)?[hms])+$")
     budget_probe_steps: int = param(10, doc="With time_budget: steps timed before the step count is fixed (the "
                                             "first one, which may compile, is left out of the speed unless it is "

@@ -45,7 +45,8 @@ def start_summary(*, name: str, run_dir, params, trainer, runtime, train_tokens:
         f" x {trainer.context_length} tokens x {spec.grad_accum} accum = {trainer.tokens_per_step:,} tokens/step",
         f"  steps          {spec.steps:,} -> {human(total_tokens)} tokens ({epochs:.2f} epochs of "
         f"{human(train_tokens)} train tokens)" if not spec.time_budget else
-        f"  steps          fixed by time_budget {spec.time_budget} after {spec.budget_probe_steps} timed steps "
+        f"  steps          fixed by time_budget {spec.time_budget} after {spec.budget_probe_steps} timed steps, again "
+        f"where the schedule starts to depend on it "
         f"({human(trainer.tokens_per_step)} tokens each, {human(train_tokens)} train tokens)"
         + (f": {trainer.total_steps:,}" if trainer.budget_fixed else ""),
         f"  optimizer      {spec.optimizer.kind} {_params(spec.optimizer)}, lr {spec.lr:g}, "

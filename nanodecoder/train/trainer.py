@@ -72,6 +72,7 @@ class Trainer:
         self._kernel_flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in self.optimizer.param_groups]
         self.total_steps = spec.provisional_steps   # a time budget fixes it after its probe steps
         self.budget_fixed = False
+        self.budget_replanned = False  # the time budget's count is final (see loop.TimeBudget)
         self.train_time_s = 0.0       # time spent in optimizer steps, all sessions (time budget)
         self.schedule = build_schedule(spec.schedule, self.total_steps, spec.lr)
         self.local_batch = runtime.local_batch(spec.batch_size)   # train.batch_size is the global batch
@@ -194,7 +195,8 @@ class Trainer:
                                                           param_names(self.raw_model, self.optimizer)),
                 "optimizer_params": param_names(self.raw_model, self.optimizer),
                 "schedule": {"kind": self.spec.schedule.kind, "step": self.step_count},
-                "total_steps": self.total_steps, "budget_fixed": self.budget_fixed, "train_time_s": self.train_time_s,
+                "total_steps": self.total_steps, "budget_fixed": self.budget_fixed,
+                "budget_replanned": self.budget_replanned, "train_time_s": self.train_time_s,
                 "sampler": self.sampler.state_dict(), "rng": rng_state(), "runtime": self.runtime.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -223,6 +225,7 @@ class Trainer:
         self.train_time_s = float(state.get("train_time_s", 0.0))
         if state.get("budget_fixed") and self.spec.time_budget:       # the count the budget fixed stays
             self.fix_total_steps(int(state["total_steps"]))
+            self.budget_replanned = bool(state.get("budget_replanned", False))
 
 
 def split_size(prep, split: str) -> tuple[int | None, int | None]:

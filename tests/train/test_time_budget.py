@@ -113,3 +113,82 @@ def test_resume_keeps_the_fixed_count(tmp_path, monkeypatch, clock):
     assert main([str(bp2), "--resume", str(run2)]) == 0
     resumed = [r["loss"] for r in read_rows(run2 / "metrics.jsonl") if r["kind"] == "train"]
     assert resumed == full
+
+
+# ---------------------------------------------------------------- re-planned while the schedule does not depend on it
+WSD = {"kind": "wsd", "warmup_steps": 2, "decay_fraction": 0.25}
+
+
+def wsd_raw(tmp_path, budget="40s"):
+    raw = budget_raw(tmp_path, budget=budget, probe=4)
+    raw["train"].update(schedule=dict(WSD), eval_every=0, checkpoint_every=0)
+    return raw
+
+
+def wsd_run(tmp_path, monkeypatch, clock, seconds):
+    step_costs(monkeypatch, clock, seconds)
+    assert main([str(write_blueprint(tmp_path, wsd_raw(tmp_path)))]) == 0
+    (run,) = run_dirs(tmp_path / "runs")
+    rows = read_rows(run / "metrics.jsonl")
+    return run, rows, [r for r in rows if r["kind"] == "budget"], [r for r in rows if r["kind"] == "train"]
+
+
+def decay_start(total: int) -> int:
+    return total - max(1, round(0.25 * total))
+
+
+def faster_after_ten(s):
+    return 1.0 if s <= 10 else 0.5
+
+
+@pytest.mark.parametrize("seconds, first_total", [(faster_after_ten, 40),
+                                                  (lambda s: 1.0 if s <= 10 else 1.5, 40)])
+def test_wsd_is_re_planned_until_its_decay_starts_and_ends_the_decay_in_the_budget(
+        tmp_path, monkeypatch, clock, seconds, first_total):
+    run, rows, budget, train = wsd_run(tmp_path, monkeypatch, clock, seconds)
+    first, final = budget
+    # 1 s/step over steps 2-4: (40 - 4) / 1 s -> 40 steps
+    assert (first["step"], first["total_steps"], first["final"]) == (4, first_total, False)
+    total = final["total_steps"]
+    assert final["final"] and final["step"] == decay_start(total)     # fixed for good where the decay starts
+    assert train[-1]["step"] == total and total != first_total        # the speed change moved the end
+    assert train[-1]["lr"] == pytest.approx(0.0, abs=1e-12)            # the decay reached its end ...
+    spent = sum(seconds(s) for s in range(1, total + 1))
+    assert 36.0 <= spent <= 40.0                                       # ... inside the budget, using 90%+ of it
+    # no learning rate changed under a step that had taken it: warm-up, then the peak up to the decay
+    assert all(r["lr"] == pytest.approx(0.01) for r in train if 2 <= r["step"] <= final["step"])
+    state = json.loads((run / "ckpt" / f"step_{total:06d}" / "state.json").read_text())
+    assert state["total_steps"] == total and state["budget_replanned"] is True
+    assert state["train_time_s"] == pytest.approx(spent)
+    assert json.loads((run / "run.json").read_text())["status"] == "completed"
+
+
+def test_without_the_re_plan_the_slower_run_would_have_run_out_of_time():
+    """The check above is not vacuous: 40 steps at 1 s then 1.5 s take 10 + 45 s > 40 s."""
+    assert sum(1.0 if s <= 10 else 1.5 for s in range(1, 41)) > 40
+
+
+def test_resume_keeps_the_final_count(tmp_path, monkeypatch, clock):
+    _, _, (_, final), train = wsd_run(tmp_path, monkeypatch, clock, faster_after_ten)
+    full = [r["loss"] for r in train]
+    stop_after = final["step"] + 3
+
+    tmp2 = tmp_path / "again"
+    tmp2.mkdir()
+    bp2 = write_blueprint(tmp2, wsd_raw(tmp2))
+    step_costs(monkeypatch, clock, faster_after_ten)
+    timed_step = Trainer.step
+
+    def interrupted(self):
+        out = timed_step(self)
+        if self.step_count == stop_after:
+            signal.raise_signal(signal.SIGTERM)
+        return out
+    monkeypatch.setattr(Trainer, "step", interrupted)
+    assert main([str(bp2)]) == 128 + signal.SIGTERM
+    (run2,) = run_dirs(tmp2 / "runs")
+    step_costs(monkeypatch, clock, lambda s: 0.25)       # a faster machine: the final count stays
+    assert main([str(bp2), "--resume", str(run2)]) == 0
+    rows = read_rows(run2 / "metrics.jsonl")
+    assert [r["loss"] for r in rows if r["kind"] == "train"] == full
+    assert [r["kind"] for r in rows].count("budget") == 2

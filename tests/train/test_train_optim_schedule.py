@@ -141,3 +141,24 @@ def test_constant_and_registry_lookup(tmp_path):
     with pytest.raises(BlueprintError, match=r"train.schedule.kind \(line \d+\): unknown schedule kind "
                                              r"'cosin'; did you mean 'cosine'"):
         load_blueprint(bp)
+
+
+@pytest.mark.parametrize("schedule", [{"kind": "constant", "warmup_steps": 3},
+                                      {"kind": "cosine", "warmup_steps": 7, "min_lr_ratio": 0.1},
+                                      {"kind": "cosine", "warmup_steps": 7, "decay_steps": 30},
+                                      {"kind": "wsd", "warmup_steps": 5, "decay_fraction": 0.3},
+                                      {"kind": "wsd", "warmup_steps": 5, "decay_fraction": 0.3,
+                                       "decay_shape": "sqrt"}])
+def test_free_steps_have_the_same_learning_rate_for_every_length(schedule):
+    """What free_steps() claims (a time budget re-plans the run's length there) holds."""
+    spec = choice("schedule", schedule)
+    for total in (20, 33, 50, 200):
+        s = build_schedule(spec, total, 1.0)
+        free = s.free_steps()
+        n = total if free is None else free
+        assert n <= total or free is None
+        for other in (total + 1, total * 2, total * 7):
+            o = build_schedule(spec, other, 1.0)
+            assert [s(i) for i in range(min(n, total))] == [o(i) for i in range(min(n, total))]
+        if free is not None and free < total:     # and the first step after them does depend on the length
+            assert any(s(free) != build_schedule(spec, other, 1.0)(free) for other in (total + 1, total * 2))
