@@ -15,7 +15,7 @@ import argparse
 import json
 
 from ..model.plan import Plan, Setting, human_bytes, human_count, human_flops, plan
-from ..runtime import AUTO, available_profiles, resolve_profile
+from ..runtime import AUTO, available_profiles, planned_precision, resolve_profile
 from ..config import BlueprintError
 from .blueprint import blueprint_model_spec, run_spec
 from .common import fail, user_errors
@@ -43,7 +43,7 @@ def parse_args(argv):
                     help="two or more blueprints side by side, with each one's ratio to the first")
     ap.add_argument("--context", type=int, metavar="N", help="tokens per sequence (default: model.context_length)")
     ap.add_argument("--batch", type=int, default=1, metavar="N", help="sequences per micro-batch on each device")
-    ap.add_argument("--precision", choices=("fp32", "bf16", "fp16", "mixed"),
+    ap.add_argument("--precision", choices=("fp32", "bf16", "fp16", "mixed", "auto"),
                     help="compute precision (default: the runtime profile's); weights stay fp32")
     ap.add_argument("--optimizer", metavar="KIND", help="optimizer kind (default: train.optimizer)")
     ap.add_argument("--activation-checkpointing", action="store_true",
@@ -91,7 +91,7 @@ def plan_blueprint(path: str, args) -> tuple[str, Plan]:
             f"--context {context} is longer than the model's context_length ({model.context_length}); "
             f"plan it with --set model.context_length={context}"))])
     device = "cpu" if profile.device == "cpu" else "cuda"
-    setting = Setting(context=context, batch=args.batch, precision=profile.precision,
+    setting = Setting(context=context, batch=args.batch, precision=planned_precision(profile.precision, device),
                       optimizer_states=spec.train.optimizer.states_per_param, optimizer=spec.train.optimizer.kind,
                       world_size=args.world_size, sharded=profile.data_parallel == "fsdp" and args.world_size > 1,
                       checkpointing=profile.activation_checkpointing, device=device)

@@ -26,7 +26,7 @@ from einops import rearrange
 from torch import nn
 
 from ..config.declare import Kind, context, declared, param
-from .attention import visible
+from .attention import sdpa, visible
 from .base import Component, mark_residual
 from .norms import RMSNorm
 from .positional import apply_rotary
@@ -145,8 +145,7 @@ class MultiHeadLatentAttention(Component):
         k_nope_BHTN, v_BHTV = kv_BHTF.split([s.qk_nope_head_dim, s.v_head_dim], dim=-1)
         q_BHTE = torch.cat([q_nope_BHTN, q_rope_BHTR], dim=-1)
         k_BHTE = torch.cat([k_nope_BHTN, k_rope_B1TR.expand(-1, s.n_heads, -1, -1)], dim=-1)
-        return F.scaled_dot_product_attention(q_BHTE, k_BHTE, v_BHTV, dropout_p=dropout_p, is_causal=True,
-                                              scale=scale)
+        return sdpa(q_BHTE, k_BHTE, v_BHTV, dropout_p=dropout_p, is_causal=True, scale=scale)
 
     def absorbed(self, q_nope_BHTN, q_rope_BHTR, c_BSC, k_rope_BSR, seen_TS, scale: float, dropout_p: float):
         """Decoding over cached latents: q_nope W_UK^T scores against c directly, and W_UV applies after the

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from ..components.mlp import ACTIVATIONS
+from ..components.moe_experts import CPU_LOW_PRECISION_ROWS
 from .block import NORMS
 from .params import ParamReport, Row
 from .spec import ModelSpec
@@ -202,6 +203,18 @@ def mlp_bytes_per_token(mlp, c: int, device: str = "cuda") -> float:
     return routed + shared * per_expert + cast
 
 
+def expert_padding_bytes(mlp, c: int, device: str) -> float:
+    """Bytes the zero rows of a CPU bf16/fp16 expert loop save per layer and micro-batch: each expert's rows
+    are padded to a multiple of ``CPU_LOW_PRECISION_ROWS``, (multiple - 1) / 2 rows on average; each keeps its
+    compute-dtype input and activations."""
+    name = _mlp_activation(mlp)
+    if (getattr(mlp, "top_k", None) is None or device != "cpu" or c == FP32 or name is None
+            or getattr(mlp, "dispatch", "auto") == "grouped_mm"):
+        return 0.0
+    per_row = mlp.dim * c + activation_units(name) * mlp.hidden * c
+    return mlp.n_experts * (CPU_LOW_PRECISION_ROWS - 1) / 2 * per_row
+
+
 @dataclass(frozen=True)
 class AttentionBytes:
     per_token: float      # numbers that scale with the tokens
@@ -215,6 +228,7 @@ def attention_bytes(a, T: int, c: int, rotates: bool, device: str) -> AttentionB
     Plain causal attention runs a fused SDPA kernel: q, k and v (grouped keys and values stay n_kv_heads wide:
     SDPA's ``enable_gqa``), the output and the log-sum-exp; where q is a view of the qkv projection (no RoPE, no qk-norm) the
     whole projection stays alive, and where it is not the output is copied once more for the out-projection.
+    Under CPU autocast the kernel runs in fp32 on fp32 copies of q, k and v (torch's bf16 CPU kernels are slower).
     A window, soft-capping and sinks take our explicit path, which keeps q, k, v copies, a [T, T] mask, the
     probabilities ([T, T + sinks] per head: all T keys, masked or not; fp32 plus a compute-dtype copy under CUDA
     autocast) and the soft-capped scores; so does SDPA's math path, which the CPU takes for attention dropout or
@@ -244,6 +258,11 @@ def attention_bytes(a, T: int, c: int, rotates: bool, device: str) -> AttentionB
         extra = 1 if getattr(a, "sinks", False) else 0
         per_sequence = H * T * ((T + extra) * probs + (T * m if getattr(a, "logit_softcap", None) else 0)
                                 + (T * (mask + m) if dropout else 0))
+    elif device == "cpu" and c < FP32:
+        # CPU autocast attends in fp32 (components.attention.sdpa): the kernel keeps fp32 copies of q, k and v,
+        # its fp32 output and log-sum-exp; the out-projection keeps its compute-dtype input
+        kv_heads = H if latents else K
+        per_token += (H * s + kv_heads * (s + v)) * FP32 + H * v * (FP32 + c) + H * FP32
     else:
         new_q = rotates or qk_norm                                     # rotated or normed q and k are new
         # v (at least) is a view of the qkv buffer, which stays alive (counted above where the fp32 qk-norm keeps it)
@@ -261,7 +280,8 @@ def block_bytes(spec: ModelSpec, b, T: int, c: int, device: str) -> tuple[float,
     rotates = getattr(spec.positional.impl, "ROTATES_HEADS", False)
     a = attention_bytes(b.attention, T, c, rotates, device)
     norms = len(NORMS[spec.norm_placement]) * norm_bytes_per_token(b.norm)
-    return T * (norms + a.per_token + mlp_bytes_per_token(b.mlp, c, device)) + a.per_sequence, a.per_batch
+    return (T * (norms + a.per_token + mlp_bytes_per_token(b.mlp, c, device)) + a.per_sequence,
+            a.per_batch + expert_padding_bytes(b.mlp, c, device))
 
 
 @dataclass(frozen=True)

@@ -258,6 +258,8 @@ class Runtime:
         where = str(self.device) + (f" ({torch.cuda.get_device_name(self.device)})" if self.is_cuda else
                                     f" ({self.threads} threads{', host memory cached' if self.host_memory_cached else ''})")
         extra = [" + GradScaler" if self.scaler is not None else ""]
+        if self.profile is not None and self.profile.precision == "auto":
+            extra.append(" (precision auto)")
         if self.compile:
             extra.append(", compiled")
         if self.is_distributed:

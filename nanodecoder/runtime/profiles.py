@@ -41,11 +41,13 @@ class Profile:
     device: str = param("auto", doc="Torch device: 'cpu', 'cuda' (cuda:LOCAL_RANK under torchrun), 'cuda:N' (one "
                                     "process only), 'mps', or 'auto' (CUDA when available, else the CPU).",
                         pattern="^(auto|cpu|cuda(:[0-9]+)?|mps)$")
-    precision: Literal["fp32", "bf16", "fp16", "mixed"] = param(
+    precision: Literal["fp32", "bf16", "fp16", "mixed", "auto"] = param(
         "fp32", doc="Compute precision of the forward pass (weights and optimizer stay fp32): 'fp32'; 'bf16' "
                     "autocast (needs a GPU with bf16, compute capability 8.0+, or the CPU); 'fp16' autocast with a "
                     "GradScaler (loss scaling); 'mixed' picks bf16 where supported and fp16 with a GradScaler "
-                    "elsewhere.")
+                    "elsewhere; 'auto' picks bf16 where its matmuls are faster than fp32 (a GPU with bf16, a CPU "
+                    "with AMX: Intel Sapphire Rapids and newer) and fp32 elsewhere (bf16 on a CPU without AMX is "
+                    "about half as fast as fp32).")
     tf32: bool = param(False, doc="Let CUDA fp32 matmuls and convolutions use TF32 tensor cores (Ampere and "
                                   "newer); ignored on the CPU.")
     compile: bool = param(False, doc="torch.compile the model before the data-parallel wrap: the whole model in one "

@@ -209,6 +209,50 @@ def test_grouped_mm_and_loop_agree_in_bf16_and_router_stays_fp32_under_autocast(
     assert y.dtype == torch.bfloat16 and a.experts.up.grad is not None
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_bf16_experts_pad_their_rows_and_the_padding_changes_nothing(bias):
+    """Under CPU bf16 autocast auto dispatch takes the loop with each expert's rows padded to a multiple of
+    CPU_LOW_PRECISION_ROWS (oneDNN builds a kernel per matmul shape); outputs and gradients equal the same bf16
+    matmuls on the exact rows."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from nanodecoder.components.moe_experts import CPU_LOW_PRECISION_ROWS as ROWS
+
+    class MatmulRows(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.mm.default and args[0].dtype == torch.bfloat16:
+                self.rows.append(args[0].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    ex = make(n_experts=4, expert_hidden=16, bias=bias).experts
+    if bias:
+        with torch.no_grad():
+            ex.up_bias.normal_(), ex.down_bias.normal_()
+    counts = torch.tensor([40, 0, 3, 64])
+    xs = torch.randn(int(counts.sum()), D_MODEL, generator=torch.Generator().manual_seed(3))
+    g = torch.randn(xs.shape[0], D_MODEL, generator=torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not ex.use_grouped_mm(xs)
+        with MatmulRows() as mode:
+            y = ex.forward_sorted(xs, counts)
+        assert set(mode.rows) == {64, 0, 32} and all(r % ROWS == 0 for r in mode.rows)
+        got = torch.autograd.grad(y, list(ex.parameters()), g)
+        want_y = []
+        for e, c in enumerate(xs.split(counts.tolist())):       # each expert on its own rows only
+            h = c @ ex.up[e] + (ex.up_bias[e].bfloat16() if bias else 0)
+            want_y.append(ex.act(h) @ ex.down[e] + (ex.down_bias[e].bfloat16() if bias else 0))
+        want_y = torch.cat(want_y)
+        want = torch.autograd.grad(want_y, list(ex.parameters()), g)
+    assert y.shape == want_y.shape and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, want_y, rtol=1e-2, atol=1e-2)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+    assert got[1][1].abs().sum() == 0                  # the empty expert's weights: zero gradient, not None
+
+
 def test_auto_dispatch_falls_back_for_unaligned_sizes():
     moe = make(expert_hidden=10)        # 10 floats = 40 bytes: not a multiple of 16
     assert not moe.experts.use_grouped_mm(torch.randn(3, 8))

@@ -194,3 +194,30 @@ def test_a_sliding_window_cache_never_holds_more_than_the_window():
         attn(x[:, i:i + 1], cache=cache)
         assert cache.k.shape[2] == 3 and cache.held == 3
     assert cache.pos == 40
+
+
+@pytest.mark.parametrize("heads,kv", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+def test_cpu_autocast_projects_in_bf16_and_attends_in_fp32(monkeypatch, heads, kv):
+    """Under CPU bf16 autocast the projections run in bf16 and the attention kernel gets fp32 q, k, v (torch's
+    bf16 CPU attention is slower than its fp32 one); forward and gradients stay close to the fp32 layer's."""
+    import torch.nn.functional as F
+    import nanodecoder.components.attention as A
+    attn = make(heads, kv).float()
+    x = torch.randn(B, T, D, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    seen, real = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", spy)
+    want = attn(x)
+    (gx_want,) = torch.autograd.grad(want.sum(), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attn(x)
+        assert attn.qkv(x).dtype == torch.bfloat16
+    (gx_got,) = torch.autograd.grad(got.float().sum(), x)
+    assert seen == [(torch.float32,) * 3 + (False,)] * 2      # the autocast call too, with autocast off inside
+    assert got.dtype == torch.bfloat16
+    for a, b in ((got.float(), want), (gx_got, gx_want)):             # bf16 rounding only
+        assert (a - b).norm() < 0.02 * b.norm()

@@ -76,6 +76,27 @@ def test_bf16_on_a_gpu_without_bf16_names_the_profile_to_use(monkeypatch):
     assert "cannot run: FSDP with fp16 loss scaling is not supported" in fsdp
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_precision_takes_bf16_only_where_its_matmuls_are_fast(monkeypatch, amx):
+    import nanodecoder.runtime.hardware as hw
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    want = "bf16" if amx else "fp32"
+    cpu = resolve_profile(RuntimeSpec(profile="cpu", precision="auto"))
+    assert pick_precision(cpu, torch.device("cpu")) == want
+    assert f"on this machine: cpu, {want}, one process" in describe_plan(RuntimeSpec(precision="auto"), env={})
+    assert hw.planned_precision("auto", "cpu") == want and hw.planned_precision("fp16", "cpu") == "fp16"
+    assert setup_runtime(RuntimeSpec(profile="cpu", precision="auto"), env={}).describe().endswith(
+        f"{want} (precision auto)")
+    FakeGPU(monkeypatch, "Tesla V100-SXM2-16GB", (7, 0))
+    assert pick_precision(resolve_profile(RuntimeSpec(profile="gpu", precision="auto")), torch.device("cuda", 0)) \
+        == "fp32"
+    FakeGPU(monkeypatch, "NVIDIA H100 80GB HBM3", (9, 0))
+    assert pick_precision(resolve_profile(RuntimeSpec(profile="gpu", precision="auto")), torch.device("cuda", 0)) \
+        == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert hw.planned_precision("auto", "cuda") == "bf16"        # planning a GPU run on a machine without one
+
+
 def test_gpu_devices_follow_torchrun_local_rank(monkeypatch):
     FakeGPU(monkeypatch, "NVIDIA H100 80GB HBM3", (9, 0), count=2)
     gpu = resolve_profile(RuntimeSpec(profile="gpu_mixed"))
