@@ -161,7 +161,10 @@ class CausalSelfAttention(Component):
     def forward(self, x_BTD: torch.Tensor, rotary=None, cache=None) -> torch.Tensor:
         s = self.spec
         E = s.head_size
-        q, k, v = self.qkv(x_BTD).split([s.n_heads * E, s.kv_heads * E, s.kv_heads * E], dim=-1)
+        qkv = self.qkv(x_BTD)
+        if on_cpu_autocast(qkv):      # the attention runs in fp32 there (see sdpa): q/k-norm and RoPE too
+            qkv = qkv.float()
+        q, k, v = qkv.split([s.n_heads * E, s.kv_heads * E, s.kv_heads * E], dim=-1)
         if self.qkv.bias is None and s.biased & set("qkv"):
             q, k, v = (t + getattr(self, f"{n}_bias") if hasattr(self, f"{n}_bias") else t
                        for n, t in zip("qkv", (q, k, v)))
@@ -216,15 +219,20 @@ class CausalSelfAttention(Component):
         return probs_BHTS @ v_BHSE
 
 
+def on_cpu_autocast(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
     """``F.scaled_dot_product_attention``, in fp32 under CPU autocast (the result in q's dtype).
 
     On the CPU, torch's bf16 attention kernels are slower than its fp32 ones while bf16 matmuls are
     faster where the CPU has AMX: at 12 x 4 heads x 64 positions x 32 wide, forward + backward took
     6.7 ms in bf16 (flash) and 2.1 ms (math) against 1.3 ms in fp32 (flash), torch 2.13 on 2 cores.
-    So a CPU bf16 run keeps its projections in bf16 and attends in fp32.
+    So a CPU bf16 run keeps its projections in bf16 and attends in fp32 (the causal layer casts its qkv
+    projection once, so q/k-norm and RoPE run in fp32 too: the fused rms_norm needs input and weight of one dtype).
     """
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+    if on_cpu_autocast(q):
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, **kwargs)

@@ -228,7 +228,8 @@ def attention_bytes(a, T: int, c: int, rotates: bool, device: str) -> AttentionB
     Plain causal attention runs a fused SDPA kernel: q, k and v (grouped keys and values stay n_kv_heads wide:
     SDPA's ``enable_gqa``), the output and the log-sum-exp; where q is a view of the qkv projection (no RoPE, no qk-norm) the
     whole projection stays alive, and where it is not the output is copied once more for the out-projection.
-    Under CPU autocast the kernel runs in fp32 on fp32 copies of q, k and v (torch's bf16 CPU kernels are slower).
+    Under CPU autocast everything between the projections runs in fp32 (torch's bf16 CPU attention is slower):
+    the causal layer casts its qkv projection to fp32 once, MLA hands SDPA fp32 copies of q, k and v.
     A window, soft-capping and sinks take our explicit path, which keeps q, k, v copies, a [T, T] mask, the
     probabilities ([T, T + sinks] per head: all T keys, masked or not; fp32 plus a compute-dtype copy under CUDA
     autocast) and the soft-capped scores; so does SDPA's math path, which the CPU takes for attention dropout or
@@ -248,8 +249,9 @@ def attention_bytes(a, T: int, c: int, rotates: bool, device: str) -> AttentionB
     per_token = D * c + (D * mask if dropout else 0)                  # the input, the output dropout's mask
     per_token += sum((2 * w + 1) * FP32 + w * c for w in latents)
     per_sequence = 0.0
+    ac = FP32 if device == "cpu" and not latents else c    # CPU autocast casts the qkv projection to fp32
     if qk_norm:   # runs in fp32: keeps its input (the qkv buffer, or fp32 copies of q and k), one product, stats
-        kept = (H * s + K * s + K * v) * c if c == FP32 else (H + K) * s * FP32
+        kept = (H * s + K * s + K * v) * ac if ac == FP32 else (H + K) * s * FP32
         per_token += kept + (H + K) * (s + 1) * FP32
     if math:
         m = FP32 if cpu_math else c
@@ -258,19 +260,18 @@ def attention_bytes(a, T: int, c: int, rotates: bool, device: str) -> AttentionB
         extra = 1 if getattr(a, "sinks", False) else 0
         per_sequence = H * T * ((T + extra) * probs + (T * m if getattr(a, "logit_softcap", None) else 0)
                                 + (T * (mask + m) if dropout else 0))
-    elif device == "cpu" and c < FP32:
-        # CPU autocast attends in fp32 (components.attention.sdpa): the kernel keeps fp32 copies of q, k and v,
-        # its fp32 output and log-sum-exp; the out-projection keeps its compute-dtype input
-        kv_heads = H if latents else K
-        per_token += (H * s + kv_heads * (s + v)) * FP32 + H * v * (FP32 + c) + H * FP32
+    elif device == "cpu" and c < FP32 and latents:
+        # MLA under CPU autocast: SDPA runs on fp32 copies of q, k and v (components.attention.sdpa)
+        per_token += (H * s + H * (s + v)) * FP32 + H * v * (FP32 + c) + H * FP32
     else:
         new_q = rotates or qk_norm                                     # rotated or normed q and k are new
         # v (at least) is a view of the qkv buffer, which stays alive (counted above where the fp32 qk-norm keeps it)
-        views = not (qk_norm and c == FP32)
+        views = not (qk_norm and ac == FP32)
         buffer = H * (s + v) if latents else H * s + K * s + K * v
         kv_heads = H if latents else K                                 # SDPA groups the heads itself
-        per_token += (new_q * (H + kv_heads) * s + views * buffer) * c
-        per_token += H * v * c * (1 + new_q) + H * FP32               # the output (and its copy), log-sum-exp
+        per_token += (new_q * (H + kv_heads) * s + views * buffer) * ac
+        # the output (and its copy; under CPU autocast an fp32 output and the out-projection's input), log-sum-exp
+        per_token += (H * v * c * (1 + new_q) if ac == c else H * v * (FP32 + c)) + H * FP32
     return AttentionBytes(per_token, per_sequence, T * T if not fused else 0)
 
 
