@@ -123,6 +123,9 @@ def main(argv=None) -> int:
     for n, m in med.items():
         print(f"  {n:<12} {m['ms_per_step']:6.2f} ms/step  {TOKENS_PER_STEP / m['ms_per_step'] * 1000:>8,.0f} "
               f"tokens/s  wall {m['wall_s']:6.1f} s  val {m['val_loss']:.4f}")
+    per_round = [n["ms_per_step"] / o["ms_per_step"] for n, o in zip(results["nanoGPT"], results["nanodecoder"])]
+    print(f"  per round (each against the nanoGPT run just before it): "
+          f"{', '.join(f'{x:.2f}x' for x in per_round)}")
     print(f"  steady-state tokens/s nanodecoder / nanoGPT = {a['ms_per_step'] / b['ms_per_step']:.2f}x; "
           f"wall clock {a['wall_s'] / b['wall_s']:.2f}x; val loss difference {b['val_loss'] - a['val_loss']:+.4f}")
     for n, rs in results.items():
