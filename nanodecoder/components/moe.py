@@ -85,9 +85,10 @@ class MoE(Component):
         dispatch: Dispatch = param(
             "auto", doc="Expert compute path, same weights and results either way: grouped_mm (torch._grouped_mm; "
                         "needs d_model and the expert hidden size to be multiples of 4), loop (one matmul per "
-                        "expert on its contiguous slice; on the CPU in bf16/fp16 each slice padded to a multiple of 32 rows "
-                        "so oneDNN reuses its kernels), auto (grouped_mm where torch can run it, else loop; the "
-                        "loop on the CPU in bf16/fp16, where torch's grouped_mm builds a new kernel per call). "
+                        "expert on its contiguous slice; on the CPU in bf16/fp16 each slice padded to a multiple "
+                        "of 32 rows so oneDNN reuses its kernels), auto (grouped_mm where torch can run it, else "
+                        "loop; the loop on the CPU in bf16/fp16, where torch's grouped_mm builds a new kernel per "
+                        "call). "
                         "grouped_mm falls back to the loop where torch cannot run it: fp32 under torch.compile, "
                         "bf16 with sizes not multiples of 8, CUDA in anything but bf16.")
         dim: int = context("d_model")

@@ -112,7 +112,7 @@ class Experts(nn.Module):
             return False
         dtype = _compute_dtype(xs)
         if self.dispatch == "auto" and xs.device.type == "cpu" and dtype != torch.float32:
-            return False  # torch's CPU grouped_mm is a matmul per expert of exactly its rows (see CPU_LOW_PRECISION_ROWS)
+            return False  # torch's CPU grouped_mm: a matmul per expert of exactly its rows (CPU_LOW_PRECISION_ROWS)
         ok_dtype = (dtype in (torch.float32, torch.bfloat16) if xs.device.type == "cpu"
                     else xs.device.type == "cuda" and dtype == torch.bfloat16)
         if not ok_dtype or (_is_compiling() and dtype != torch.bfloat16):
