@@ -61,6 +61,11 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _cpu_low_precision(x: torch.Tensor) -> bool:
+    """Expert matmuls on ``x`` run in bf16/fp16 on the CPU (oneDNN: see ``CPU_LOW_PRECISION_ROWS``)."""
+    return x.device.type == "cpu" and _compute_dtype(x) != torch.float32
+
+
 def _is_compiling() -> bool:
     try:
         return torch.compiler.is_compiling()
@@ -111,7 +116,7 @@ class Experts(nn.Module):
         if self.dispatch == "loop" or not hasattr(torch, "_grouped_mm") or xs.shape[0] == 0:
             return False
         dtype = _compute_dtype(xs)
-        if self.dispatch == "auto" and xs.device.type == "cpu" and dtype != torch.float32:
+        if self.dispatch == "auto" and _cpu_low_precision(xs):
             return False  # torch's CPU grouped_mm: a matmul per expert of exactly its rows (CPU_LOW_PRECISION_ROWS)
         ok_dtype = (dtype in (torch.float32, torch.bfloat16) if xs.device.type == "cpu"
                     else xs.device.type == "cuda" and dtype == torch.bfloat16)
@@ -126,7 +131,7 @@ class Experts(nn.Module):
         return self._loop(xs, counts)
 
     def _loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        if xs.device.type == "cpu" and _compute_dtype(xs) != torch.float32:
+        if _cpu_low_precision(xs):
             return self._padded_loop(xs, counts)
         sizes = counts.tolist()
         chunks = xs.split(sizes)
