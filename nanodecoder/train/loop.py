@@ -29,6 +29,7 @@ from .rundir import RunDir
 from .schedule import build_schedule
 from .summary import end_summary, start_summary
 from .trainer import NonFiniteLoss, Trainer
+from .wandb_log import finish_wandb
 
 EXIT_OK, EXIT_NONFINITE = 0, 3
 
@@ -365,8 +366,7 @@ def run_training(trainer: Trainer, run: RunDir, *, logging, sample, name: str, p
         run.update_meta(status=status, step=trainer.step_count, best_val_loss=_finite(trainer.best_val_loss),
                         best_step=trainer.best_step, wall_s=wall)
     if wandb_run is not None:
-        wandb_run.summary.update({"best_val_loss": _finite(trainer.best_val_loss), "status": status})
-        wandb_run.finish(exit_code=code)
+        finish_wandb(wandb_run, {"best_val_loss": _finite(trainer.best_val_loss), "status": status}, code)
     return RunResult(status, trainer.step_count, trainer.best_val_loss, trainer.best_step, last_eval,
                      run.path, wall, code)
 

@@ -77,3 +77,13 @@ def start_wandb(spec, run_dir: Path, config: dict[str, Any], default_name: str,
                           id=run_id, resume="allow" if run_id else None, settings=settings)
     except Exception as e:  # wandb raises several types (CommError, UsageError, timeouts)
         raise WandbError(f"could not start the W&B run ({spec.mode}): {e}") from None
+
+
+def finish_wandb(run, summary: dict[str, Any], exit_code: int) -> None:
+    """Write ``summary``, finish the run and wait for W&B's service to write everything out: ``run.finish()``
+    alone can return before an offline run's ``.wandb`` file holds its records (seen with wandb 0.31: the file
+    still only its 7-byte header when the command returned, complete a moment later)."""
+    import wandb
+    run.summary.update(summary)
+    run.finish(exit_code=exit_code)
+    wandb.teardown()
