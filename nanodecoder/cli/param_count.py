@@ -16,6 +16,7 @@ import json
 
 from ..model.plan import Plan, Setting, human_bytes, human_count, human_flops, plan
 from ..runtime import AUTO, available_profiles, planned_precision, resolve_profile
+from ..runtime.profiles import PRECISIONS
 from ..config import BlueprintError
 from .blueprint import blueprint_model_spec, run_spec
 from .common import fail, user_errors
@@ -43,7 +44,7 @@ def parse_args(argv):
                     help="two or more blueprints side by side, with each one's ratio to the first")
     ap.add_argument("--context", type=int, metavar="N", help="tokens per sequence (default: model.context_length)")
     ap.add_argument("--batch", type=int, default=1, metavar="N", help="sequences per micro-batch on each device")
-    ap.add_argument("--precision", choices=("fp32", "bf16", "fp16", "mixed", "auto"),
+    ap.add_argument("--precision", choices=PRECISIONS,
                     help="compute precision (default: the runtime profile's); weights stay fp32")
     ap.add_argument("--optimizer", metavar="KIND", help="optimizer kind (default: train.optimizer)")
     ap.add_argument("--activation-checkpointing", action="store_true",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -22,6 +22,8 @@ from ..config.declare import declared, param
 from ..resources import blueprints_dir
 
 AUTO = "auto"
+Precision = Literal["fp32", "bf16", "fp16", "mixed", "auto"]
+PRECISIONS = get_args(Precision)
 
 
 class RuntimeSetupError(RuntimeError):
@@ -41,7 +43,7 @@ class Profile:
     device: str = param("auto", doc="Torch device: 'cpu', 'cuda' (cuda:LOCAL_RANK under torchrun), 'cuda:N' (one "
                                     "process only), 'mps', or 'auto' (CUDA when available, else the CPU).",
                         pattern="^(auto|cpu|cuda(:[0-9]+)?|mps)$")
-    precision: Literal["fp32", "bf16", "fp16", "mixed", "auto"] = param(
+    precision: Precision = param(
         "fp32", doc="Compute precision of the forward pass (weights and optimizer stay fp32): 'fp32'; 'bf16' "
                     "autocast (needs a GPU with bf16, compute capability 8.0+, or the CPU); 'fp16' autocast with a "
                     "GradScaler (loss scaling); 'mixed' picks bf16 where supported and fp16 with a GradScaler "
