@@ -48,8 +48,8 @@ class Profile:
                     "autocast (needs a GPU with bf16, compute capability 8.0+, or the CPU); 'fp16' autocast with a "
                     "GradScaler (loss scaling); 'mixed' picks bf16 where supported and fp16 with a GradScaler "
                     "elsewhere; 'auto' picks bf16 where its matmuls are faster than fp32 (a GPU with bf16, a CPU "
-                    "with AMX: Intel Sapphire Rapids and newer) and fp32 elsewhere (bf16 on a CPU without AMX is "
-                    "about half as fast as fp32).")
+                    "with AMX or AVX512-BF16: Intel Sapphire Rapids, Cooper Lake and newer, AMD Zen 4 and newer) "
+                    "and fp32 elsewhere (bf16 on a CPU without either is about half as fast as fp32).")
     tf32: bool = param(False, doc="Let CUDA fp32 matmuls and convolutions use TF32 tensor cores (Ampere and "
                                   "newer); ignored on the CPU.")
     compile: bool = param(False, doc="torch.compile the model before the data-parallel wrap: the whole model in one "

@@ -76,11 +76,12 @@ def test_bf16_on_a_gpu_without_bf16_names_the_profile_to_use(monkeypatch):
     assert "cannot run: FSDP with fp16 loss scaling is not supported" in fsdp
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_auto_precision_takes_bf16_only_where_its_matmuls_are_fast(monkeypatch, amx):
+@pytest.mark.parametrize("amx,avx512_bf16", [(True, False), (False, True), (False, False)])
+def test_auto_precision_takes_bf16_only_where_its_matmuls_are_fast(monkeypatch, amx, avx512_bf16):
     import nanodecoder.runtime.hardware as hw
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    want = "bf16" if amx else "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    want = "bf16" if amx or avx512_bf16 else "fp32"
     cpu = resolve_profile(RuntimeSpec(profile="cpu", precision="auto"))
     assert pick_precision(cpu, torch.device("cpu")) == want
     assert f"on this machine: cpu, {want}, one process" in describe_plan(RuntimeSpec(precision="auto"), env={})
