@@ -2,10 +2,12 @@
 """Training throughput of two blueprints measured in one process, as a ratio.
 
     python tools/bench_pair.py blueprints/dense_gpt.yaml blueprints/moe_gpt.yaml --rounds 6 --steps 5
+    python tools/bench_pair.py BP BP --set-b runtime.precision=bf16      # two variants of one blueprint
 
 Both real Trainers are built first; then rounds of ``--steps`` timed steps
 alternate between them, so machine noise hits both alike.  Prints ms/step and
-tokens/s per blueprint (median over rounds) and B/A.  Numbers, never asserts.
+tokens/s per run (median over rounds) and B/A.  Numbers, never asserts.
+``--set`` applies to both, ``--set-a`` / ``--set-b`` to one of them (after ``--set``).
 """
 from __future__ import annotations
 
@@ -39,13 +41,22 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                     help="overrides applied to both blueprints")
+    ap.add_argument("--set-a", dest="overrides_a", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="overrides applied to the first only")
+    ap.add_argument("--set-b", dest="overrides_b", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="overrides applied to the second only")
     args = ap.parse_args(argv)
+    from nanodecoder.cli.common import fail, user_errors
     runs = {}
-    for path in (args.a, args.b):
-        bp, spec, runtime, trainer = build_trainer(path, args.overrides)
+    for label, path, own in (("A", args.a, args.overrides_a), ("B", args.b, args.overrides_b)):
+        try:
+            bp, spec, runtime, trainer = build_trainer(path, args.overrides + own)
+        except user_errors() as e:
+            return fail(e)
         for _ in range(args.warmup):
             trainer.step()
-        runs[bp.name] = (trainer, runtime, [])
+        runs[f"{label} {bp.name}"] = (trainer, runtime, [])
+        print(f"{label}: {bp.name}" + (f" with {' '.join(own)}" if own else ""))
     for _ in range(args.rounds):
         for trainer, runtime, times in runs.values():
             times.append(timed(trainer, runtime, args.steps))
@@ -53,7 +64,7 @@ def main(argv=None) -> int:
     for name, (trainer, _, times) in runs.items():
         ms = 1000 * statistics.median(times)
         rates[name] = trainer.tokens_per_step / (ms / 1000)
-        print(f"{name:<24} {ms:9.1f} ms/step  {rates[name]:>10,.0f} tokens/s  (median of {len(times)} rounds)")
+        print(f"{name:<26} {ms:9.1f} ms/step  {rates[name]:>10,.0f} tokens/s  (median of {len(times)} rounds)")
     (na, ra), (nb, rb) = rates.items()
     print(f"throughput {nb} / {na} = {rb / ra:.3f}")
     return 0

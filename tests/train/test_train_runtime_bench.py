@@ -82,3 +82,20 @@ def test_bench_times_random_tokens_without_preparing_data(tmp_path, capsys, monk
     batches = bench.RandomBatches(batch=3, context=5, vocab=7, seed=0)
     x, y = batches.next_batch()
     assert x.shape == y.shape == (3, 5) and int(x.max()) < 7 and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_bench_pair_times_two_variants_of_one_blueprint(tmp_path, capsys):
+    """--set-a / --set-b give each side its own overrides, so one blueprint can be compared with a variant."""
+    spec = importlib.util.spec_from_file_location("bench_pair", REPO / "tools" / "bench_pair.py")
+    bench_pair = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_pair)
+    bp = write_blueprint(tmp_path)
+    assert bench_pair.main([str(bp), str(bp), "--rounds", "2", "--steps", "1", "--warmup", "1",
+                            "--set", "train.batch_size=2", "--set-b", "model.d_model=64"]) == 0
+    out = capsys.readouterr().out
+    assert "A: tiny\n" in out and "B: tiny with model.d_model=64" in out
+    assert re.search(r"A tiny +[\d.]+ ms/step", out) and re.search(r"B tiny +[\d.]+ ms/step", out)
+    assert re.search(r"throughput B tiny / A tiny = [\d.]+", out)
+    assert bench_pair.main([str(bp), str(bp), "--set-b", "model.d_modl=64"]) == 2       # reaches B only
+    captured = capsys.readouterr()
+    assert "A: tiny\n" in captured.out and "unknown key 'd_modl'" in captured.err
