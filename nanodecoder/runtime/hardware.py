@@ -201,9 +201,8 @@ def cpu_has_fast_bf16() -> bool:
     Lake, AMD Zen 4 and newer).  Measured on 2 cores against fp32's 145-250 GFLOP/s: AMX ~480-1,100 on 1024^3
     and ~680 on a 768 x 128 x 512 step; AVX512-BF16 (AMD EPYC) 380-430 on the same shapes.  Without either,
     oneDNN emulates bf16 and a bf16 matmul runs at about half the fp32 speed (~140 GFLOP/s)."""
-    return any(bool(check is not None and check()) for check in
-               (getattr(torch.cpu, "_is_amx_tile_supported", None),
-                getattr(torch.cpu, "_is_avx512_bf16_supported", None)))
+    return any(getattr(torch.cpu, check, lambda: False)()
+               for check in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
 def auto_precision(device_type: str) -> str:
