@@ -2,7 +2,8 @@
 
 In a source checkout they are the top-level ``schemas/`` and ``blueprints/``
 folders; ``pip install .`` copies the same folders into the package as
-``nanodecoder/_shipped/{schemas,blueprints}`` (see ``pyproject.toml``).
+``nanodecoder/_shipped/{schemas,blueprints}`` (see ``pyproject.toml``).  The shipped
+corpora live inside the package in both cases (``nanodecoder/data/corpora``).
 """
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 _PKG = Path(__file__).resolve().parent
 
 
-def _find(name: str) -> Path:
-    for candidate in (_PKG.parent / name, _PKG / "_shipped" / name):
+def _find(name: str, candidates: tuple[Path, ...] = ()) -> Path:
+    for candidate in candidates or (_PKG.parent / name, _PKG / "_shipped" / name):
         if candidate.is_dir():
             return candidate
     raise FileNotFoundError(f"cannot find the shipped '{name}' folder next to {_PKG}; reinstall nanodecoder")
@@ -24,6 +25,12 @@ def schemas_dir() -> Path:
 
 def blueprints_dir() -> Path:
     return _find("blueprints")
+
+
+def corpora_dir() -> Path:
+    """The data files shipped inside the package: ``nanodecoder/data/corpora`` in a checkout and an install alike
+    (listed in ``pyproject.toml``'s package-data; ``nanodecoder/data/builtin.py`` names them)."""
+    return _find("corpora", (_PKG / "data" / "corpora",))
 
 
 def resolve_blueprint(path: str | Path) -> Path:

@@ -126,7 +126,8 @@ def test_the_speedrun_recipe_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("NANODECODER_CACHE", str(tmp_path / "cache"))
     (tmp_path / "text.txt").write_text("ROMEO:\nBefore we proceed any further, hear me speak.\n" * 60)
     code = run_main([str(blueprints_dir() / "speedrun" / "shakespeare_char_cpu.yaml"),
-                     "--set", f"data.source.path={tmp_path / 'text.txt'}", "--set", f"logging.runs_dir={tmp_path}",
+                     "--set", f"data.source={{kind: text, path: {tmp_path / 'text.txt'}}}",
+                     "--set", f"logging.runs_dir={tmp_path}",
                      "--set", "train.time_budget=null", "--set", "train.steps=30", "--set", "logging.plots=false",
                      "--set", "sample.max_new_tokens=8"])
     assert code == 0

@@ -4,7 +4,7 @@
     python tools/bench_nanogpt.py --nanogpt path/to/nanoGPT [--rounds 2] [--steps 2000] [--set key=value ...]
 
 Needs a checkout of https://github.com/karpathy/nanoGPT (and numpy, which its ``prepare.py`` uses). The
-tiny-shakespeare text (``--text``, default ``../shared/data/tinyshakespeare.txt``) is copied to
+tiny-shakespeare text (``--text``, default the copy shipped in ``nanodecoder/data/corpora/``) is copied to
 ``data/shakespeare_char/input.txt`` of the checkout and ``prepare.py`` is run once (nothing is downloaded
 when that file exists). Each round runs nanoGPT's ``train.py`` with the README's CPU flags, then our blueprint
 (``--set`` values apply to ours, e.g. ``runtime.compile=true``), as subprocesses, one at a time.
@@ -92,7 +92,7 @@ def run_ours(steps: int, overrides: list[str], runs: Path, keep: Path | None = N
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nanogpt", type=Path, required=True, help="a nanoGPT checkout")
-    ap.add_argument("--text", type=Path, default=ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
+    ap.add_argument("--text", type=Path, default=ROOT / "nanodecoder" / "data" / "corpora" / "tinyshakespeare.txt")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--keep", type=Path, default=None, metavar="DIR",

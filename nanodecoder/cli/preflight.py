@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import DataError, Tokenizer, check_source, check_vocab, tokenizer_before_data
+from ..data.builtin import builtin_file, is_builtin
 from ..data.sources import file_type
 from ..eval import PeriodicEval, build_periodic_evals, load_items
 from ..eval.hellaswag import SOURCE as HELLASWAG_SOURCE
@@ -84,8 +85,11 @@ def preflight(spec, base_dir: Path, *, name: str, resume: RunDir | None = None, 
     finetune = spec.finetune is not None
     if finetune:      # the source run, its tokenizer and the records are read (not tokenized) by both paths
         for key in ("data", "val_data"):
-            if getattr(spec.finetune, key, None):
-                attempt(regular_file, getattr(spec.finetune, key), base_dir, f"finetune.{key}")
+            raw = getattr(spec.finetune, key, None)
+            if raw and is_builtin(raw):          # a file shipped with the package (data/builtin.py)
+                attempt(builtin_file, raw, spec.finetune.impl.builtin_data, f"finetune.{key}")
+            elif raw:
+                attempt(regular_file, raw, base_dir, f"finetune.{key}")
     elif spec.data is not None:
         attempt(check_source, spec.data, base_dir)
         out.tokenizer = attempt(tokenizer_before_data, spec.data)

@@ -13,6 +13,7 @@ sources and tokenizers to the catalog it is given.
 from __future__ import annotations
 
 from .bpe import BpeTokenizer, TiktokenTokenizer
+from .builtin import BuiltinSource
 from .checks import bits_per_byte, check_fits, check_source, check_vocab, tokenizer_before_data, unigram_loss
 from .errors import DataError
 from .kinds import data_catalog, load_tokenizer, register, tokenizer_vocab_size
@@ -25,7 +26,7 @@ from .stdlib import PythonStdlibSource
 from .tokenizers import ByteTokenizer, CharTokenizer, Tokenizer
 
 __all__ = [
-    "BatchSampler", "BpeTokenizer", "ByteTokenizer", "CharTokenizer", "Corpus", "DataError", "DataSource",
+    "BatchSampler", "BpeTokenizer", "BuiltinSource", "ByteTokenizer", "CharTokenizer", "Corpus", "DataError", "DataSource",
     "DataSpec", "Prepared", "PythonStdlibSource", "ShardedTokens", "TextSource", "TiktokenTokenizer",
     "TokenShardsSource", "Tokenizer", "UrlSource",
     "bits_per_byte", "cache_root", "check_fits", "check_source", "check_vocab", "data_catalog", "find_prepared",

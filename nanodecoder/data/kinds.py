@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..config.registry import Catalog, RegistryError, make_catalog
 from .bpe import BpeTokenizer, TiktokenTokenizer
+from .builtin import BuiltinSource
 from .chat import read_saved_chat
 from .errors import DataError
 from .hf_tokenizer import HFTokenizer
@@ -23,6 +24,7 @@ from .tokenizers import META_FILE, ByteTokenizer, CharTokenizer, Tokenizer
 def register(catalog: Catalog) -> None:
     """Add the built-in data sources and tokenizers to ``catalog``."""
     catalog["data_source"].add("python_stdlib", PythonStdlibSource)
+    catalog["data_source"].add("builtin", BuiltinSource)
     catalog["data_source"].add("text", TextSource)
     catalog["data_source"].add("url", UrlSource)
     catalog["data_source"].add("token_shards", TokenShardsSource)

@@ -1,5 +1,6 @@
 """Data sources: where the raw text comes from (``text`` and ``url``; see
-``stdlib.py`` for ``python_stdlib`` and ``shards.py`` for ``token_shards``, whose files hold token ids).
+``stdlib.py`` for ``python_stdlib``, ``builtin.py`` for ``builtin`` (corpora shipped in the package)
+and ``shards.py`` for ``token_shards``, whose files hold token ids).
 
 A source class (registered in category ``data_source``) has a frozen
 ``Spec`` (its YAML parameters, ``kind`` included) and is built as

@@ -57,6 +57,7 @@ def pack(encoded: list[Encoded], window: int, seed: int = 0) -> list[list[Encode
 class InstructionTuning(FinetuneTask):
     kind = "instruction"
     Spec = InstructionSpec
+    builtin_data = "instructions"
 
     def load(self) -> None:
         spec = self.spec

@@ -62,7 +62,8 @@ class FromRun(Kind):
 @declared
 class InstructionSpec(FromRun):
     data: str = param(doc="Alpaca-style records: a JSON list of objects (or a .jsonl file) with 'instruction', "
-                          "'output' and optional 'input' (relative paths start at the blueprint's folder).",
+                          "'output' and optional 'input' (relative paths start at the blueprint's folder); "
+                          "builtin:instruction_data names the 1,100 records shipped with nanodecoder.",
                       min_length=1)
     val_fraction: float = param(0.05, doc=VAL_FRACTION_DOC, exclusive_minimum=0, maximum=0.5)
     template: TemplateSpec = param(factory=TemplateSpec, doc="The prompt template (Alpaca unless given).")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..data import DataError
+from ..data.builtin import builtin_file, is_builtin
 from ..model import build_model
 from ..train.trainer import Trainer
 from .batches import UnitBatches
@@ -27,6 +28,8 @@ class FinetuneTask:
     kind: ClassVar[str]
     Spec: ClassVar[type]
     generates_text: ClassVar[bool] = True     # False: no LM head (no samples, no text evaluations)
+    #: what a shipped file named ``data: builtin:NAME`` must hold for this kind (None: no shipped file fits)
+    builtin_data: ClassVar[str | None] = None
 
     def __init__(self, spec, *, tokenizer, base_dir: Path, context_length: int, source=None):
         self.spec, self.tokenizer, self.context_length = spec, tokenizer, context_length
@@ -57,7 +60,10 @@ class FinetuneTask:
 
     # ---- shared ---------------------------------------------------------------------------
     def path(self, raw: str, key: str = "data") -> Path:
-        """A data file named in the blueprint (relative paths start at the blueprint's folder)."""
+        """A data file named in the blueprint (relative paths start at the blueprint's folder; ``builtin:NAME`` is
+        a file shipped with the package, see ``data/builtin.py``)."""
+        if is_builtin(raw):
+            return builtin_file(raw, self.builtin_data, f"finetune.{key}")
         path = blueprint_path(raw, self.base_dir)
         if not path.is_file():
             raise DataError(f"finetune.{key}: {path} does not exist (relative paths start at the blueprint's "

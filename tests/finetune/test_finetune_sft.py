@@ -90,6 +90,10 @@ def test_the_weights_start_from_the_source_run(tmp_path):
     ({"finetune": {"data": "missing.json"}},
      "missing.json does not exist (relative paths start at the blueprint's folder"),
     ({"finetune": {"templte": {}}}, "unknown key 'templte' for finetune kind 'instruction'; did you mean 'template'?"),
+    ({"finetune": {"data": "builtin:instructions"}},
+     "finetune.data: unknown built-in 'instructions' (available: instruction_data)"),
+    ({"finetune": {"val_data": "builtin:tinyshakespeare"}},
+     "finetune.val_data: unknown built-in 'tinyshakespeare' (available: instruction_data)"),
 ])
 def test_mismatches_and_bad_settings_exit_2_before_training(tmp_path, capsys, change, message):
     _, bp = sft_blueprint(tmp_path)
@@ -116,3 +120,13 @@ def test_dropout_may_change_and_dry_run_prints_the_plan(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "instruction tuning from" in out and "4 train / 4 validation records" in out and "packed rows" in out
     assert "nothing trained" in out
+
+
+def test_the_shipped_instruction_records_are_named_builtin(tmp_path, capsys):
+    """finetune.data: builtin:instruction_data reads the 1,100 records shipped in the package (5% held out)."""
+    _, bp = sft_blueprint(tmp_path, finetune={"data": "builtin:instruction_data", "val_data": None})
+    assert run_main([str(bp), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # 1,045 train records (382 fit the 48-token test model, 663 dropped) and 55 validation ones (20 + 35)
+    assert "382 train / 20 validation records" in out and "builtin:instruction_data: " in out
+    assert "663 dropped" in out and "35 dropped" in out
