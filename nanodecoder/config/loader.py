@@ -6,7 +6,8 @@
   errors can point at the YAML; paths are tuples of keys and list indices.
 * ``extends: other.yaml`` (relative to the file) deep-merges the child over
   its base: mappings merge key by key, lists and scalars replace, and a
-  component block whose ``kind`` changes is replaced whole.  Inherited keys
+  component block whose ``kind`` changes is replaced whole, and ``null`` over
+  an inherited mapping (``data: null``) removes that section.  Inherited keys
   keep the base file's locations.  Cycles are an error.
 """
 from __future__ import annotations
@@ -274,6 +275,7 @@ def merge(base: Any, child: Any, base_lines: LineMap, child_lines: LineMap, path
     A component block whose ``kind`` changes is replaced whole: the base's
     parameters belong to the other kind (``mlp: {kind: moe, ...}`` over
     ``mlp: {kind: gelu, hidden_size: 768}`` must not inherit ``hidden_size``).
+    ``null`` over an inherited mapping removes it: the child has no such section.
     """
     kind_changed = (isinstance(base, dict) and isinstance(child, dict)
                     and "kind" in child and child.get("kind") != base.get("kind"))
@@ -283,6 +285,8 @@ def merge(base: Any, child: Any, base_lines: LineMap, child_lines: LineMap, path
     out[path] = child_lines.get(path) or base_lines[path]
     merged = {}
     for k in list(base) + [k for k in child if k not in base]:
+        if k in base and isinstance(base[k], dict) and k in child and child[k] is None:
+            continue                # ``data: null`` over an inherited section: the child has none
         if k in child and k in base:
             merged[k] = merge(base[k], child[k], base_lines, child_lines, path + (k,), out)
         else:

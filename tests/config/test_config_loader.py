@@ -210,3 +210,15 @@ def test_missing_file_and_non_utf8_are_problems(tmp_path, monkeypatch):
         with pytest.raises(BlueprintError) as e:
             load_blueprint(name)
         assert message in str(e.value) and f"{name}: (top level)" in str(e.value)
+
+
+def test_null_over_an_inherited_section_removes_it(here):
+    """``data: null`` in a blueprint that extends one with a data section: the child has no data (it used to be
+    "expected a mapping, got null"); the rest is inherited as usual."""
+    write(here, "with_data.yaml", BASE + "data:\n  source: {kind: text, path: corpus.txt}\n"
+                                         "  tokenizer: {kind: byte}\n")
+    write(here, "no_data.yaml", "extends: with_data.yaml\nname: no_data\ndata: null\n")
+    bp = load_blueprint("no_data.yaml")
+    assert "data" not in bp.raw and not any(p[:1] == ("data",) for p in bp.lines)
+    assert bp.raw["model"]["d_model"] == 64
+    assert load_blueprint("with_data.yaml").raw["data"]["tokenizer"] == {"kind": "byte"}
