@@ -39,7 +39,7 @@ from ..config.declare import Kind, choice, context, declared, param, round_up
 from .base import Component
 from .mlp import DENSE, expert_params
 from .moe_dispatch import DropPolicy, combine, expert_capacity, gather_tokens, plan_dispatch
-from .moe_experts import Dispatch, Experts, grouped_mm_shapes_ok
+from .moe_experts import ExpertKernel, Experts, grouped_mm_shapes_ok
 from .routers import load_balancing_loss, mean_entropy, router_z_loss
 
 class MoE(Component):
@@ -82,7 +82,7 @@ class MoE(Component):
         z_loss_coef: float = param(0.001, doc="Weight of the router z-loss, mean over tokens of logsumexp(logits)^2 "
                                               "in fp32.", minimum=0)
         bias: bool = param(False, doc="Biases in the expert projections.")
-        dispatch: Dispatch = param(
+        dispatch: ExpertKernel = param(
             "auto", doc="Expert compute path, same weights and results either way: grouped_mm (torch._grouped_mm; "
                         "needs d_model and the expert hidden size to be multiples of 4), loop (one matmul per "
                         "expert on its contiguous slice; on the CPU in bf16/fp16 each slice padded to a multiple "

@@ -5,7 +5,7 @@ priority order, stably sorted by expert (so each expert's assignments are
 contiguous and still in priority order), cut at the expert's capacity, and
 the kept ones gathered into one contiguous buffer.  After the experts ran,
 the gate-weighted outputs are gathered back into the priority layout (through
-the inverse map ``Dispatch.row``) and each token's k choices summed.  Both
+the inverse map ``DispatchPlan.row``) and each token's k choices summed.  Both
 directions are gathers, forward and backward (custom autograd functions):
 a scatter (``index_add_``) is serial on the CPU.  No Python loop over tokens;
 no expert sees a token not routed to it.
@@ -51,7 +51,7 @@ def expert_capacity(factor: float | None, n_tokens: int, top_k: int, n_experts: 
     return max(int(min_capacity), math.ceil(factor * n_tokens * top_k / n_experts))
 
 
-class Dispatch(NamedTuple):
+class DispatchPlan(NamedTuple):
     slot: torch.Tensor     # [M] kept assignments (index into the priority layout), grouped by expert
     token: torch.Tensor    # [M] token of each kept assignment
     counts: torch.Tensor   # [E] kept assignments per expert (int64)
@@ -82,7 +82,7 @@ def sum_choices(slots: torch.Tensor, n: int, k: int, policy: str) -> torch.Tenso
 
 
 def plan_dispatch(indices: torch.Tensor, n_experts: int, capacity: int | None,
-                  policy: str = "priority") -> Dispatch:
+                  policy: str = "priority") -> DispatchPlan:
     """Group the ``[N, k]`` assignments by expert and drop those over ``capacity``."""
     n, k = indices.shape
     experts = priority_layout(indices, policy)
@@ -101,11 +101,11 @@ def plan_dispatch(indices: torch.Tensor, n_experts: int, capacity: int | None,
     kept = order.shape[0]
     row = torch.full((n * k,), kept, dtype=torch.int64, device=indices.device)
     row[order] = torch.arange(kept, device=indices.device)
-    return Dispatch(order, tokens[order], counts, routed, n_dropped, row)
+    return DispatchPlan(order, tokens[order], counts, routed, n_dropped, row)
 
 
 def _with_zero_row(t: torch.Tensor, n_slots: int) -> torch.Tensor:
-    """``t`` plus one zero row at index ``len(t)`` (where ``Dispatch.row`` sends dropped slots)."""
+    """``t`` plus one zero row at index ``len(t)`` (where ``DispatchPlan.row`` sends dropped slots)."""
     if t.shape[0] == n_slots:
         return t
     return torch.cat([t, t.new_zeros(1, t.shape[-1])])
@@ -161,12 +161,12 @@ class _Combine(torch.autograd.Function):
         return d_ys, d_w, None, None, None, None, None
 
 
-def gather_tokens(x: torch.Tensor, plan: Dispatch, policy: str = "priority") -> torch.Tensor:
+def gather_tokens(x: torch.Tensor, plan: DispatchPlan, policy: str = "priority") -> torch.Tensor:
     """``[N, D]`` tokens -> ``[M, D]`` rows grouped by expert (one row per kept assignment)."""
     return _Gather.apply(x, plan.token, plan.row, plan.row.shape[0] // x.shape[0], policy)
 
 
-def combine(expert_out: torch.Tensor, weights: torch.Tensor, plan: Dispatch,
+def combine(expert_out: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan,
             policy: str = "priority") -> torch.Tensor:
     """Gate-weighted sum of the ``[M, D]`` expert outputs back in token order ``[N, D]``."""
     k = weights.shape[-1]

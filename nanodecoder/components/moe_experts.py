@@ -28,8 +28,9 @@ from torch import nn
 from .init import DEFAULT_INIT, init_tensor
 from .mlp import ACTIVATIONS
 
-Dispatch = Literal["auto", "grouped_mm", "loop"]
-DISPATCH_KINDS = get_args(Dispatch)
+#: How the experts run (the 'dispatch' key of an moe block); not the token plan of moe_dispatch.DispatchPlan
+ExpertKernel = Literal["auto", "grouped_mm", "loop"]
+DISPATCH_KINDS = get_args(ExpertKernel)
 
 #: Row multiple of a CPU bf16/fp16 expert matmul in the loop.  oneDNN, which runs those matmuls, builds a kernel
 #: for every new shape (2-4 ms each, then cached, measured on 2 cores) and routed experts see a new row count
