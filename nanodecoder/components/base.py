@@ -19,10 +19,34 @@ from torch import nn
 from ..config.declare import Kind
 
 
+#: The optimizer role (``train.optimizer.rules``' ``roles``) of the parameters of a module whose class is
+#: registered in one of these categories: any norm kind is a norm, any router kind a router, plug-ins included.
+CATEGORY_ROLES = {"norm": "norm", "router": "router"}
+
+
 class Component(nn.Module):
     """Base class of registered model components: ``__init__(spec)`` with a complete ``Spec``."""
 
     Spec: ClassVar[type[Kind]]
+    #: the optimizer role of this module's own parameters where its category gives none (MoE experts)
+    role: ClassVar[str | None] = None
+
+
+#: torch's own norm layers, which components use inside themselves (a QK-norm is an ``nn.RMSNorm``)
+TORCH_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
+
+
+def module_role(module: nn.Module) -> str | None:
+    """The optimizer role of ``module``'s own parameters: that of the category its spec was chosen from
+    (:data:`CATEGORY_ROLES`: any norm kind is a norm, any router kind a router, plug-ins included), else its
+    class's ``role`` (MoE experts), else ``norm`` for torch's own norm layers, else None."""
+    category = getattr(getattr(module, "spec", None), "category", None)
+    if category in CATEGORY_ROLES:
+        return CATEGORY_ROLES[category]
+    role = getattr(type(module), "role", None)
+    if role is not None:
+        return role
+    return "norm" if isinstance(module, TORCH_NORMS) else None
 
 
 def mark_residual(linear: nn.Linear) -> nn.Linear:

@@ -33,7 +33,7 @@ from .positional import apply_rotary
 
 
 def _rmsnorm(width: int, eps: float) -> RMSNorm:
-    return RMSNorm(RMSNorm.Spec(kind="rmsnorm", impl=RMSNorm, eps=eps, dim=width))
+    return RMSNorm(RMSNorm.Spec(kind="rmsnorm", impl=RMSNorm, category="norm", eps=eps, dim=width))
 
 
 class MultiHeadLatentAttention(Component):

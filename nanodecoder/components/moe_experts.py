@@ -83,6 +83,8 @@ def grouped_mm_shapes_ok(dim: int, hidden: int, dtype: torch.dtype) -> bool:
 class Experts(nn.Module):
     """``n`` feed-forward experts of one activation kind, stored as 3-D tensors."""
 
+    role = "expert"          # the optimizer role of these weights (components.base.module_role)
+
     def __init__(self, n: int, dim: int, hidden: int, kind: str, bias: bool = False,
                  dispatch: str = "auto"):
         super().__init__()

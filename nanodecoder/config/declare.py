@@ -99,6 +99,8 @@ class Kind:
     """Base of the parameters of a registered kind: ``kind`` and the class it names are set on build."""
     kind: str = field(default="", metadata={"kind": True})
     impl: Any = field(default=None, compare=False, repr=False, metadata={"impl": True})
+    #: the registry category the kind was chosen from (``norm``, ``router``, ...), set on build like ``kind``
+    category: str = field(default="", compare=False, repr=False)
 
     def build(self, *args, **kwargs):
         """The registered object this spec describes (``impl(spec, ...)``)."""
@@ -185,7 +187,7 @@ def build_choice(catalog, category: str, raw: Any, default_kind: Any, ctx: Mappi
     raw = dict(raw)
     kind = raw.pop("kind", default_kind)
     impl = kind_class(catalog, category, kind)
-    return build(impl.Spec, raw, catalog, ctx, kind=kind, impl=impl)
+    return build(impl.Spec, raw, catalog, ctx, kind=kind, impl=impl, category=category)
 
 
 def convert(tp: Any, value: Any, catalog, ctx: Mapping[str, Any]) -> Any:

@@ -35,9 +35,7 @@ from typing import Any, Iterator, Literal, Sequence
 import torch
 from torch import nn
 
-from ..components.moe_experts import Experts
-from ..components.norms import LayerNorm, RMSNorm
-from ..components.routers import Router
+from ..components.base import module_role
 from ..config.declare import Kind, context, declared, param
 from .newton_schulz import BatchedMuon, evaluate_closure
 
@@ -55,9 +53,6 @@ ROLES_DOC = ("embedding (nn.Embedding tables: token embedding, learned positions
              "(MoE router weights), matrix (any 2-D parameter), not_matrix (any parameter that is not 2-D: vectors, "
              "scalars, 3-D expert tensors)")
 
-_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, LayerNorm, RMSNorm)
-
-
 def embedding_param_ids(model: nn.Module) -> set[int]:
     """ids of the weights of every ``nn.Embedding`` (a tied head shares one of them)."""
     return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -70,8 +65,7 @@ def param_roles(model: nn.Module) -> dict[int, frozenset[str]]:
     head_ids = {id(p) for p in head.parameters()} - emb if isinstance(head, nn.Module) else set()
     roles: dict[int, set[str]] = defaultdict(set)
     for module in model.modules():
-        part = ("norm" if isinstance(module, _NORMS) else "expert" if isinstance(module, Experts)
-                else "router" if isinstance(module, Router) else None)
+        part = module_role(module)      # from the kinds: any norm kind is a norm, plug-ins included
         for name, p in module.named_parameters(recurse=False):
             found = roles[id(p)]
             found.add("matrix" if p.ndim == 2 else "not_matrix")
