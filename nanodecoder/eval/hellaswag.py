@@ -148,7 +148,7 @@ def score_rows(model, rows: list[tuple[list[int], int]], device) -> tuple[list[f
     hs, ts = h[where], y[where]
     logp = torch.empty(len(ts), dtype=torch.float32, device=device)
     for i in range(0, len(ts), HEAD_CHUNK):
-        logits = model.head(hs[i:i + HEAD_CHUNK]).float()
+        logits = model.logits(hs[i:i + HEAD_CHUNK]).float()      # the head with its soft-cap
         logp[i:i + HEAD_CHUNK] = -F.cross_entropy(logits, ts[i:i + HEAD_CHUNK], reduction="none")
     sums = torch.zeros(len(rows), dtype=torch.float32, device=device).index_add_(0, where[0], logp)
     return sums.tolist(), [n for _, n in rows]

@@ -80,7 +80,7 @@ def evaluate_text(model, tokenizer, text: str, *, stride: int | None = None, bat
             x, y = x.to(device), y.to(device)
             h, _, _ = decoder.hidden(x)
             where = (y >= 0).nonzero(as_tuple=True)
-            logits = decoder.head(h[where]).float()
+            logits = decoder.logits(h[where]).float()        # the head with its soft-cap, as training scores
             total += F.cross_entropy(logits, y[where], reduction="sum").item()
             count += len(where[0])
     finally:

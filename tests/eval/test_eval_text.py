@@ -69,3 +69,18 @@ def test_text_the_tokenizer_cannot_encode_is_a_clear_error():
                              "block": {"attention": {"kind": "causal", "n_heads": 2}, "mlp": {"kind": "gelu"}}})
     with pytest.raises(DataError, match="held.txt: the char tokenizer cannot encode it"):
         evaluate_text(build_model(spec), tok, "abd", name="held.txt")
+
+
+@torch.no_grad()
+def test_a_soft_capped_head_is_scored_as_training_scores_it():
+    """With ``logit_softcap`` the loss is that of the capped logits (the eval used the bare head before)."""
+    spec = build_model_spec({"vocab_size": 256, "context_length": 16, "d_model": 32, "n_layers": 1,
+                             "logit_softcap": 0.5,
+                             "block": {"attention": {"kind": "causal", "n_heads": 2}, "mlp": {"kind": "gelu"}}})
+    capped = build_model(spec, seed=3).eval()
+    with torch.no_grad():
+        capped.head.weight.mul_(50)                          # logits well beyond the cap
+    tok = ByteTokenizer()
+    ids = torch.tensor(tok.encode(TEXT[:17]))
+    want = capped(ids[None, :-1], ids[None, 1:]).ce_loss.item()
+    assert evaluate_text(capped, tok, TEXT[:17])["loss"] == pytest.approx(want, abs=1e-5)
