@@ -347,15 +347,62 @@ def checks(cls, raw: Any, path: tuple, catalog, clean, ctx: Mapping[str, Any] | 
     return out
 
 
+# ---------------------------------------------------------------- hand-downs
+def context_problems(root, catalog) -> list[str]:
+    """Every :func:`context` field, of every section under ``root`` and every kind a choice there may take,
+    whose source names no field that an enclosing section declares before it (a typo such as
+    ``context("d_modle")`` would otherwise hand down ``None``); each problem one line naming the class."""
+    problems: list[str] = []
+    seen: set[tuple] = set()
+
+    def walk(cls, scope: frozenset, where: str) -> None:
+        if (cls, scope) in seen:
+            return
+        seen.add((cls, scope))
+        th = hints(cls)
+        names = set(scope)
+        for f in dataclasses.fields(cls):
+            if "context" in f.metadata:
+                source = f.metadata["context"] or f.name
+                if source.split(".")[0] not in names:
+                    problems.append(f"{where}: {f.name} = context({source!r}) names no field of an enclosing "
+                                    f"section (there: {', '.join(sorted(names)) or 'none'})")
+                continue
+            if "param" not in f.metadata:
+                continue
+            meta = f.metadata["param"]
+            if meta.category is not None:
+                for kind in catalog[meta.category]:
+                    impl = catalog[meta.category].get(kind)
+                    origin = catalog[meta.category].origin(kind)
+                    walk(impl.Spec, frozenset(names), f"{meta.category} kind '{kind}' ({origin})")
+            else:
+                tp, _ = strip_none(th[f.name])
+                if typing.get_origin(tp) is tuple and typing.get_args(tp):
+                    tp = typing.get_args(tp)[0]
+                for option in _union_args(tp) or (tp,):
+                    if is_declared(option):
+                        walk(option, frozenset(names), f"{option.__qualname__}")
+            names.add(f.name)
+
+    walk(root, frozenset(), root.__qualname__)
+    return problems
+
+
 # ---------------------------------------------------------------- small helpers for checks
 def divisors(n: int) -> str:
-    """``1, 2, 4, ...`` (the first twelve divisors of ``n``), for "choose among" hints."""
-    ds = [k for k in range(1, int(n) + 1) if n % k == 0]
-    return ", ".join(map(str, ds[:12])) + (", ..." if len(ds) > 12 else "")
+    """``1, 2, 4, ...`` (the first twelve divisors of ``n``, looked for up to 4096: head and group counts), for
+    "choose among" hints; a constant time for any ``n``."""
+    ds = [k for k in range(1, min(int(n), DIVISOR_SEARCH) + 1) if n % k == 0]
+    return ", ".join(map(str, ds[:12])) + (", ..." if len(ds) > 12 or n > DIVISOR_SEARCH else "")
+
+
+DIVISOR_SEARCH = 4096
 
 
 def round_up(value: float, multiple: int) -> int:
-    return int(multiple * math.ceil(value / multiple))
+    """The least multiple of ``multiple`` >= ``value`` (integers exactly, however large)."""
+    return -(-value // multiple) * multiple if isinstance(value, int) else int(multiple * math.ceil(value / multiple))
 
 
 def snake(name: str) -> str:
@@ -365,5 +412,5 @@ def snake(name: str) -> str:
 
 
 __all__ = ["PARENT", "BuildError", "Kind", "Literal", "Param", "build", "build_choice", "checks", "choice",
-           "context", "declared", "default_of", "divisors", "hints", "is_declared", "join", "param", "params",
+           "context", "context_problems", "declared", "default_of", "divisors", "hints", "is_declared", "join", "param", "params",
            "required", "round_up", "snake", "strip_none", "to_yaml", "yaml_key"]

@@ -12,11 +12,11 @@ from __future__ import annotations
 import math
 from typing import Any, Iterator
 
-from .declare import checks
+from .declare import checks, context_problems
 from .errors import Problem
 from .loader import LineMap, dotted, locate
 from .messages import explain
-from .registry import CATEGORIES, Catalog, signature
+from .registry import CATEGORIES, Catalog, RegistryError, signature
 from .schema import compile_schema, document
 
 
@@ -49,7 +49,11 @@ def without_follow_ons(errors: list) -> list:
 
 
 def schema_of(root, catalog: Catalog) -> dict:
-    """The JSON Schema document generated for the declared class ``root`` and the catalog's kinds."""
+    """The JSON Schema document generated for the declared class ``root`` and the catalog's kinds; a kind whose
+    :func:`~.declare.context` names no enclosing field is a :class:`RegistryError` here, before any use."""
+    problems = context_problems(root, catalog)
+    if problems:
+        raise RegistryError("a registered kind takes a value no section hands down: " + "; ".join(problems))
     return document(root, catalog, CATEGORIES, getattr(root, "SCHEMA_TITLE", root.__name__))
 
 

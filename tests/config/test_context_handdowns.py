@@ -1,0 +1,55 @@
+"""A kind's ``context(...)`` must name a field an enclosing section declares: a typo fails loudly, before use."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from nanodecoder.api.blueprint import RunSpec
+from nanodecoder.api.catalog import REGISTERS
+from nanodecoder.components.base import Component
+from nanodecoder.config.declare import Kind, context, context_problems, declared, param
+from nanodecoder.config.registry import RegistryError, make_catalog
+from nanodecoder.config.validate import schema_of
+
+
+def norm_kind(source: str):
+    class TypoNorm(Component):
+        """A norm that reads its width from the model."""
+
+        @declared
+        class Spec(Kind):
+            eps: float = param(1e-6, doc="Epsilon.", exclusive_minimum=0)
+            dim: int = context(source)
+
+        def forward(self, x):
+            return torch.nn.functional.rms_norm(x, (self.spec.dim,), eps=self.spec.eps)
+    return TypoNorm
+
+
+def catalog_with(kind):
+    catalog = make_catalog(*REGISTERS, plugins=False)
+    catalog["norm"].add("typo_norm", kind, origin="plug-in 'test'")
+    return catalog
+
+
+def test_every_built_in_hand_down_names_an_enclosing_field():
+    start = time.perf_counter()
+    assert context_problems(RunSpec, make_catalog(*REGISTERS, plugins=False)) == []
+    assert time.perf_counter() - start < 30          # a hang catcher only: the walk is a few ms
+
+
+def test_a_misspelled_hand_down_is_refused_naming_the_kind_and_the_field():
+    catalog = catalog_with(norm_kind("d_modle"))
+    problems = context_problems(RunSpec, catalog)
+    assert problems and all("norm kind 'typo_norm' (plug-in 'test'): dim = context('d_modle')" in p
+                            for p in problems)
+    assert "d_model" in problems[0]                       # the fields that are there, to pick from
+    with pytest.raises(RegistryError, match="d_modle"):
+        schema_of(RunSpec, catalog)
+
+
+@pytest.mark.parametrize("source", ["d_model", "n_layers"])
+def test_a_correct_hand_down_is_accepted(source):
+    assert context_problems(RunSpec, catalog_with(norm_kind(source))) == []
