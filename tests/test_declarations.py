@@ -9,6 +9,7 @@ import sys
 import typing
 from pathlib import Path
 
+import pytest
 import yaml
 
 from nanodecoder.cli import schemas as schema_files
@@ -121,3 +122,21 @@ def test_an_absent_section_is_built_with_its_default_kinds():
                                "block": {"attention": {"kind": "causal", "n_heads": 2}, "mlp": {"kind": "gelu"}}}})
     assert spec.train.optimizer.kind == "adamw" and spec.train.schedule.kind == "cosine"
     assert spec.train.optimizer.impl is not None and spec.logging.wandb.mode == "disabled"
+
+
+def test_the_readme_component_table_is_the_catalogs():
+    """The README's table is generated (python tools/write_schemas.py); a kind added or re-documented shows."""
+    from nanodecoder.config.catalog_docs import BEGIN, CatalogDocError, table, with_table
+    assert not schema_files.readme_stale(), "run python tools/write_schemas.py"
+    catalog = schema_files.builtin_catalog()
+    text = schema_files.README.read_text(encoding="utf-8")
+    assert table(catalog) in text and text.count(BEGIN) == 1
+    assert all(f"| `{name}` |" in text for category in catalog.values() for name in category)
+
+    class Undocumented:
+        Spec = RMSNorm.Spec
+    catalog["norm"].add("undocumented", Undocumented)
+    with pytest.raises(CatalogDocError, match="has no docstring"):
+        table(catalog)
+    Undocumented.__doc__ = "A norm for this test. More text that stays out of the table."
+    assert "| norm | `undocumented` | A norm for this test. | `eps` |" in with_table(text, catalog)

@@ -1,7 +1,8 @@
-"""The committed JSON Schemas (``schemas/*.json``, for editors), generated from the declarations.
+"""The committed JSON Schemas (``schemas/*.json``, for editors) and the README's component table, generated
+from the declarations and the catalog.
 
-    python tools/write_schemas.py           # rewrite schemas/ from the code
-    python tools/write_schemas.py --check   # exit 1 when schemas/ differ from what the code generates
+    python tools/write_schemas.py           # rewrite schemas/ (and, in a checkout, the README's table)
+    python tools/write_schemas.py --check   # exit 1 when either differs from what the code generates
 
 Validation never reads these files: it generates the same schema in memory,
 with the plug-ins' kinds added.
@@ -12,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..config.catalog_docs import with_table
 from ..config.schema import dumps
 from ..config.validate import schema_of
 from ..resources import schemas_dir
@@ -36,6 +38,18 @@ def stale(folder: Path) -> list[str]:
     return out + sorted(have - set(want))
 
 
+#: the checkout's README (absent in an installed copy, where only the schemas are checked)
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def readme_stale(readme: Path = README) -> bool:
+    """Whether the README's component table differs from the catalog's (False where there is no README)."""
+    if not readme.is_file():
+        return False
+    text = readme.read_text(encoding="utf-8")
+    return with_table(text, builtin_catalog(), readme.name) != text
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python tools/write_schemas.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="only compare; exit 1 when schemas/ are out of date")
@@ -43,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     folder = args.dir or schemas_dir()
     if args.check:
-        bad = stale(folder)
+        bad = stale(folder) + ([str(README)] if readme_stale() else [])
         if bad:
             print(f"out of date in {folder}: {', '.join(bad)}; run python tools/write_schemas.py", file=sys.stderr)
             return 1
@@ -55,4 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     for extra in sorted({q.name for q in folder.glob("*.json")} - set(want)):
         (folder / extra).unlink()
     print(f"wrote {', '.join(want)} to {folder}")
+    if readme_stale():
+        README.write_text(with_table(README.read_text(encoding="utf-8"), builtin_catalog(), README.name),
+                          encoding="utf-8")
+        print(f"wrote the component table of {README}")
     return 0

@@ -71,6 +71,8 @@ class DecoderClassifier(Decoder):
 
 
 class ClassificationTuning(FinetuneTask):
+    """Text classification from a trained run: a new head over the last token's hidden state, cross-entropy on
+    the labels, accuracy as the evaluation."""
     kind = "classification"
     Spec = ClassificationSpec
     generates_text = False

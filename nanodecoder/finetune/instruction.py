@@ -55,6 +55,8 @@ def pack(encoded: list[Encoded], window: int, seed: int = 0) -> list[list[Encode
 
 
 class InstructionTuning(FinetuneTask):
+    """Instruction tuning (SFT) from a trained run: prompt/response records through a template, the loss on the
+    response tokens only."""
     kind = "instruction"
     Spec = InstructionSpec
     builtin_data = "instructions"
