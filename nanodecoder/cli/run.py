@@ -11,25 +11,33 @@ Ctrl-C or SIGTERM saves a checkpoint and exits; ``--resume`` continues exactly f
 the latest checkpoint, with the run's saved blueprint, or with BLUEPRINT when one
 is given (changed keys are listed; a changed ``model:`` section is refused key by key
 unless ``--allow-architecture-change``, which still needs every tensor's shape to match).
+One process trains a run folder at a time (under torchrun, rank 0 for all ranks): it holds the folder's lock
+``.lock`` (``train/rundir.py``; the OS frees it when the process ends, however it ends), so a ``--resume`` of a
+run still training is refused (exit 2, naming the trainer's PID); sampling, evaluation and export take no lock
+and read the newest complete checkpoint meanwhile.
 
 ``--dry-run`` validates, runs training's checks that need no prepared data (``cli/preflight.py``:
 the profile on this machine, the run folder, the data and eval files, the prompt where the tokenizer is known)
-without tokenizing the corpus, builds nothing real and prints the parameter table, the plan and the memory
-plan per process for the chosen profile (with and without activation checkpointing) against the memory
-available here, then the checks that wait for the prepared data; a blueprint with ``model.vocab_size`` and
-no data section is planned offline.  Training checks the same plan before it builds the weights
-(``runtime.check_memory: false`` skips it).
+without tokenizing the corpus, builds nothing (not even on the meta device) and prints the parameter table,
+the plan and the memory plan per process for the chosen profile (with and without activation checkpointing)
+against the memory available here, then the checks that wait for the prepared data; a blueprint with
+``model.vocab_size`` and no data section is planned offline.  Training checks the same plan before it builds the
+weights, and before it prepares the data where the vocabulary is known without the corpus (byte, bpe, tiktoken;
+``runtime.check_memory: false`` skips the check).
 
 Exit codes: 0 done; 2 an error in the blueprint, the data, a checkpoint or a
 profile this machine cannot run (one message, no traceback); 3 training stopped
 at a non-finite loss; 4 the run does not fit in memory (``--dry-run`` prints the
 whole plan and what does not fit; training refuses before building anything);
+a size no machine can build (a weight tensor past the 2**63 - 1 bytes torch can hold) is a
+blueprint error (2, naming the key), any smaller size that is too big for this machine a 4;
 128 + N after signal N (a checkpoint was saved); 130 Ctrl-C during set-up.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,12 +48,13 @@ from ..finetune import dry_run as finetune_dry_run
 from ..finetune import prepare_finetune
 from ..model import build_model
 from ..model.params import count_params
-from ..model.plan import flops_per_token
+from ..model.plan import flops_per_token, param_report
 from ..runtime import AUTO, RuntimeSetupError, available_profiles, describe_plan, setup_runtime
 from ..train.loop import (ALLOW_ARCHITECTURE_CHANGE, architecture_changes, refuse_architecture_change,
                           resume_trainer, run_training)
 from ..train.memory import WontFit, planned_check, refuse_if_too_big
-from ..train.rundir import RunDir
+from ..train.checkpoint import write_atomic_text
+from ..train.rundir import RunDir, RunLock, lock_for_training
 from ..train.trainer import Trainer, seed_everything
 from ..train.wandb_log import start_wandb
 from ..config import Blueprint, BlueprintError
@@ -72,9 +81,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--profile", choices=_profiles(), metavar="NAME",
                    help="runtime profile (overrides runtime.profile): " + ", ".join(_profiles()))
     p.add_argument("--dry-run", action="store_true",
-                   help="validate, run training's checks that need no prepared data (exit 2 on a problem), build "
-                        "the model on the meta device, print the plan and the memory plan (exit 4 when it does not "
-                        "fit); nothing is tokenized or trained")
+                   help="validate, run training's checks that need no prepared data (exit 2 on a problem), print "
+                        "the plan and the memory plan from the spec alone (exit 4 when it does not fit); nothing "
+                        "is built, tokenized or trained")
     p.add_argument("--print-config", action="store_true", help="print the resolved blueprint (YAML) and exit")
     args = p.parse_args(argv)
     if args.checkpoint != "latest" and args.resume is None:
@@ -202,9 +211,11 @@ def dry_run(bp, base_dir: Path, spec, run=None) -> int:
 
 
 def print_plan(bp, prep, spec):
-    """The parameter table, the plan, the runtime plan and the memory plan; returns the memory check."""
-    model = build_model(spec.model, device="meta")
-    report = count_params(model)
+    """The parameter table, the plan, the runtime plan and the memory plan; returns the memory check.
+
+    All of it is arithmetic on the spec (``model.plan``): nothing is built, not even on the meta device, so an
+    absurd size plans as fast as a small one and ends in "does not fit"."""
+    report = param_report(spec.model)
     t = spec.train
     tokens_per_step = t.tokens_per_step(spec.model.context_length)
     print(report.table())
@@ -234,13 +245,29 @@ def print_plan(bp, prep, spec):
 
 def train(bp, run, base_dir: Path, saved: dict | None = None, checkpoint: str = "latest",
           architecture: list[str] = ()) -> int:
-    """``architecture``: resuming, the model-section changes allowed by --allow-architecture-change."""
+    """``architecture``: resuming, the model-section changes allowed by --allow-architecture-change.
+
+    The run folder is locked (:class:`RunLock`) from when this process first changes it to the end: a second
+    trainer of the same folder is refused."""
+    with ExitStack() as held:
+        return _train(bp, run, base_dir, saved, checkpoint, architecture, held)
+
+
+def _train(bp, run, base_dir: Path, saved, checkpoint: str, architecture, held: ExitStack) -> int:
     spec = run_spec(bp)
     preflight(spec, base_dir, name=bp.name, resume=run).raise_problems()   # what shows before any data work
     runtime = setup_runtime(spec.runtime)
-    checked = spec.finetune is None and spec.model.vocab_size != "auto"
-    if checked:                            # the memory plan before the data is prepared
-        refuse_if_too_big(spec.model, spec.train, runtime)
+    if run is not None:              # resuming: before the data, the model or anything in the folder is touched
+        held.enter_context(lock_for_training(run.path, runtime))
+    planned = spec.model        # the memory plan before the data is prepared, with --dry-run's vocabulary:
+    if spec.finetune is None and spec.data is not None and planned.vocab_size == "auto":   # byte, bpe, tiktoken
+        try:
+            planned = planned.with_vocab(tokenizer_vocab_size(spec.data))
+        except DataError:       # e.g. tiktoken's file not cached: preparing the data says so, or finds it
+            pass
+    checked = spec.finetune is None and planned.vocab_size != "auto"
+    if checked:
+        refuse_if_too_big(planned, spec.train, runtime)
     prep, spec = prepare(bp, base_dir, run, spec)
     if spec.finetune is None and not checked:
         refuse_if_too_big(spec.model, spec.train, runtime)
@@ -260,6 +287,7 @@ def train(bp, run, base_dir: Path, saved: dict | None = None, checkpoint: str = 
                                 {"blueprint": str(Path(bp.path).resolve()), "base_dir": str(base_dir),
                                  "argv": sys.argv[1:], "nanodecoder": __version__},
                                 keep_checkpoints=spec.train.keep_checkpoints)
+            held.enter_context(RunLock(run.path))
             prep.tokenizer.save(run / RunDir.TOKENIZER)
         run = RunDir(runtime.broadcast_text(str(run.path) if runtime.is_main else ""),
                      keep_checkpoints=spec.train.keep_checkpoints)
@@ -274,7 +302,7 @@ def train(bp, run, base_dir: Path, saved: dict | None = None, checkpoint: str = 
                   f"{'; '.join(architecture)}", file=sys.stderr)
         changed += [c.split(":")[0] for c in architecture]
         if changed and runtime.is_main:
-            (run / RunDir.BLUEPRINT).write_text(bp.to_yaml())
+            write_atomic_text(run / RunDir.BLUEPRINT, bp.to_yaml())     # a reader sees the old one or the new
             run.update_meta(changed_on_resume=run.meta().get("changed_on_resume", []) + changed)
     meta = run.meta()
     wandb_run = start_wandb(spec.logging.wandb, run.path, config=bp.raw, default_name=f"{bp.name}-{run.path.name}",

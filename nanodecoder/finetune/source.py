@@ -10,7 +10,6 @@ from typing import Any, Callable
 from ..config import BlueprintError, dotted
 from ..config.declare import to_yaml
 from ..data import load_tokenizer
-from ..train.checkpoint import load_model_weights
 from ..train.rundir import RunDir, RunDirError
 from ..config.loader import blueprint_path
 
@@ -24,9 +23,10 @@ class SourceRun:
     spec: Any            # the source run's RunSpec, its vocabulary resolved
     tokenizer: object
     checkpoint: Path
+    which: str = "latest"     # what the blueprint asked for (the source may still be training: re-resolved)
 
     def load_weights(self, model) -> None:
-        load_model_weights(model, self.checkpoint)
+        self.checkpoint = self.run.checkpoints.read_weights(model, self.which, self.checkpoint)
 
 
 def _newest_run(folder: Path) -> Path | None:
@@ -52,12 +52,10 @@ def open_source(raw_path: str, base_dir: Path, which: str, read_blueprint: ReadB
                           "of runs with a checkpoint; train the source model first (python -m nanodecoder.run ...) "
                           "and point 'from' at its run directory (relative paths start at the blueprint's folder)")
     run = RunDir.open(path)
-    if which == "best" and run.checkpoints.best() is None:
-        which = "latest"
-    checkpoint = run.checkpoints.resolve(which)
+    checkpoint = run.checkpoints.for_reading(which)    # best: latest where the run has none
     tokenizer = load_tokenizer(run / RunDir.TOKENIZER)
     _, spec = read_blueprint(run / RunDir.BLUEPRINT)
-    return SourceRun(run, spec.with_vocab(tokenizer.vocab_size), tokenizer, checkpoint)
+    return SourceRun(run, spec.with_vocab(tokenizer.vocab_size), tokenizer, checkpoint, which)
 
 
 def diff(a, b, prefix: tuple = ()) -> list[tuple]:

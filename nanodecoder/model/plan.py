@@ -2,7 +2,8 @@
 
 Nothing here builds the model: every number is arithmetic on the :class:`ModelSpec`
 (plus two probes on a few hundred numbers, see :func:`norm_bytes_per_token` and
-:func:`activation_units`), so a 671B-parameter blueprint plans in milliseconds.
+:func:`activation_units`), summed over its distinct blocks (``ModelSpec.layer_groups``), not
+its layers, so a 671B-parameter blueprint, or one of 10**9 layers, plans in milliseconds.
 
 Parameters (``plan.params``, the rows of ``model.params.count_params`` without a module)
     total; active per token (routed experts count top_k of n_experts); embedding
@@ -53,6 +54,7 @@ from .spec import ModelSpec
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "mixed": 2}
 FP32 = 4
 INDEX = 8                    # int64 token ids and routing indices
+PROBE_WIDTH = 8              # the norm probes' width (norm_bytes_per_token)
 
 
 def dropout_mask(dtype_bytes: int, device: str) -> int:
@@ -73,10 +75,10 @@ def param_report(spec: ModelSpec) -> ParamReport:
     embedding = spec.vocab_size * spec.d_model + spec.positional.n_params
     add("token embedding", spec.vocab_size * spec.d_model)
     add(f"positional ({spec.positional.kind})", spec.positional.n_params)
-    for b in spec.blocks:
-        add(f"norm ({b.norm.kind})", len(NORMS[spec.norm_placement]) * b.norm.n_params)
-        add(f"attention ({b.attention.kind})", b.attention.n_params)
-        add(f"mlp ({b.mlp.kind})", b.mlp.n_params, getattr(b.mlp, "n_active", b.mlp.n_params))
+    for b, n in spec.layer_groups:
+        add(f"norm ({b.norm.kind})", n * len(NORMS[spec.norm_placement]) * b.norm.n_params)
+        add(f"attention ({b.attention.kind})", n * b.attention.n_params)
+        add(f"mlp ({b.mlp.kind})", n * b.mlp.n_params, n * getattr(b.mlp, "n_active", b.mlp.n_params))
     add(f"final norm ({spec.final.kind})", spec.final.n_params)
     head = "output head (tied)" if spec.tie_embeddings else "output head (untied)"
     add(head, 0 if spec.tie_embeddings else spec.vocab_size * spec.d_model)
@@ -125,10 +127,10 @@ def flops(spec: ModelSpec, context: int | None = None) -> Flops:
     docstring for the convention."""
     T = context or spec.context_length
     matmuls = attention = 0.0
-    for b in spec.blocks:
+    for b, n in spec.layer_groups:
         a = b.attention
-        matmuls += 2 * (a.n_params + getattr(b.mlp, "n_active", b.mlp.n_params))
-        attention += 2 * a.n_heads * (a.score_dim + a.value_dim) * mean_keys(T, a.window)
+        matmuls += 2 * n * (a.n_params + getattr(b.mlp, "n_active", b.mlp.n_params))
+        attention += 2 * n * a.n_heads * (a.score_dim + a.value_dim) * mean_keys(T, a.window)
     return Flops(block_matmuls=matmuls, head=2.0 * spec.d_model * spec.vocab_size, attention=attention)
 
 
@@ -156,10 +158,16 @@ def _saved(fn, x: torch.Tensor, skip=()) -> tuple[dict[int, int], torch.Tensor]:
     return seen, out
 
 
-@functools.lru_cache(maxsize=None)
 def norm_bytes_per_token(norm) -> float:
     """Bytes a norm saves per token (its input and statistics; not its output, which its consumer saves):
-    measured once on two tokens, the norm at its real width (a few thousand numbers)."""
+    measured once on two tokens at widths 8 and 16 and extended to the norm's width (the saved input grows with
+    the width, the statistics do not), so that no width, however large, is ever allocated."""
+    narrow, wide = (_norm_probe(dataclasses.replace(norm, dim=w)) for w in (PROBE_WIDTH, 2 * PROBE_WIDTH))
+    return narrow + (wide - narrow) * (norm.dim - PROBE_WIDTH) / PROBE_WIDTH
+
+
+@functools.lru_cache(maxsize=None)
+def _norm_probe(norm) -> float:
     module = norm.build()
     tokens = 2
     seen, out = _saved(module, torch.randn(tokens, norm.dim, requires_grad=True), skip=list(module.parameters()))
@@ -310,17 +318,17 @@ def activations(spec: ModelSpec, T: int, batch: int = 1, precision: str = "fp32"
     """Activation bytes of a micro-batch of ``batch`` sequences of ``T`` tokens (see the module docstring)."""
     c = DTYPE_BYTES[precision]
     tokens = batch * T
-    per_block = []
-    for b in spec.blocks:
+    per_block = []                                   # (bytes of one such block, layers)
+    for b, n in spec.layer_groups:
         seq, once = block_bytes(spec, b, T, c, device)
-        per_block.append(batch * seq + once)
+        per_block.append((batch * seq + once, n))
     D, V = spec.d_model, spec.vocab_size
     softcap = V * c if spec.logit_softcap is not None else 0
     head = tokens * (norm_bytes_per_token(spec.final) + D * c + V * FP32 + softcap)
     dropped = D * dropout_mask(FP32, device) if spec.dropout else 0
-    return Activations(embedding=tokens * (INDEX + dropped), blocks=sum(per_block), head=head,
+    return Activations(embedding=tokens * (INDEX + dropped), blocks=sum(b * n for b, n in per_block), head=head,
                        logits=tokens * V * (c + FP32), block_inputs=tokens * D * FP32 * spec.n_layers,
-                       largest_block=max(per_block))
+                       largest_block=max(b for b, _ in per_block))
 
 
 # ---------------------------------------------------------------------------------------- the plan
@@ -405,14 +413,14 @@ class Plan:
     @property
     def kv_cache_per_token(self) -> float:
         """Bytes the KV cache holds per position of a full-attention context, all layers, compute dtype."""
-        return sum(b.attention.cache_width for b in self.spec.blocks) * self.compute_bytes
+        return sum(n * b.attention.cache_width for b, n in self.spec.layer_groups) * self.compute_bytes
 
     @property
     def kv_cache_per_sequence(self) -> float:
         """Bytes of the KV cache of one sequence of ``context`` tokens (a windowed layer holds its window)."""
         T = self.setting.context
-        return sum(b.attention.cache_width * min(T, b.attention.window or T) for b in self.spec.blocks) * \
-            self.compute_bytes
+        return sum(n * b.attention.cache_width * min(T, b.attention.window or T)
+                   for b, n in self.spec.layer_groups) * self.compute_bytes
 
     def memory(self, checkpointing: bool | None = None) -> Memory:
         """Per-device bytes of a training step (``checkpointing``: default the setting's)."""
@@ -421,17 +429,20 @@ class Plan:
         P = self.params.total
         shards = st.world_size if st.sharded else 1
         head = spec.vocab_size * spec.d_model
-        blocks = [b.attention.n_params + b.mlp.n_params for b in spec.blocks]
-        matmul = sum(b.attention.n_params + b.mlp.n_params - _router(b.mlp) for b in spec.blocks) + head
-        experts = [_expert_params(b.mlp) for b in spec.blocks]
+        groups = spec.layer_groups
+        blocks = [(b.attention.n_params + b.mlp.n_params, n) for b, n in groups]      # (one block's, layers)
+        matmul = sum(n * (b.attention.n_params + b.mlp.n_params - _router(b.mlp)) for b, n in groups) + head
+        experts = [(_expert_params(b.mlp), n) for b, n in groups]
         copies = 0.0
         if DTYPE_BYTES[st.precision] < FP32:
-            held = matmul - sum(experts) + max(experts) if checkpointing else matmul   # experts: one block's
+            all_experts = sum(e * n for e, n in experts)
+            held = matmul - all_experts + max(e for e, _ in experts) if checkpointing else matmul   # one block's
             copies = DTYPE_BYTES[st.precision] * held / shards
         gathered = 0.0
         if st.sharded and st.world_size > 1:
-            root = P - sum(blocks) - sum(len(NORMS[spec.norm_placement]) * b.norm.n_params for b in spec.blocks)
-            gathered = FP32 * (root + 3 * max(blocks))
+            root = P - sum(w * n for w, n in blocks) - sum(n * len(NORMS[spec.norm_placement]) * b.norm.n_params
+                                                         for b, n in groups)
+            gathered = FP32 * (root + 3 * max(w for w, _ in blocks))
         return Memory(weights=FP32 * P / shards, gradients=FP32 * P / shards,
                       optimizer=FP32 * st.optimizer_states * P / shards, weight_copies=copies, gathered=gathered,
                       activations=self.acts.total(checkpointing))
@@ -477,9 +488,9 @@ def plan(spec: ModelSpec, setting: Setting | None = None) -> Plan:
 
 def human_bytes(n: float) -> str:
     """``1.50 GiB`` (binary units)."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if abs(n) < 1024 or unit == "EiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}" if abs(n) < 1e6 else f"{n:.3g} {unit}"
         n /= 1024
     raise AssertionError  # pragma: no cover
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Literal
 
 from ..components import model_catalog
@@ -56,6 +57,47 @@ class OverrideSpec:
         return {p: getattr(self, p) for p in PARTS if getattr(self, p) is not None}
 
 
+def layer_coverage(overrides: tuple[OverrideSpec, ...], n_layers: int) -> dict[tuple[int, ...], int]:
+    """``{indices of the overrides that cover a layer: how many layers they cover}`` over layers 0..n_layers-1,
+    keys in the order of their first layer, without visiting every layer.
+
+    The layers are cut at every range's start and stop and around every listed layer; between two cuts the
+    ranges that reach a layer stay the same, and which of them select it repeats with the least common multiple
+    of their ``every``: one period is visited (or the whole stretch, where it is shorter), each position
+    standing for the layers a period apart.  Shipped blueprints have periods of 1 or 2; only ranges with large
+    ``every`` without common factors overlapping over millions of layers would visit that many positions."""
+    listed: dict[int, set[int]] = {}
+    ranges = []                                         # (override, start, stop, every)
+    for j, ov in enumerate(overrides):
+        if isinstance(ov.layers, tuple):
+            for i in ov.layers:
+                if 0 <= i < n_layers:
+                    listed.setdefault(i, set()).add(j)
+        else:
+            r = ov.layers
+            stop = n_layers if r.stop is None else min(r.stop, n_layers)
+            if r.start < stop:
+                ranges.append((j, r.start, stop, r.every))
+    cuts = sorted({0, n_layers, *(x for _, start, stop, _ in ranges for x in (start, stop)),
+                   *(x for i in listed for x in (i, i + 1))})
+    out: dict[tuple[int, ...], int] = {}
+    for a, b in zip(cuts, cuts[1:]):
+        active = [(j, start, every) for j, start, stop, every in ranges if start <= a and b <= stop]
+        period = math.lcm(*(every for _, _, every in active))
+        for i in range(a, a + min(period, b - a)):
+            covering = listed.get(i, set()) | {j for j, start, every in active if (i - start) % every == 0}
+            key = tuple(sorted(covering))
+            out[key] = out.get(key, 0) + len(range(i, b, period))
+    return out
+
+
+#: the most bytes one tensor can have: torch counts a storage's bytes in a signed 64-bit integer ("Storage size
+#: calculation overflowed" beyond), which is also half of a 64-bit address space
+MAX_TENSOR_BYTES = 2 ** 63 - 1
+WEIGHT_BYTES = 4                     # weights are fp32 under every precision
+_beyond = "past the 2**63 - 1 bytes torch can index (no machine can build it)"
+
+
 def _layers_word(n: int) -> str:
     return f"the model has {n} layer{'s' if n != 1 else ''} (0..{n - 1})"
 
@@ -89,13 +131,27 @@ class ModelSpec:
 
     @functools.cached_property
     def blocks(self) -> tuple[BlockSpec, ...]:
-        """The block of every layer, overrides applied in order."""
+        """The block of every layer, overrides applied in order (what the builder builds; the plan sums over
+        :attr:`layer_groups` instead, which does not grow with n_layers)."""
         layers = [{p: getattr(self.block, p) for p in PARTS} for _ in range(self.n_layers)]
         for ov in self.overrides:
             for i in ov.indices(self.n_layers):
                 if 0 <= i < self.n_layers:
                     layers[i].update(ov.parts())
         return tuple(BlockSpec(**parts) for parts in layers)
+
+    @functools.cached_property
+    def layer_groups(self) -> tuple[tuple[BlockSpec, int], ...]:
+        """``(block, number of layers)`` for each combination of overrides some layer gets, in the order of their
+        first layer: :attr:`blocks` counted without a per-layer list, so that planning 10**9 layers costs what
+        planning 10 does."""
+        groups = []
+        for covering, count in layer_coverage(self.overrides, self.n_layers).items():
+            parts = {p: getattr(self.block, p) for p in PARTS}
+            for j in covering:
+                parts.update(self.overrides[j].parts())
+            groups.append((BlockSpec(**parts), count))
+        return tuple(groups)
 
     @property
     def final(self) -> Kind:
@@ -137,6 +193,27 @@ class ModelSpec:
                 yield at + ("stop",), f"stop {stop} selects no layer; it must be greater than start ({start})"
         if getattr(self.positional.impl, "ROTATES_HEADS", False):
             yield from self._rotary_checks()
+        yield from self._size_checks()
+
+    def _size_checks(self):
+        """Sizes no machine can build, as blueprint errors (a run that is merely too big for this machine is the
+        memory plan's "does not fit" instead): weights that one torch tensor cannot hold."""
+        def too_big(n: int) -> bool:
+            return n * WEIGHT_BYTES > MAX_TENSOR_BYTES
+
+        vocab = round_up(self.vocab_size, self.pad_vocab_to) if self.vocab_size != "auto" else 0
+        if too_big(vocab * self.d_model):
+            yield ("vocab_size",), (f"the token embedding would hold vocab_size x d_model = {vocab:,} x "
+                                    f"{self.d_model:,} fp32 weights, {_beyond}; lower vocab_size or d_model")
+        if too_big(self.positional.n_params):
+            yield ("positional",), (f"{self.positional.kind} positions would hold {self.positional.n_params:,} fp32 "
+                                    f"weights, {_beyond}; lower model.context_length or d_model")
+        for at, definition in self.definitions():
+            for part in PARTS:
+                spec = getattr(definition, part)
+                if spec is not None and too_big(spec.n_params):
+                    yield at + (part,), (f"one layer's {spec.kind} {part} would hold {spec.n_params:,} fp32 weights, "
+                                         f"{_beyond}; lower model.d_model or this layer's sizes")
 
     def _rotary_checks(self):
         seen: dict[int, tuple] = {}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -47,6 +48,8 @@ class CheckpointError(Exception):
     """A checkpoint is missing, corrupt, or does not match the model."""
 
 
+#: a file or folder name inside a checkpoint folder: no path separator, no leading dot (so not ``..``)
+NAME_PATTERN = "^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
 _HASHED = {"type": "object", "required": ["sha256", "bytes"],
            "properties": {"sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
                           "bytes": {"type": "integer", "minimum": 0}}}
@@ -61,10 +64,12 @@ MANIFEST_SCHEMA = {
         "weights_only": {"type": "boolean"},
         "source": {"type": "string"},
         "files": {"type": "object", "minProperties": 1, "additionalProperties": _HASHED,
-                  "propertyNames": {"pattern": "^[A-Za-z0-9_.-]+$"}},
+                  "propertyNames": {"pattern": NAME_PATTERN}},
     },
 }
 FULL_FILES = (MODEL_FILE, STATE_FILE, STATE_JSON)
+POINTERS = ("latest", "best")     # files in ckpt/ naming a checkpoint folder
+MAX_MANIFEST_BYTES = 1 << 20        # a manifest (or a latest/best pointer) larger than this is not one
 
 
 def clean_name(name: str) -> str:
@@ -182,13 +187,26 @@ def _seal(tmp: Path, path: Path, names, fields: dict) -> Path:
     return path
 
 
+def inside(path: Path, root: Path) -> Path:
+    """``path``, refused unless it stays inside ``root`` once every link is followed: a checkpoint never
+    refers outside its folder (a ``..`` name, an absolute path, a symbolic link that leaves it)."""
+    real, base = Path(path).resolve(), Path(root).resolve()
+    if real != base and base not in real.parents:
+        raise CheckpointError(f"{path} leads to {real}, outside {base}: a checkpoint is read only from inside its "
+                              "run folder, so it is not followed; remove the link or name a checkpoint of the run")
+    return Path(path)
+
+
 def read_manifest(path: Path) -> dict:
-    mf = Path(path) / MANIFEST
+    mf = inside(Path(path) / MANIFEST, path)
     if not mf.is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST})")
+    if mf.stat().st_size > MAX_MANIFEST_BYTES:
+        raise CheckpointError(f"{mf} is corrupt: {mf.stat().st_size:,} bytes, a manifest is a few hundred; "
+                              f"{_ANOTHER.format(parent=Path(path).parent)}")
     try:
         manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{mf} is corrupt: {e}") from None
     if isinstance(manifest, dict) and manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {manifest.get('format_version')} is not supported "
@@ -209,19 +227,31 @@ def read_manifest(path: Path) -> dict:
 _ANOTHER = "use another checkpoint of the run (--checkpoint NAME; the complete ones are folders in {parent})"
 
 
-def verify_checkpoint(path: Path) -> dict:
-    """Check every file against the manifest's sha256, and that no tensor file in the folder goes unlisted;
-    return the manifest."""
-    path = Path(path)
-    manifest = read_manifest(path)
+def _check_files(path: Path, manifest: dict) -> None:
+    """The cheap part of the verification: no unlisted tensor file; every listed one inside the folder, present,
+    of the size the manifest says (a file that is not is never hashed, nor read)."""
     unlisted = sorted(f.name for f in path.glob("*.safetensors") if f.name not in manifest["files"])
     if unlisted:
         raise CheckpointError(f"checkpoint {path} holds {', '.join(unlisted)}, which its manifest does not list "
                               f"(so it cannot be verified); {_ANOTHER.format(parent=path.parent)}")
     for name, info in manifest["files"].items():
-        f = path / name
+        f = inside(path / name, path)
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        size = f.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} has {size:,} bytes, the manifest says "
+                                  f"{info['bytes']:,}; {_ANOTHER.format(parent=path.parent)}")
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Check every file against the manifest's size and sha256, and that no tensor file in the folder goes
+    unlisted; return the manifest."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    _check_files(path, manifest)
+    for name, info in manifest["files"].items():
+        f = path / name
         digest = _sha256(f)
         if digest != info["sha256"]:
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} has sha256 {digest[:12]}..., "
@@ -230,30 +260,57 @@ def verify_checkpoint(path: Path) -> dict:
     return manifest
 
 
-def _load_safetensors(f: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _header(f: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Names and shapes of a safetensors file's tensors and its metadata, from its header alone (safetensors
+    refuses a header whose shapes and offsets do not fit the file, before anything is allocated)."""
     try:
         with safe_open(str(f), framework="pt") as sf:
-            meta = sf.metadata() or {}
-        return load_file(str(f)), meta
+            return {k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()}, sf.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {f}: {e}") from None
+
+
+def _load_safetensors(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read {f}: {e}") from None
+
+
+def _aliases(f: Path, meta: dict[str, str]) -> dict[str, str]:
+    try:
+        aliases = json.loads(meta.get("aliases", "{}"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: its 'aliases' metadata is not valid JSON ({e})") from None
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+        raise CheckpointError(f"{f}: its 'aliases' metadata is not an object of tensor names")
+    return aliases
 
 
 def load_model_weights(model: nn.Module, path: Path, *, verify: bool = True, load=None) -> dict:
     """Load a checkpoint's weights into ``model`` (an unwrapped module); explain any mismatch.
 
+    The names and shapes are checked from the file's header before its data is hashed or read, so a file that
+    does not fit the model is refused at once, whatever size it claims.
     ``load(full_state_dict)`` replaces ``model.load_state_dict(..., strict=True)`` (sharded models)."""
     path = Path(path)
-    manifest = verify_checkpoint(path) if verify else read_manifest(path)
-    tensors, meta = _load_safetensors(path / MODEL_FILE)
-    aliases = json.loads(meta.get("aliases", "{}"))
+    manifest = read_manifest(path)
+    if verify:
+        _check_files(path, manifest)
+    f = inside(path / MODEL_FILE, path)
+    try:
+        stored, meta = _header(f)
+    except CheckpointError:
+        if verify:
+            verify_checkpoint(path)          # a damaged file: say so by its checksum
+        raise
+    aliases = _aliases(f, meta)
+    shape_of = {**stored, **{alias: stored[src] for alias, src in aliases.items() if src in stored}}
     expected = model.state_dict()
-    full = dict(tensors)
-    full.update({alias: tensors[src] for alias, src in aliases.items() if src in tensors})
-    missing = sorted(set(expected) - set(full))
-    unexpected = sorted(set(full) - set(expected))
-    shapes = sorted(f"{n}: checkpoint {tuple(full[n].shape)} vs model {tuple(expected[n].shape)}"
-                    for n in set(tensors) & set(expected) if full[n].shape != expected[n].shape)
+    missing = sorted(set(expected) - set(shape_of))
+    unexpected = sorted(set(shape_of) - set(expected))
+    shapes = sorted(f"{n}: checkpoint {shape_of[n]} vs model {tuple(expected[n].shape)}"
+                    for n in set(stored) & set(expected) if shape_of[n] != tuple(expected[n].shape))
     if missing or unexpected or shapes:
         lines = [f"checkpoint {path} does not match this model's architecture:"]
         for label, items in (("missing in checkpoint", missing), ("not in model", unexpected),
@@ -263,6 +320,11 @@ def load_model_weights(model: nn.Module, path: Path, *, verify: bool = True, loa
                 lines.append(f"  {label}: {', '.join(items[:5])}{more}")
         lines.append("  (was the blueprint's model section changed since the run started?)")
         raise CheckpointError("\n".join(lines))
+    if verify:
+        verify_checkpoint(path)
+    tensors = _load_safetensors(f)
+    full = dict(tensors)
+    full.update({alias: tensors[src] for alias, src in aliases.items() if src in tensors})
     if load is None:
         model.load_state_dict(full, strict=True)
     else:
@@ -278,10 +340,10 @@ def load_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} holds weights only ({manifest.get('source') or 'imported'}): "
                               "there is no optimizer or schedule state to resume; start a new run from it "
                               "with finetune: {from: RUN_DIR}")
-    tensors, _ = _load_safetensors(path / STATE_FILE)
+    tensors = _load_safetensors(inside(path / STATE_FILE, path))
     try:
-        doc = json.loads((path / STATE_JSON).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        doc = json.loads(inside(path / STATE_JSON, path).read_text())
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {path / STATE_JSON}: {e}") from None
     return unflatten(doc, tensors)
 
@@ -297,11 +359,26 @@ class CheckpointManager:
     def name(step: int) -> str:
         return f"step_{step:06d}"
 
-    def _pointer(self, which: str) -> Path | None:
-        f = self.root / which
+    def _pointer_name(self, which: str) -> str | None:
+        """The folder name the pointer file ``which`` holds (None: no pointer); a pointer that is a link out of
+        ``root``, or holds anything but a folder name, is refused."""
+        f = inside(self.root / which, self.root)
         if not f.is_file():
             return None
-        target = self.root / f.read_text().strip()
+        with open(f, "rb") as h:
+            raw = h.read(257)
+        name = raw.decode("utf-8", "replace").strip()
+        if len(raw) > 256 or not re.fullmatch(NAME_PATTERN, name):
+            raise CheckpointError(f"{f} should hold the name of a checkpoint folder in {self.root}, not "
+                                  f"{name[:60]!r}; rewrite it (e.g. {self.name(0)}) or pass --checkpoint NAME")
+        return name
+
+    def _pointer(self, which: str) -> Path | None:
+        """The checkpoint folder the pointer ``which`` names (None: no pointer, or an incomplete folder)."""
+        name = self._pointer_name(which)
+        if name is None:
+            return None
+        target = inside(self.root / name, self.root)
         return target if (target / MANIFEST).is_file() else None
 
     def latest(self) -> Path | None:
@@ -312,7 +389,7 @@ class CheckpointManager:
 
     def resolve(self, which: str) -> Path:
         """``latest``, ``best`` or a checkpoint folder name -> its complete folder."""
-        target = self._pointer(which) if which in ("latest", "best") else self.root / which
+        target = self._pointer(which) if which in ("latest", "best") else inside(self.root / which, self.root)
         if target is None or not (target / MANIFEST).is_file():
             have = ", ".join(p.name for p in self.complete()) or "none"
             raise CheckpointError(f"no '{which}' checkpoint in {self.root} (complete checkpoints: {have})")
@@ -321,7 +398,44 @@ class CheckpointManager:
     def complete(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.glob("step_*") if (p / MANIFEST).is_file())
+        base = self.root.resolve()
+        return sorted(p for p in self.root.glob("step_*")         # a link to a folder elsewhere is none of them
+                      if base in p.resolve().parents and (p / MANIFEST).is_file())
+
+    # ---- readers: sampling, evaluation, export, fine-tuning from the run, while it may be training ----------
+    def for_reading(self, which: str) -> Path:
+        """The checkpoint a reader (which holds no lock) loads for ``which``: as :meth:`resolve`, except that
+        ``best`` falls back to ``latest`` where the run has no best one, and that a pointer naming a folder no
+        longer complete (a trainer pruned it, or set it aside, since the pointer was written or read) gives the
+        newest complete checkpoint."""
+        if which not in POINTERS:
+            return self.resolve(which)
+        target = self._pointer(which)
+        if target is None and which == "best" and not (self.root / which).is_file():
+            target = self._pointer("latest")
+            which = "latest"
+        if target is None and (self.root / which).is_file():
+            complete = self.complete()
+            target = complete[-1] if complete else None
+        return target if target is not None else self.resolve(which)
+
+    def read_weights(self, model: nn.Module, which: str, path: Path | None = None, *, attempts: int = 5) -> Path:
+        """Load checkpoint ``which`` (``path``: its :meth:`for_reading` answer, when the caller has it) into
+        ``model``, verified, and return the folder read.  A trainer of the run may prune or set aside a
+        ``latest``/``best`` checkpoint while it is read (its pointer then names another): the read moves to the
+        one :meth:`for_reading` names now, up to ``attempts`` times."""
+        path, tries = path or self.for_reading(which), 1
+        while True:
+            try:
+                load_model_weights(model, path)
+                return path
+            except (CheckpointError, OSError) as e:
+                now = self.for_reading(which) if which in POINTERS else path
+                if now == path or tries >= attempts:
+                    if isinstance(e, CheckpointError):
+                        raise
+                    raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+                path, tries = now, tries + 1
 
     def save(self, step: int, model: nn.Module, state: dict[str, Any], *, best: bool = False,
              model_state: dict[str, torch.Tensor] | None = None) -> Path:
@@ -352,9 +466,8 @@ class CheckpointManager:
                     shutil.rmtree(target)
                 os.replace(p, target)
             write_atomic_text(self.root / "latest", Path(path).name)
-            best = self.root / "best"
-            if best.is_file() and best.read_text().strip() in {p.name for p in later}:
-                best.unlink()
+            if self._pointer_name("best") in {p.name for p in later}:
+                (self.root / "best").unlink()
         return [p.name for p in later]
 
     def save_weights(self, step: int, model: nn.Module, source: str) -> Path:
@@ -366,7 +479,11 @@ class CheckpointManager:
 
     def prune(self) -> None:
         keep = set(p.name for p in self.complete()[-self.keep:])
-        for pointer in (self.latest(), self.best()):
+        for which in ("latest", "best"):
+            try:
+                pointer = self._pointer(which)
+            except CheckpointError:          # a pointer that is refused keeps nothing; saving goes on
+                continue
             if pointer is not None:
                 keep.add(pointer.name)
         for p in self.complete():
