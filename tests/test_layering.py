@@ -1,8 +1,10 @@
 """The import layering: one direction, no cycles, no function-level imports to dodge them.
 
-    config core -> components -> model -> data | runtime -> train -> eval -> finetune -> cli
+    config core -> components -> model -> data | runtime -> train -> eval -> finetune | hf -> api -> cli
 
-A module may import its own package and the layers below it.  The command
+A module may import its own package and the layers below it.  The root package (``nanodecoder/__init__.py``,
+the public ``nanodecoder.load``) is the face of the api layer: it may import ``api/``, and only the command line
+imports it.  The command
 modules users type (``nanodecoder.run``, ``nanodecoder.sample``,
 ``nanodecoder.eval.__main__``, ``nanodecoder.finetune.answer``) are thin files of
 the command-line layer wherever they sit.  Imports inside functions are kept
@@ -17,7 +19,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "nanodecoder"
 
 LAYERS = {"config": 0, "resources": 0, "": 0, "components": 1, "model": 2, "data": 3, "runtime": 3,
-          "train": 4, "eval": 5, "finetune": 6, "hf": 6, "cli": 7}
+          "train": 4, "eval": 5, "finetune": 6, "hf": 6, "api": 7, "cli": 8}
+ROOT = "nanodecoder"      # the root package: the public face of the api layer
 COMMANDS = {"nanodecoder.run", "nanodecoder.sample", "nanodecoder.eval.__main__", "nanodecoder.finetune.answer",
             "nanodecoder.hf.__main__"}
 #: what runtime/ may take from the config core: its public package, the declaration helpers, shipped files
@@ -70,6 +73,8 @@ def imports() -> list[tuple[str, str, bool, int]]:
 def layer(module: str) -> int:
     if module in COMMANDS:
         return LAYERS["cli"]
+    if module == ROOT:
+        return LAYERS["api"]
     parts = module.split(".")
     return LAYERS[parts[1] if len(parts) > 1 else ""]
 
@@ -78,6 +83,8 @@ CORE = {"config", "resources", ""}     # the config core: declarations, loading,
 
 
 def package(module: str) -> str:
+    if module == ROOT:
+        return "api"
     parts = module.split(".")
     name = "cli" if module in COMMANDS else parts[1] if len(parts) > 1 else ""
     return "config" if name in CORE else name

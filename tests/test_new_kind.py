@@ -36,6 +36,10 @@ class ScaledRMSNorm(Component):
         scale: float = param(1.0, doc="Output scale.", exclusive_minimum=0)
         dim: int = context("d_model")
 
+        @property
+        def n_params(self):
+            return 0
+
         def check(self):
             if self.eps >= self.scale:
                 yield ("eps",), f"eps ({self.eps}) must be smaller than scale ({self.scale})"
@@ -56,9 +60,9 @@ SCRIPT = '''
 import json, sys
 import torch
 mode = sys.argv[2]
-if mode == "builtin":                      # the one registration line, as nanodecoder/cli/catalog.py would hold it
+if mode == "builtin":                      # the one registration line, as nanodecoder/api/catalog.py would hold it
     import throwaway_kind
-    from nanodecoder.cli import catalog as cat
+    from nanodecoder.api import catalog as cat
     cat.REGISTERS = (*cat.REGISTERS, throwaway_kind.register)
 from nanodecoder.cli.blueprint import RunSpec, load_blueprint, run_spec
 from nanodecoder.cli.catalog import catalog

@@ -56,6 +56,19 @@ def test_cached_decoding_feeds_one_token_per_step(model):
     assert lengths == [6] + [1] * 10 + [16]  # prompt once, then single tokens; past the context, a window
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_runs_the_head_on_the_last_position_only(model, use_cache):
+    """The forward's default is every position's logits; generation asks for the last one, so a long prompt
+    (or an uncached window) never goes through the [T, V] head."""
+    rows = []
+    handle = model.head.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[1]))
+    try:
+        generate(model, torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]), 5, temperature=0.0, use_cache=use_cache)
+    finally:
+        handle.remove()
+    assert rows == [1] * 5
+
+
 def test_filter_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isinf(filter_logits(logits, top_k=2)[0, 2:]).all()

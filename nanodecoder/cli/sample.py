@@ -17,37 +17,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..data import load_tokenizer
-from ..finetune.spec import ClassificationSpec
+from ..api.loading import load_run_model
 from ..finetune.template import ChatPrompt, answer
-from ..model import build_model
 from ..model.generate import sample_text
-from ..train.checkpoint import load_model_weights
-from ..train.rundir import RunDir
 from ..train.spec import SampleSpec
-from .blueprint import load_blueprint, run_spec
 from .common import fail, user_errors
 
-
-def load_run_model(run_dir: Path, which: str = "best", device: str = "cpu", *, lm_only: bool = False,
-                   task: str = "sample from"):
-    """(model, tokenizer, checkpoint path, run spec) of a run directory.
-
-    ``lm_only``: refuse a classification run, which has no language-model head to ``task``."""
-    run = RunDir.open(run_dir)
-    bp = load_blueprint(run / RunDir.BLUEPRINT)
-    tokenizer = load_tokenizer(run / RunDir.TOKENIZER)
-    spec = run_spec(bp, tokenizer.vocab_size)
-    if lm_only and isinstance(spec.finetune, ClassificationSpec):
-        raise ValueError(f"{run_dir} is a classification fine-tuning run: a classification run has no "
-                         f"language-model head to {task}; use its source run or an instruction-tuned run instead")
-    if which == "best" and run.checkpoints.best() is None:
-        which = "latest"  # no evaluation improved (or keep_best off): the newest weights
-    path = run.checkpoints.resolve(which)
-    model = build_model(spec.model, device=device)  # real init: non-persistent buffers (RoPE's inverse frequencies) get filled
-    load_model_weights(model, path)
-    model.eval()
-    return model, tokenizer, path, spec
+__all__ = ["load_run_model", "main"]     # load_run_model: the library's (nanodecoder/api/loading.py)
 
 
 def main(argv: list[str] | None = None) -> int:

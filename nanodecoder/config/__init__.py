@@ -6,7 +6,7 @@
     bp.to_yaml()  # what gets saved with a run; loads back to the same raw
 
 ``root`` is the declared class of the whole file and ``catalog`` the registered
-kinds (the command-line layer passes both, ``nanodecoder/cli/blueprint.py``).
+kinds (the layer above everything passes both, ``nanodecoder/api/blueprint.py``).
 Every problem is collected and raised at once as a BlueprintError.
 """
 from __future__ import annotations

@@ -169,10 +169,10 @@ def answer(model, template: PromptTemplate, instruction: str, input: str = "", *
         out: list[int] = []
         for _ in range(max_new_tokens):
             if cache is not None and cache.pos + pending.size(1) <= ctx:
-                logits = model(pending, cache=cache).logits[:, -1, :]
+                logits = model(pending, cache=cache, logits_to_keep=1).logits[:, -1, :]
             else:  # past the context length: re-read the last window (uncached)
                 cache = None
-                logits = model(seq[:, -ctx:]).logits[:, -1, :]
+                logits = model(seq[:, -ctx:], logits_to_keep=1).logits[:, -1, :]
             tok = next_token(logits, temperature, top_k, top_p, gen)
             seq, pending = torch.cat([seq, tok], dim=1), tok
             out.append(int(tok))

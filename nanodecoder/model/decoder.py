@@ -51,10 +51,19 @@ class Decoder(nn.Module):
             self.head.weight = self.wte.weight
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                cache: KVCache | None = None) -> ModelOutput:
+                cache: KVCache | None = None, logits_to_keep: int = 0) -> ModelOutput:
+        """Logits [B, T, V] for every position of ``idx`` [B, T] (with ``targets``: and the loss).
+
+        ``logits_to_keep=N`` (without targets): the last N positions' only, [B, N, V], as in transformers;
+        generation passes 1, so a long prompt never goes through the [T, V] head."""
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0: every position), not {logits_to_keep!r}")
+        if targets is not None and logits_to_keep:
+            raise ValueError("logits_to_keep applies without targets: the loss needs every position's logits")
         x, aux_loss, stats = self.hidden(idx, cache=cache)
         if targets is None:
-            return ModelOutput(logits=self.logits(x[:, -1:, :]), aux_loss=aux_loss, stats=stats)
+            kept = x[:, -logits_to_keep:, :] if logits_to_keep else x
+            return ModelOutput(logits=self.logits(kept), aux_loss=aux_loss, stats=stats)
         logits = self.logits(x)
         ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         loss = ce if aux_loss is None else ce + aux_loss

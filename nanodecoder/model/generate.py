@@ -50,10 +50,10 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, temper
         pending = idx  # tokens not yet seen by the cache
         for _ in range(max_new_tokens):
             if cache is not None and cache.pos + pending.size(1) <= size:
-                logits = model(pending, cache=cache).logits[:, -1, :]
+                logits = model(pending, cache=cache, logits_to_keep=1).logits[:, -1, :]
             else:  # uncached, or the cache is full: re-read the window (absolute positions shift)
                 cache = None
-                logits = model(idx[:, -ctx:]).logits[:, -1, :]
+                logits = model(idx[:, -ctx:], logits_to_keep=1).logits[:, -1, :]
             tok = next_token(logits, temperature, top_k, top_p, generator)
             idx = torch.cat([idx, tok], dim=1)
             pending = tok

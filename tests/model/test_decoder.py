@@ -28,7 +28,25 @@ def test_forward_backward_and_loss_near_uniform():
     assert abs(out.loss.item() - math.log(50)) < 0.2      # small init: near-uniform predictions
     out.loss.backward()
     assert all(p.grad is not None for p in m.parameters())
-    assert m(idx).logits.shape == (3, 1, 50)                # inference: last position only
+    assert m(idx).logits.shape == (3, 16, 50)               # inference: every position
+    assert m(idx, logits_to_keep=1).logits.shape == (3, 1, 50)   # generation: the last one only
+
+
+def test_forward_without_targets_gives_every_position_and_logits_to_keep_the_last():
+    torch.manual_seed(0)
+    m = build_model(build_model_spec(model_cfg())).eval()
+    idx = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        want = m.logits(m.hidden(idx)[0])
+        out = m(idx).logits
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        torch.testing.assert_close(out, m(idx, idx).logits, rtol=0, atol=0)   # the training path's logits
+        torch.testing.assert_close(m(idx, logits_to_keep=3).logits, want[:, -3:])   # a smaller matmul: rounding
+    with pytest.raises(ValueError, match="logits_to_keep applies without targets"):
+        m(idx, idx, logits_to_keep=1)
+    for bad in (-1, 1.0, "1"):
+        with pytest.raises(ValueError, match="logits_to_keep must be an int >= 0"):
+            m(idx, logits_to_keep=bad)
 
 
 def test_meta_build_uses_no_memory_and_materializes():
