@@ -27,7 +27,8 @@ PACKAGE = ROOT / "nanodecoder"
 NOT_BLUEPRINT = {("config/messages.py", "schema"): "a JSON Schema node's description",
                  ("cli/run.py", "meta"): "the run folder's run.json",
                  ("hf/families.py", "config"): "a Hugging Face config.json, whose defaults are transformers'",
-                 ("hf/families.py", "params"): "the rope parameters of a Hugging Face config.json"}
+                 ("hf/families.py", "params"): "the rope parameters of a Hugging Face config.json",
+                 ("data/chat.py", "kwargs"): "the keyword arguments of a Jinja filter call in a chat template"}
 
 
 def declared_classes() -> set[type]:

@@ -207,14 +207,10 @@ def gpt2_from_files(folder: str | Path) -> "tiktoken.Encoding":
     return enc
 
 
-def write_files(encoding, folder: str | Path) -> None:
-    """``vocab.json`` + ``merges.txt`` (GPT-2's format) of a tiktoken byte-level encoding.
-
-    Each token's merge is the split that BPE with only the lower ranks gives (a token whose bytes
-    do not come out in two pieces that way cannot be written as one merge: a DataError)."""
-    ranks = encoding._mergeable_ranks
-    vocab = {token_text(tok): rank for tok, rank in ranks.items()}
-    vocab.update(encoding._special_tokens)
+def merges_of(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merges of tiktoken ``ranks`` in rank order, one per token longer than a byte: the split that BPE
+    with only the lower ranks gives (a token whose bytes do not come out in two pieces that way is no
+    merge of lower-ranked tokens: a DataError)."""
     merges = []
     for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
         if len(tok) == 1:
@@ -222,8 +218,17 @@ def write_files(encoding, folder: str | Path) -> None:
         parts = _bpe(ranks, tok, rank)
         if len(parts) != 2:
             raise DataError(f"token {tok!r} (rank {rank}) is not one merge of lower-ranked tokens; it cannot be "
-                            "written as merges.txt")
-        merges.append(f"{token_text(parts[0])} {token_text(parts[1])}")
+                            "written as a BPE merge")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def write_files(encoding, folder: str | Path) -> None:
+    """``vocab.json`` + ``merges.txt`` (GPT-2's format) of a tiktoken byte-level encoding (:func:`merges_of`)."""
+    ranks = encoding._mergeable_ranks
+    vocab = {token_text(tok): rank for tok, rank in ranks.items()}
+    vocab.update(encoding._special_tokens)
+    merges = [f"{token_text(a)} {token_text(b)}" for a, b in merges_of(ranks)]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / VOCAB_FILE).write_text(json.dumps(dict(sorted(vocab.items(), key=lambda kv: kv[1])),

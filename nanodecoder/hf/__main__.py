@@ -12,10 +12,11 @@ except ImportError:                       # Windows: no peak to report
 from pathlib import Path
 
 from ..cli.blueprint import load_blueprint
-from ..cli.common import fail, user_errors
+from ..cli.common import EXIT_WONT_FIT, fail, user_errors
 from ..cli.sample import load_run_model
 from . import export_hf, import_hf
 from ..model.plan import human_bytes, human_count
+from ..train.memory import WontFit
 from .convert import DTYPES, KEEP
 
 
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"exported {path} -> {out}")
     except (*user_errors(), ValueError) as e:
         return fail(e)
+    except WontFit as e:                 # config.json describes more than this machine holds
+        return fail(e, EXIT_WONT_FIT)
     return 0
 
 

@@ -4,6 +4,7 @@ A family knows three things:
 
 ``to_model(config)``   a ``config.json`` mapping -> our ``model:`` section (a plain dict, validated later
                        like any blueprint); anything we do not implement is an :class:`HFError` naming it;
+                       a key config.json leaves out is transformers' default for the family (``defaults``);
 ``to_config(spec)``    our built ModelSpec -> the ``config.json`` transformers writes for that family;
 ``rules(spec, names)`` the tensor mapping table (``rules.py``), one rule per tensor of our state dict;
                        ``names`` (the tensors in the files) picks between equivalent on-disk layouts.
@@ -13,8 +14,8 @@ so the two directions cannot drift apart.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -22,6 +23,9 @@ from ..components.positional import yarn_mscale
 from .rules import (HFError, Rule, concat, experts_down, experts_up, fused_experts, interleaved, permuted, same,
                     shared_experts_down, shared_experts_up, transposed)
 
+
+
+HEAD = "lm_head.weight"         # every family's untied output head
 
 
 def _get(config: dict, key: str, default: Any = ...):
@@ -35,9 +39,11 @@ def _get(config: dict, key: str, default: Any = ...):
 # ------------------------------------------------------------------------------------------ pieces
 def rope_section(config: dict, *, softmax_mscale: bool = False) -> dict:
     """Our ``positional:`` for a config's RoPE (transformers 5 ``rope_parameters`` or 4.x ``rope_theta`` +
-    ``rope_scaling``).  ``softmax_mscale``: the family's attention multiplies its softmax scale by YaRN's
-    ``mscale_all_dim`` temperature (DeepSeek-V2/V3); elsewhere transformers uses that key only for cos and sin."""
-    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    ``rope_scaling``; where both are there, ``rope_scaling`` wins, as in transformers' ``convert_rope_params_to_dict``;
+    ``config`` has its family's defaults filled in, the top-level ``rope_theta`` among them).  ``softmax_mscale``: the
+    family's attention multiplies its softmax scale by YaRN's ``mscale_all_dim`` temperature (DeepSeek-V2/V3);
+    elsewhere transformers uses that key only for cos and sin."""
+    params = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
     nested = sorted(k for k, v in params.items() if isinstance(v, dict))
     if nested:
         raise HFError(f"config.json: rope_parameters per layer type ({', '.join(nested)}) are not implemented "
@@ -149,7 +155,7 @@ def _check_common(config: dict, layer_types: tuple[str, ...] = ("full_attention"
 
 
 def _silu(config: dict) -> None:
-    act = config.get("hidden_act", "silu")
+    act = config["hidden_act"]
     if act != "silu":
         raise HFError(f"config.json: hidden_act '{act}' is not implemented for this family (silu only)")
 
@@ -159,13 +165,15 @@ def decoder_section(config: dict, positional: dict, attention: dict) -> dict:
     return {"vocab_size": int(_get(config, "vocab_size")), "pad_vocab_to": 1,
             "context_length": int(_get(config, "max_position_embeddings")), "d_model": int(_get(config, "hidden_size")),
             "n_layers": int(_get(config, "num_hidden_layers")),
-            "tie_embeddings": bool(config.get("tie_word_embeddings", False)), "positional": positional,
+            "tie_embeddings": bool(config["tie_word_embeddings"]), "positional": positional,
             "block": {"norm": {"kind": "rmsnorm", "eps": float(_get(config, "rms_norm_eps"))}, "attention": attention}}
 
 
-def llama_model(config: dict, *, bias=None, qk_norm: str | None = None, window: bool = False,
+def llama_model(config: dict, *, bias, qk_norm: str | None = None, windows: list[int | None] | None = None,
                 layer_types: tuple[str, ...] = ("full_attention",)) -> dict:
-    """The ``model:`` section shared by the llama-shaped families (everything but the MLP)."""
+    """The ``model:`` section shared by the llama-shaped families (everything but the MLP).  ``bias``: the
+    attention's ``bias`` (the family reads ``attention_bias`` or has a fixed one); ``windows``: each layer's sliding
+    window (None: full attention), as the family computes them from config.json."""
     _check_common(config, layer_types)
     d, heads = int(_get(config, "hidden_size")), int(_get(config, "num_attention_heads"))
     attn: dict[str, Any] = {"kind": "causal", "n_heads": heads,
@@ -173,21 +181,52 @@ def llama_model(config: dict, *, bias=None, qk_norm: str | None = None, window: 
     head_dim = config.get("head_dim")
     if head_dim and head_dim != d // heads:
         attn["head_dim"] = int(head_dim)
-    if bias is None:
-        bias = bool(config.get("attention_bias", False))
     if bias:
         attn["bias"] = bias
     if qk_norm:
         attn.update(qk_norm=True, qk_norm_scope=qk_norm, qk_norm_eps=float(_get(config, "rms_norm_eps")))
-    sliding = config.get("sliding_window")
-    if window and sliding:
-        attn["window"] = int(sliding)
-    elif config.get("use_sliding_window"):
-        raise HFError("config.json: use_sliding_window is true; sliding-window layers of this family are not "
-                      "implemented here")
-    if config.get("clip_qkv") is not None:
-        raise HFError(f"config.json: clip_qkv {config['clip_qkv']} is not implemented")
-    return decoder_section(config, rope_section(config), attn)
+    model = decoder_section(config, rope_section(config), attn)
+    if windows is not None:
+        _windowed(model, windows)
+    return model
+
+
+def _windowed(model: dict, windows: list[int | None]) -> None:
+    """Give layer i of ``model`` the sliding window ``windows[i]`` (None: full attention): layer 0's in ``block``,
+    the layers that differ from it as one override (a family has one sliding window)."""
+    if len(windows) != model["n_layers"]:
+        raise HFError(f"config.json: layer_types has {len(windows)} entries for num_hidden_layers {model['n_layers']}")
+    full = model["block"]["attention"]
+
+    def attention(window):
+        return full if window is None else dict(full, window=int(window))
+    model["block"]["attention"] = attention(windows[0])
+    rest = [i for i, w in enumerate(windows) if w != windows[0]]
+    if rest:
+        model["overrides"] = [*(model.get("overrides") or ()),
+                              {"layers": rest, "attention": attention(windows[rest[0]])}]
+
+
+SLIDING_LAYERS = ("full_attention", "sliding_attention")
+
+
+def layer_windows(config: dict, types: list[str]) -> list[int | None]:
+    """Each layer's window for ``types`` (``full_attention`` / ``sliding_attention``): ``sliding_window`` for the
+    sliding layers, which transformers cannot run without one."""
+    window = config.get("sliding_window")
+    if window is None and "sliding_attention" in types:
+        raise HFError("config.json: layer_types has sliding_attention layers but no sliding_window (null, or "
+                      "use_sliding_window false); transformers cannot run that model either")
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def windows_config(spec, model_type: str) -> tuple[int | None, list[str]]:
+    """The one sliding window of ``spec``'s layers (None: none) and the ``layer_types`` that place it."""
+    windows = [b.attention.window for b in spec.blocks]
+    sizes = set(windows) - {None}
+    if len(sizes) > 1:
+        raise HFError(f"the {model_type} family has one sliding window for its local layers (here {sorted(sizes)})")
+    return (sizes.pop() if sizes else None), ["full_attention" if w is None else "sliding_attention" for w in windows]
 
 
 def llama_config(spec, model_type: str, architecture: str) -> dict:
@@ -213,8 +252,8 @@ def moe_mlp(config: dict, n_experts: int, top_k: int, hidden: int, renormalize: 
                       "(our top-1 router weighs by the softmax probability)")
     return {"kind": "moe", "n_experts": int(n_experts), "top_k": int(top_k), "expert_kind": "swiglu",
             "expert_hidden": int(hidden), "router": {"kind": "topk", "renormalize": bool(renormalize)},
-            "lb_loss_coef": float(config.get("router_aux_loss_coef", 0.01)),
-            "z_loss_coef": float(config.get("router_z_loss_coef", 0.0))}
+            "lb_loss_coef": float(config["router_aux_loss_coef"]),          # training only: what they trained with
+            "z_loss_coef": float(config.get("router_z_loss_coef") or 0.0)}  # (no field of transformers 5's configs)
 
 
 # ------------------------------------------------------------------------------------------ rules
@@ -266,7 +305,7 @@ def base_rules(spec) -> list[Rule]:
     """Embedding, final norm and (untied) head of a llama-shaped checkpoint."""
     rules = [same("wte.weight", "model.embed_tokens.weight"), same("norm.weight", "model.norm.weight")]
     if not spec.tie_embeddings:
-        rules.append(same("head.weight", "lm_head.weight"))
+        rules.append(same("head.weight", HEAD))
     return rules
 
 
@@ -287,40 +326,114 @@ def llama_rules(spec, names: set[str], config: dict | None = None, moe_prefix: s
 class Family:
     model_type: str
     architecture: str
-    to_model: Callable[[dict], dict]
+    section: Callable[[dict], dict]         # config.json, its defaults filled in -> our model: section
     to_config: Callable[[Any], dict]
     rules: Callable[..., list[Rule]]        # (spec, names in the files, config.json or None) -> rules
+    #: transformers' value (its config class's default) of each config.json key the family reads, for a
+    #: config.json that leaves the key out; ``tests/hf/test_hf_config_keys.py`` checks them against transformers
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    #: config.json key -> the key it stands for (transformers' ``attribute_map``)
+    aliases: Mapping[str, str] = field(default_factory=dict)
     ignored: tuple[str, ...] = ()           # regular expressions of HF tensors that carry no weights
     #: config.json -> regular expressions of checkpoint tensors outside the causal LM (DeepSeek's
     #: multi-token-prediction layers, which transformers does not load either)
     skipped: Callable[[dict], tuple[str, ...]] = lambda config: ()
+    head: str = HEAD                        # the untied output head (tied: absent, or equal to the embedding)
+
+    def with_defaults(self, config: dict) -> dict:
+        """``config`` as transformers reads it: an alias stands for its key, an absent key is transformers'
+        default (a key that is there, null included, stays as it is)."""
+        out = dict(config)
+        for alias, key in self.aliases.items():
+            if alias in out and key not in out:
+                out[key] = out.pop(alias)
+        for key, value in self.defaults.items():
+            out.setdefault(key, value)
+        return out
+
+    def to_model(self, config: dict) -> dict:
+        """config.json -> our ``model:`` section (an HFError for what we do not implement)."""
+        return self.section(self.with_defaults(config))
 
 
-def _dense_llama(model_type: str, architecture: str, *, bias=None, qk_norm=None, window=False) -> Family:
+#: The defaults of transformers 5's config classes for the keys we read (``LlamaConfig`` and its relatives);
+#: ``rope_theta`` is the class's ``default_theta``.  Keys a family's transformers model ignores are not read
+#: (and not listed): Mistral's and Mixtral's attention_bias, Mistral's and the Qwens' mlp_bias, Llama's
+#: pretraining_tp (transformers 5 no longer splits the projections) and sliding_window.
+_LLAMA = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+          "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
+          "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10000.0,
+          "attention_bias": False, "mlp_bias": False}
+_MISTRAL = {**{k: v for k, v in _LLAMA.items() if k not in ("attention_bias", "mlp_bias")},
+            "intermediate_size": 14336, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+            "sliding_window": 4096}
+_QWEN2 = {**{k: v for k, v in _LLAMA.items() if k not in ("attention_bias", "mlp_bias", "head_dim")},
+          "vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32, "max_position_embeddings": 32768,
+          "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28, "layer_types": None}
+_QWEN3 = {**_QWEN2, "head_dim": 128, "attention_bias": False}
+
+
+def _qwen_windows(config: dict) -> list[int | None]:
+    """Qwen2/Qwen3: ``sliding_window`` counts only with ``use_sliding_window``; without ``layer_types`` the layers
+    from ``max_window_layers`` on slide (``Qwen2Config.__post_init__``)."""
+    if not config["use_sliding_window"]:
+        config = {**config, "sliding_window": None}
+    types = config["layer_types"]
+    if types is None:
+        window, first = config["sliding_window"], int(config["max_window_layers"])
+        types = ["sliding_attention" if window is not None and i >= first else "full_attention"
+                 for i in range(int(_get(config, "num_hidden_layers")))]
+    return layer_windows(config, list(types))
+
+
+def _dense_llama(model_type: str, architecture: str, defaults: dict, *, bias=None, mlp_bias: bool = False,
+                 qk_norm=None, window: str | None = None) -> Family:
+    """``bias`` None: the attention reads ``attention_bias`` (all four projections), else fixed; ``mlp_bias``: the
+    MLP reads ``mlp_bias``; ``window``: ``"all"`` (``sliding_window`` in every layer) or ``"layers"`` (Qwen's
+    ``layer_types``)."""
     def to_model(config):
         _silu(config)
-        model = llama_model(config, bias=bias, qk_norm=qk_norm, window=window)
-        model["block"]["mlp"] = swiglu_mlp(_get(config, "intermediate_size"), bool(config.get("mlp_bias", False)))
+        windows = None
+        if window == "all":
+            windows = [config["sliding_window"]] * int(_get(config, "num_hidden_layers"))
+        elif window == "layers":
+            windows = _qwen_windows(config)
+        model = llama_model(config, bias=config["attention_bias"] if bias is None else bias, qk_norm=qk_norm,
+                            windows=windows, layer_types=SLIDING_LAYERS if window == "layers" else ("full_attention",))
+        model["block"]["mlp"] = swiglu_mlp(_get(config, "intermediate_size"), bool(mlp_bias and config["mlp_bias"]))
         return model
 
     def to_config(spec):
         m, a = spec.block.mlp, spec.block.attention
-        if m.kind != "swiglu" or spec.overrides:
-            raise HFError(f"the {model_type} family has a swiglu MLP in every layer")
+        if m.kind != "swiglu" or any(b.mlp != m for b in spec.blocks):
+            raise HFError(f"the {model_type} family has one swiglu MLP in every layer")
         config = llama_config(spec, model_type, architecture)
-        config.update(intermediate_size=m.hidden, mlp_bias=m.bias)
+        config["intermediate_size"] = m.hidden
+        if mlp_bias:
+            config["mlp_bias"] = m.bias
         if bias is None:
             config["attention_bias"] = bool(a.biased)
-        if window:
+        if window == "all":
             config["sliding_window"] = a.window
+        elif window == "layers":
+            size, types = windows_config(spec, model_type)
+            sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+            config.update(use_sliding_window=size is not None, sliding_window=size, layer_types=types,
+                          max_window_layers=sliding[0] if sliding else spec.n_layers)
         return config
 
-    return Family(model_type, architecture, to_model, to_config, llama_rules)
+    return Family(model_type, architecture, to_model, to_config, llama_rules, defaults)
+
+
+_MIXTRAL = {**_MISTRAL, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": None,
+            "num_experts_per_tok": 2, "num_local_experts": 8, "router_aux_loss_coef": 0.001}
 
 
 def _mixtral_model(config):
     _silu(config)
-    model = llama_model(config, window=True)
+    # attention_bias: MixtralAttention has none, whatever config.json says; router_jitter_noise: training only;
+    # the top-k weights are always renormalised (MixtralTopKRouter)
+    model = llama_model(config, bias=False, windows=[config["sliding_window"]] * int(_get(config, "num_hidden_layers")))
     model["block"]["mlp"] = moe_mlp(config, _get(config, "num_local_experts"), _get(config, "num_experts_per_tok"),
                                     _get(config, "intermediate_size"), renormalize=True)
     return model
@@ -344,45 +457,61 @@ def _mixtral_config(spec):
     return config
 
 
-def _n_experts(config: dict) -> int:
-    """``num_experts`` (transformers 4.x files) or ``num_local_experts`` (what 5.x writes)."""
-    return int(config["num_experts"] if config.get("num_experts") is not None
-               else _get(config, "num_local_experts"))
+_QWEN3_MOE = {**{k: v for k, v in _QWEN3.items() if k not in ("head_dim", "max_window_layers", "layer_types")},
+              "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 24, "num_key_value_heads": 4,
+              "decoder_sparse_step": 1, "moe_intermediate_size": 768, "num_experts_per_tok": 8,
+              "num_local_experts": 128, "norm_topk_prob": False, "router_aux_loss_coef": 0.001, "mlp_only_layers": None}
 
 
 def _qwen3_moe_sparse(config: dict, i: int) -> bool:
-    step = int(config.get("decoder_sparse_step", 1))
-    return (i not in (config.get("mlp_only_layers") or ())) and _n_experts(config) > 0 \
+    step = int(config["decoder_sparse_step"])
+    return (i not in (config["mlp_only_layers"] or ())) and int(config["num_local_experts"]) > 0 \
         and (i + 1) % step == 0
 
 
 def _qwen3_moe_model(config):
     _silu(config)
-    model = llama_model(config, qk_norm="head")
-    model["block"]["mlp"] = moe_mlp(config, _n_experts(config), _get(config, "num_experts_per_tok"),
-                                    _get(config, "moe_intermediate_size"), bool(config.get("norm_topk_prob", False)))
+    # one sliding_window for every layer (Qwen3MoeAttention, its causal mask), only with use_sliding_window
+    window = config["sliding_window"] if config["use_sliding_window"] else None
+    model = llama_model(config, bias=config["attention_bias"], qk_norm="head",
+                        windows=[window] * int(_get(config, "num_hidden_layers")))
+    model["block"]["mlp"] = moe_mlp(config, _get(config, "num_local_experts"), _get(config, "num_experts_per_tok"),
+                                    _get(config, "moe_intermediate_size"), bool(config["norm_topk_prob"]))
     dense = [i for i in range(model["n_layers"]) if not _qwen3_moe_sparse(config, i)]
     if dense:
-        model["overrides"] = [{"layers": dense, "mlp": swiglu_mlp(_get(config, "intermediate_size"))}]
+        model["overrides"] = [*(model.get("overrides") or ()),
+                              {"layers": dense, "mlp": swiglu_mlp(_get(config, "intermediate_size"))}]
     return model
 
 
 def _qwen3_moe_config(spec):
     m = spec.block.mlp
-    config = _moe_config(spec, "qwen3_moe", "Qwen3MoeForCausalLM", "num_experts")
+    config = _moe_config(spec, "qwen3_moe", "Qwen3MoeForCausalLM", "num_local_experts")
     dense = [i for i, b in enumerate(spec.blocks) if b.mlp.kind != "moe"]
     hidden = {spec.blocks[i].mlp.hidden for i in dense if spec.blocks[i].mlp.kind == "swiglu"}
+    window = spec.block.attention.window
     config.update(moe_intermediate_size=m.hidden, intermediate_size=hidden.pop() if len(hidden) == 1 else m.hidden,
                   norm_topk_prob=m.router.renormalize, decoder_sparse_step=1, mlp_only_layers=dense,
-                  attention_bias=bool(spec.block.attention.biased))
+                  attention_bias=bool(spec.block.attention.biased), use_sliding_window=window is not None,
+                  sliding_window=window)
     return config
+
+
+_OLMOE = {**{k: v for k, v in _LLAMA.items() if k not in ("mlp_bias", "head_dim")},
+          "vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 2048, "num_hidden_layers": 16,
+          "num_attention_heads": 16, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "clip_qkv": None,
+          "num_experts_per_tok": 8, "num_experts": 64, "router_aux_loss_coef": 0.01, "norm_topk_prob": False}
 
 
 def _olmoe_model(config):
     _silu(config)
-    model = llama_model(config, qk_norm="projection")
-    model["block"]["mlp"] = moe_mlp(config, _n_experts(config), _get(config, "num_experts_per_tok"),
-                                    _get(config, "intermediate_size"), bool(config.get("norm_topk_prob", False)))
+    if config["clip_qkv"] is not None:
+        raise HFError(f"config.json: clip_qkv {config['clip_qkv']} is not implemented")
+    # sliding_window (not an OlmoeConfig key) reaches only the flash-attention kernel; the eager and sdpa
+    # paths, whose causal mask has no window, ignore it: so do we
+    model = llama_model(config, bias=config["attention_bias"], qk_norm="projection")
+    model["block"]["mlp"] = moe_mlp(config, _get(config, "num_experts"), _get(config, "num_experts_per_tok"),
+                                    _get(config, "intermediate_size"), bool(config["norm_topk_prob"]))
     return model
 
 
@@ -396,36 +525,32 @@ def _olmoe_config(spec):
 
 
 # ---- GPT-OSS
-GPT_OSS_LAYERS = ("full_attention", "sliding_attention")
 CLAMPED_SWIGLU = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}     # what our swiglu_clamped experts compute
-
-
-def _gpt_oss_layer_types(config: dict, n_layers: int) -> list[str]:
-    types = config.get("layer_types")
-    if types is None:                            # transformers' default: sliding first, then alternating
-        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
-    if len(types) != n_layers:
-        raise HFError(f"config.json: layer_types has {len(types)} entries for num_hidden_layers {n_layers}")
-    return list(types)
+_GPT_OSS = {**{k: v for k, v in _MISTRAL.items() if k != "intermediate_size"},
+            "num_hidden_layers": 36, "num_local_experts": 128, "vocab_size": 201088, "hidden_size": 2880,
+            "intermediate_size": 2880, "head_dim": 64, "num_attention_heads": 64, "sliding_window": 128,
+            "rms_norm_eps": 1e-5, "rope_theta": 150000.0, "num_experts_per_tok": 4, **CLAMPED_SWIGLU,
+            "router_aux_loss_coef": 0.001, "layer_types": None, "attention_bias": True,
+            # GptOssConfig.__post_init__'s RoPE when config.json has none (rope_theta is default_theta)
+            "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                "truncate": False, "original_max_position_embeddings": 4096}}
 
 
 def _gpt_oss_model(config):
     for key, ours in CLAMPED_SWIGLU.items():
-        if float(config.get(key, ours)) != ours:
+        if float(config[key]) != ours:
             raise HFError(f"config.json: {key} {config[key]} is not implemented (our swiglu_clamped experts use "
                           f"{ours})")
-    model = llama_model(config, bias=bool(config.get("attention_bias", True)), layer_types=GPT_OSS_LAYERS)
-    full = dict(model["block"]["attention"], sinks=True)
-    types = _gpt_oss_layer_types(config, model["n_layers"])
-    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
-    local = dict(full, window=int(_get(config, "sliding_window"))) if sliding else full
-    first, other = (local, full) if types[0] == "sliding_attention" else (full, local)
-    model["block"]["attention"] = first
-    rest = [i for i, t in enumerate(types) if t != types[0]]
-    if rest:
-        model["overrides"] = [{"layers": rest, "attention": other}]
-    mlp = moe_mlp(config, _n_experts(config), _get(config, "num_experts_per_tok"), _get(config, "intermediate_size"),
-                  renormalize=True)
+    n = int(_get(config, "num_hidden_layers"))
+    types = config["layer_types"]
+    if types is None:                            # transformers' default: sliding first, then alternating
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    model = llama_model(config, bias=config["attention_bias"], layer_types=SLIDING_LAYERS)
+    model["block"]["attention"]["sinks"] = True
+    _windowed(model, layer_windows(config, list(types)))
+    # hidden_act is not read: the experts' clamped SwiGLU is fixed (GptOssExperts)
+    mlp = moe_mlp(config, _get(config, "num_local_experts"), _get(config, "num_experts_per_tok"),
+                  _get(config, "intermediate_size"), renormalize=True)
     mlp.update(expert_kind="swiglu_clamped", bias=True, router={"kind": "topk", "renormalize": True, "bias": True},
                z_loss_coef=0.0)
     model["block"]["mlp"] = mlp
@@ -436,16 +561,12 @@ def _gpt_oss_config(spec):
     m = spec.block.mlp
     if m.kind != "moe" or m.expert_kind != "swiglu_clamped" or m.router.kind != "topk":
         raise HFError("the gpt_oss family has an MoE of swiglu_clamped experts with a topk router in every layer")
-    windows = {b.attention.window for b in spec.blocks} - {None}
-    if len(windows) > 1:
-        raise HFError(f"the gpt_oss family has one sliding window for its local layers (here {sorted(windows)})")
+    window, types = windows_config(spec, "gpt_oss")
     config = llama_config(spec, "gpt_oss", "GptOssForCausalLM")
     config.update({"num_local_experts": m.n_experts, "num_experts_per_tok": m.top_k, "intermediate_size": m.hidden,
                    "router_aux_loss_coef": m.lb_loss_coef, "output_router_logits": False,
                    "attention_bias": bool(spec.block.attention.biased), **CLAMPED_SWIGLU,
-                   "layer_types": ["full_attention" if b.attention.window is None else "sliding_attention"
-                                   for b in spec.blocks],
-                   "sliding_window": windows.pop() if windows else None})
+                   "layer_types": types, "sliding_window": window})
     return config
 
 
@@ -472,6 +593,15 @@ def _gpt_oss_rules(spec, names: set[str], config: dict | None = None) -> list[Ru
 
 
 # ---- DeepSeek-V3
+_DEEPSEEK = {**{k: v for k, v in _LLAMA.items() if k not in ("mlp_bias", "head_dim")},
+             "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+             "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1,
+             "n_routed_experts": 256, "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536,
+             "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": 8, "topk_group": 4,
+             "num_experts_per_tok": 8, "first_k_dense_replace": 3, "norm_topk_prob": True,
+             "max_position_embeddings": 4096, "rope_interleave": True, "num_nextn_predict_layers": 1}
+
+
 def _deepseek_model(config):
     _check_common(config)
     _silu(config)
@@ -479,8 +609,8 @@ def _deepseek_model(config):
     if int(config.get("num_key_value_heads") or heads) != heads:
         raise HFError(f"config.json: num_key_value_heads {config['num_key_value_heads']} differs from "
                       f"num_attention_heads {heads}; multi-head latent attention has one key/value per head")
-    for key, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
-        if config.get(key, want) != want:
+    for key, want in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):   # DeepSeek's own keys: transformers
+        if config.get(key, want) != want:                                            # computes these, whatever they say
             raise HFError(f"config.json: {key} '{config[key]}' is not implemented (transformers and we compute "
                           f"'{want}')")
     q_lora = config.get("q_lora_rank")
@@ -488,11 +618,11 @@ def _deepseek_model(config):
             "kv_lora_rank": int(_get(config, "kv_lora_rank")),
             "qk_nope_head_dim": int(_get(config, "qk_nope_head_dim")),
             "qk_rope_head_dim": int(_get(config, "qk_rope_head_dim")), "v_head_dim": int(_get(config, "v_head_dim")),
-            "bias": bool(config.get("attention_bias", False)),
+            "bias": bool(config["attention_bias"]),
             "latent_norm_eps": 1e-6}                 # transformers' q_a/kv_a_layernorm keep their default eps
     model = decoder_section(config, rope_section(config, softmax_mscale=True), attn)
-    top_k, shared = int(_get(config, "num_experts_per_tok")), int(config.get("n_shared_experts") or 0)
-    if not config.get("norm_topk_prob", True):
+    top_k, shared = int(_get(config, "num_experts_per_tok")), int(config["n_shared_experts"] or 0)
+    if not config["norm_topk_prob"]:
         raise HFError("config.json: norm_topk_prob false is not implemented (our sigmoid router always "
                       "normalises the top-k weights)")
     if top_k == 1:
@@ -506,9 +636,9 @@ def _deepseek_model(config):
         "kind": "moe", "n_experts": int(_get(config, "n_routed_experts")), "top_k": top_k, "expert_kind": "swiglu",
         "expert_hidden": int(_get(config, "moe_intermediate_size")), "n_shared_experts": shared,
         "lb_loss_type": "sequence", "lb_loss_coef": float(config.get("aux_loss_alpha", 0.0001)), "z_loss_coef": 0.0,
-        "router": {"kind": "sigmoid", "routed_scaling_factor": float(config.get("routed_scaling_factor", 1.0)),
+        "router": {"kind": "sigmoid", "routed_scaling_factor": float(_get(config, "routed_scaling_factor")),
                    "n_group": n_group, "topk_group": int(config.get("topk_group") or 1) if n_group > 1 else 1}}
-    dense = min(int(config.get("first_k_dense_replace") or 0), model["n_layers"])
+    dense = min(int(config["first_k_dense_replace"] or 0), model["n_layers"])
     if dense:
         model["overrides"] = [{"layers": list(range(dense)), "mlp": swiglu_mlp(_get(config, "intermediate_size"))}]
     return model
@@ -616,23 +746,30 @@ def _deepseek_skipped(config: dict) -> tuple[str, ...]:
 
 
 # ---- GPT-2
+_GPT2 = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_inner": None,
+         "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "scale_attn_weights": True,
+         "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False, "tie_word_embeddings": True}
+#: reorder_and_upcast_attn only computes the scores in fp32 (the same function): not read
+
+
 def _gpt2_model(config):
     _check_common(config)
-    act = config.get("activation_function", "gelu_new")
+    act = config["activation_function"]
     approximate = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}.get(act)
     if approximate is None:
         raise HFError(f"config.json: activation_function '{act}' is not implemented (gelu_new, gelu)")
-    for key, bad in (("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False),
-                     ("add_cross_attention", True)):
-        if config.get(key, not bad) == bad:
-            raise HFError(f"config.json: {key} {bad} is not implemented")
+    for key, bad, why in (("scale_attn_by_inverse_layer_idx", True, "scores scaled by 1/(layer + 1)"),
+                          ("scale_attn_weights", False, "unscaled attention scores"),
+                          ("add_cross_attention", True, "cross-attention layers")):
+        if bool(config[key]) == bad:
+            raise HFError(f"config.json: {key} {str(bad).lower()} is not implemented ({why})")
     d = int(_get(config, "n_embd"))
-    norm = {"kind": "layernorm", "eps": float(config.get("layer_norm_epsilon", 1e-5))}
+    norm = {"kind": "layernorm", "eps": float(_get(config, "layer_norm_epsilon"))}
     return {"vocab_size": int(_get(config, "vocab_size")), "pad_vocab_to": 1,
             "context_length": int(_get(config, "n_positions")), "d_model": d, "n_layers": int(_get(config, "n_layer")),
-            "tie_embeddings": True, "positional": {"kind": "learned"},
+            "tie_embeddings": bool(config["tie_word_embeddings"]), "positional": {"kind": "learned"},
             "block": {"norm": norm, "attention": {"kind": "causal", "n_heads": int(_get(config, "n_head")), "bias": True},
-                      "mlp": {"kind": "gelu", "hidden_size": int(config.get("n_inner") or 4 * d), "bias": True,
+                      "mlp": {"kind": "gelu", "hidden_size": int(config["n_inner"] or 4 * d), "bias": True,
                               "approximate": approximate}}}
 
 
@@ -644,14 +781,18 @@ def _gpt2_config(spec):
             "n_positions": spec.context_length, "n_embd": spec.d_model, "n_layer": spec.n_layers,
             "n_head": b.attention.n_heads, "n_inner": b.mlp.hidden, "layer_norm_epsilon": b.norm.eps,
             "activation_function": {"tanh": "gelu_new", "none": "gelu"}[b.mlp.approximate],
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": True,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": spec.tie_embeddings,
             "scale_attn_weights": True, "dtype": "float32"}
 
 
 def _gpt2_rules(spec, names: set[str], config: dict | None = None) -> list[Rule]:
+    """``transformer.``-prefixed names (GPT2LMHeadModel) or bare ones (GPT2Model, e.g. openai-community/gpt2); the
+    untied head is ``lm_head.weight`` either way."""
     t = "transformer." if any(n.startswith("transformer.") for n in names) or not names else ""
     rules = [same("wte.weight", t + "wte.weight"), same("pos.wpe.weight", t + "wpe.weight"),
              same("norm.weight", t + "ln_f.weight"), same("norm.bias", t + "ln_f.bias")]
+    if not spec.tie_embeddings:
+        rules.append(same("head.weight", HEAD))
     for i in range(spec.n_layers):
         ours, hf = f"blocks.{i}.", f"{t}h.{i}."
         for a, b in (("norm1", "ln_1"), ("norm2", "ln_2")):
@@ -663,18 +804,25 @@ def _gpt2_rules(spec, names: set[str], config: dict | None = None) -> list[Rule]
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    _dense_llama("llama", "LlamaForCausalLM"),
-    _dense_llama("mistral", "MistralForCausalLM", window=True),
-    _dense_llama("qwen2", "Qwen2ForCausalLM", bias=["q", "k", "v"]),
-    _dense_llama("qwen3", "Qwen3ForCausalLM", qk_norm="head"),
-    Family("gpt2", "GPT2LMHeadModel", _gpt2_model, _gpt2_config, _gpt2_rules,
+    _dense_llama("llama", "LlamaForCausalLM", _LLAMA, mlp_bias=True),
+    _dense_llama("mistral", "MistralForCausalLM", _MISTRAL, bias=False, window="all"),
+    _dense_llama("qwen2", "Qwen2ForCausalLM", _QWEN2, bias=["q", "k", "v"], window="layers"),
+    _dense_llama("qwen3", "Qwen3ForCausalLM", _QWEN3, qk_norm="head", window="layers"),
+    Family("gpt2", "GPT2LMHeadModel", _gpt2_model, _gpt2_config, _gpt2_rules, _GPT2,
+           aliases={"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
+                    "num_hidden_layers": "n_layer"},
            ignored=(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$",)),
     Family("mixtral", "MixtralForCausalLM", _mixtral_model, _mixtral_config,
-           lambda spec, names, config=None: llama_rules(spec, names, config, "block_sparse_moe.", ("w1", "w3", "w2"))),
-    Family("qwen3_moe", "Qwen3MoeForCausalLM", _qwen3_moe_model, _qwen3_moe_config, llama_rules),
-    Family("olmoe", "OlmoeForCausalLM", _olmoe_model, _olmoe_config, llama_rules),
-    Family("gpt_oss", "GptOssForCausalLM", _gpt_oss_model, _gpt_oss_config, _gpt_oss_rules),
-    Family("deepseek_v3", "DeepseekV3ForCausalLM", _deepseek_model, _deepseek_config, _deepseek_rules,
+           lambda spec, names, config=None: llama_rules(spec, names, config, "block_sparse_moe.", ("w1", "w3", "w2")),
+           _MIXTRAL, aliases={"num_experts": "num_local_experts"}),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM", _qwen3_moe_model, _qwen3_moe_config, llama_rules, _QWEN3_MOE,
+           aliases={"num_experts": "num_local_experts"}),
+    Family("olmoe", "OlmoeForCausalLM", _olmoe_model, _olmoe_config, llama_rules, _OLMOE,
+           aliases={"num_local_experts": "num_experts"}),
+    Family("gpt_oss", "GptOssForCausalLM", _gpt_oss_model, _gpt_oss_config, _gpt_oss_rules, _GPT_OSS,
+           aliases={"num_experts": "num_local_experts"}),
+    Family("deepseek_v3", "DeepseekV3ForCausalLM", _deepseek_model, _deepseek_config, _deepseek_rules, _DEEPSEEK,
+           aliases={"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
            skipped=_deepseek_skipped),
 )}
 
