@@ -12,10 +12,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_duplicate_registration_is_an_error():
-    reg = Registry("norm")
-    reg.add("rmsnorm", object)
+    reg = Registry("schedule")
+    reg.add("cosine", object)
     with pytest.raises(RegistryError, match="already registered"):
-        reg.add("rmsnorm", object)
+        reg.add("cosine", object)
 
 
 def test_unknown_kind_lists_choices_with_a_suggestion():

@@ -30,6 +30,14 @@ CATEGORIES = {
 }
 
 
+#: category -> what the ``Spec`` of each of its kinds must provide, checked when the kind is registered (the
+#: planner sums these; a kind without them would be silently mis-planned or fail deep inside a dry run)
+CONTRACTS = {
+    "norm": ("n_params",), "positional": ("n_params",), "attention": ("n_params",), "mlp": ("n_params",),
+    "router": ("n_params",),
+}
+
+
 class RegistryError(Exception):
     """Raised for a duplicate registration or an unknown name."""
 
@@ -53,6 +61,13 @@ class Registry:
             raise RegistryError(
                 f"{self.category} '{name}' is already registered (by {self._origin[name]}); "
                 f"pick another name for the component from {origin}")
+        spec = getattr(obj, "Spec", None)
+        missing = [a for a in CONTRACTS.get(self.category, ()) if not hasattr(spec, a)]
+        if missing:
+            raise RegistryError(
+                f"{self.category} kind '{name}' (from {origin}): its Spec has no {', '.join(missing)}; every "
+                f"{self.category} kind says how many weights it holds (a property n_params, 0 for none), which "
+                "the parameter count and the memory plan sum")
         self._items[name] = obj
         self._origin[name] = origin
         return obj

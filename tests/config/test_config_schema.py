@@ -40,6 +40,10 @@ class ScaleNorm(nn.Module):
         eps: float = param(1e-5, doc="Epsilon.")
         dim: int = context("d_model")
 
+        @property
+        def n_params(self):
+            return 1
+
 
 def test_plug_in_kinds_are_checked_against_their_own_declaration():
     catalog = make_catalog(components.register, plugins=False)

@@ -23,6 +23,10 @@ def norm_kind(source: str):
             eps: float = param(1e-6, doc="Epsilon.", exclusive_minimum=0)
             dim: int = context(source)
 
+            @property
+            def n_params(self):
+                return 0
+
         def forward(self, x):
             return torch.nn.functional.rms_norm(x, (self.spec.dim,), eps=self.spec.eps)
     return TypoNorm
@@ -53,3 +57,20 @@ def test_a_misspelled_hand_down_is_refused_naming_the_kind_and_the_field():
 @pytest.mark.parametrize("source", ["d_model", "n_layers"])
 def test_a_correct_hand_down_is_accepted(source):
     assert context_problems(RunSpec, catalog_with(norm_kind(source))) == []
+
+
+def test_a_model_kind_that_does_not_say_its_weights_is_refused_at_registration():
+    catalog = make_catalog(*REGISTERS, plugins=False)
+
+    class Weightless(Component):
+        """A norm whose spec forgot n_params."""
+
+        @declared
+        class Spec(Kind):
+            dim: int = context("d_model")
+
+    with pytest.raises(RegistryError, match=r"norm kind 'weightless' \(from plug-in 'test'\): its Spec has no "
+                                            r"n_params"):
+        catalog["norm"].add("weightless", Weightless, origin="plug-in 'test'")
+    assert "weightless" not in catalog["norm"]
+    catalog["schedule"].add("any_schedule", Weightless)          # categories without a planner contract take it

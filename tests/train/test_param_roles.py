@@ -20,6 +20,10 @@ class DyT(Component):
         alpha: float = param(0.5, doc="Initial alpha.", exclusive_minimum=0)
         dim: int = context("d_model")
 
+        @property
+        def n_params(self):
+            return 1 + 2 * self.dim
+
     def __init__(self, spec):
         super().__init__()
         self.spec = spec
