@@ -31,6 +31,8 @@ from safetensors.torch import save_file
 from ..config.declare import to_yaml
 from ..config.diff import differences
 from ..config.loader import dotted
+from ..config.validate import problems
+from ..components import model_catalog
 from ..model import build_model, build_model_spec
 from ..model.spec import ModelSpec
 from ..model.plan import human_bytes, human_count, param_report
@@ -149,9 +151,17 @@ class Weights:
 
 
 # ----------------------------------------------------------------------------------- import
-def hf_model_section(config: dict) -> tuple[Family, dict]:
+def hf_model_section(config: dict, shown: str = "config.json") -> tuple[Family, dict]:
+    """The family of ``config`` and the ``model:`` section it describes, validated like a blueprint's (a
+    config.json with, say, more heads than its hidden size is refused here, before anything is built)."""
     fam = family(config.get("model_type"))
-    return fam, fam.to_model(config)
+    section = fam.to_model(config)
+    found = problems(section, {}, shown, ModelSpec, model_catalog())
+    if found:
+        raise HFError(f"{shown} describes a {fam.model_type} model that cannot be built: "
+                      + "; ".join(f"model.{p.path}: {p.message}" for p in found[:5])
+                      + (f" (+{len(found) - 5} more)" if len(found) > 5 else ""))
+    return fam, section
 
 
 def _check_rules(rules: list[Rule], tensors: dict[str, torch.Tensor]) -> None:
@@ -272,7 +282,7 @@ def import_hf(model_dir: str | Path, out: str | Path, *, dtype: str = "float32",
                  "chat_template.jinja", "chat_template.json", VOCAB_FILE, MERGES_FILE):
         Weights.inside(model_dir, model_dir / read)          # nothing is read through a link out of the folder
     config = read_config(model_dir)
-    fam, model_section = hf_model_section(config)
+    fam, model_section = hf_model_section(config, str(model_dir / "config.json"))
     spec = build_model_spec(model_section)
     tok = None
     if tokenizer:

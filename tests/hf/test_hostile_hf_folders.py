@@ -146,3 +146,21 @@ def test_the_plan_uses_the_memory_available_and_the_dtype(folder, tmp_path, caps
     assert f"{human_bytes(4 * n)} of float32 weights, 80.00 KiB available" in err
     assert "--dtype bfloat16 would fit" in err
     assert hf_main(["import", str(folder), "--out", str(tmp_path / "run"), "--no-tokenizer", "--dtype", "bf16"]) == 0
+
+
+def test_a_config_that_describes_an_invalid_model_is_refused_before_anything_is_written(tmp_path):
+    """100,000,000 heads over a hidden size of 32 gave head_dim 0 and an import that wrote a run folder whose
+    blueprint then failed to validate; it is refused, naming the key, and nothing is written."""
+    import json as _json
+    from nanodecoder.hf import import_hf
+    from nanodecoder.hf.rules import HFError
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "config.json").write_text(_json.dumps({
+        "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 10 ** 8, "num_key_value_heads": 10 ** 8, "max_position_embeddings": 32,
+        "rms_norm_eps": 1e-5}))
+    with pytest.raises(HFError, match=r"cannot be built: model\.block\.attention\.n_heads: d_model \(32\) must be "
+                                      r"divisible by n_heads"):
+        import_hf(folder, tmp_path / "run", tokenizer=False)
+    assert not (tmp_path / "run").exists()
