@@ -120,18 +120,35 @@ class Llama3Scaling:
         softmax_factor = 1.0
 
         def check(self):
-            if self.high_freq_factor <= self.low_freq_factor:
-                yield ("high_freq_factor",), (f"high_freq_factor ({self.high_freq_factor}) must be greater than "
+            if self.high_freq_factor < self.low_freq_factor:
+                yield ("high_freq_factor",), (f"high_freq_factor ({self.high_freq_factor}) must be at least "
                                               f"low_freq_factor ({self.low_freq_factor})")
 
         def scale(self, inv_freq: torch.Tensor, theta: float, dim: int) -> torch.Tensor:
             old = self.original_max_position_embeddings
             wavelen = 2 * math.pi / inv_freq
             low_wavelen, high_wavelen = old / self.low_freq_factor, old / self.high_freq_factor
+            out = torch.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
+            if self.high_freq_factor == self.low_freq_factor:     # Llama 4: no ramp, a step at the one wavelength
+                return out
             smooth = ((old / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor))
             mixed = (1 - smooth) * inv_freq / self.factor + smooth * inv_freq
-            out = torch.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
             return torch.where((wavelen <= low_wavelen) & (wavelen >= high_wavelen), mixed, out)
+
+
+class LinearScaling:
+    """Linear RoPE scaling (position interpolation, Chen et al. 2023): every frequency divided by factor."""
+
+    @declared
+    class Spec(Kind):
+        factor: float = param(doc="How much longer the new context is (positions are divided by it).",
+                              exclusive_minimum=0)
+
+        attention_factor = 1.0
+        softmax_factor = 1.0
+
+        def scale(self, inv_freq: torch.Tensor, theta: float, dim: int) -> torch.Tensor:
+            return inv_freq / self.factor
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:

@@ -71,7 +71,13 @@ def rope_section(config: dict, *, softmax_mscale: bool = False) -> dict:
     if rope_type == "yarn":
         out["scaling"] = _yarn_section(config, params, softmax_mscale)
         return out
-    raise HFError(f"config.json: rope type '{rope_type}' is not implemented (we convert default, llama3 and yarn); "
+    if rope_type == "linear":
+        if params.get("factor") is None:
+            raise HFError("config.json: rope_parameters.factor is missing, which rope type linear needs")
+        out["scaling"] = {"kind": "linear", "factor": float(params["factor"])}
+        return out
+    raise HFError(f"config.json: rope type '{rope_type}' is not implemented (we convert default, linear, llama3 and "
+                  "yarn); "
                   "the model would not be the same")
 
 
@@ -123,6 +129,8 @@ def rope_config(positional, *, softmax_mscale: bool = False) -> dict:
         params.update(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
                       high_freq_factor=s.high_freq_factor,
                       original_max_position_embeddings=s.original_max_position_embeddings)
+    elif s is not None and s.kind == "linear":
+        params.update(rope_type="linear", factor=s.factor)
     elif s is not None and s.kind == "yarn":
         if s.mscale_all_dim and not softmax_mscale:
             raise HFError("rope scaling yarn with mscale_all_dim (a softmax temperature) is exported only by "
@@ -135,7 +143,7 @@ def rope_config(positional, *, softmax_mscale: bool = False) -> dict:
             if value is not None:
                 params[key] = value
     elif s is not None:
-        raise HFError(f"rope scaling '{s.kind}' is not exported (we export llama3 and yarn)")
+        raise HFError(f"rope scaling '{s.kind}' is not exported (we export linear, llama3 and yarn)")
     out = {"rope_parameters": params, "rope_theta": positional.theta}
     if positional.partial != 1.0:
         out["partial_rotary_factor"] = positional.partial

@@ -306,3 +306,22 @@ def test_sliding_windows_round_trip(tmp_path, monkeypatch, name, changes):
     with torch.no_grad():
         assert (back(IDX).logits - hf(IDX).logits).abs().max().item() <= 1e-4
         assert (ours_logits(model, IDX) - hf(IDX).logits).abs().max().item() <= 1e-4
+
+
+# ----------------------------------------------------------------------------------- RoPE kinds added later
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+    # Llama 4's published llama3 scaling has low_freq_factor == high_freq_factor (no ramp); it was refused
+    {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+     "original_max_position_embeddings": 16, "rope_theta": 500000.0},
+], ids=["linear", "llama3_no_ramp"])
+def test_rope_scalings_match_transformers_and_export_back(tmp_path, monkeypatch, rope):
+    hf = tiny(monkeypatch, tmp_path / "hf", "llama", rope_parameters=rope)
+    model = imported(tmp_path)
+    assert model.spec.positional.scaling.kind == rope["rope_type"]
+    assert_logits_match(hf, model, IDX)
+    assert hf_main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert back.config.rope_parameters == {**rope}
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDX).logits, hf(IDX).logits, atol=1e-5, rtol=0)
