@@ -306,10 +306,11 @@ def test_the_norm_probe_allocates_no_width_and_measures_what_the_real_width_save
     import torch
     norm = spec.block.norm
     module = norm.build()
-    seen, out = P._saved(module, torch.randn(2, 96, requires_grad=True), skip=list(module.parameters()))
+    from nanodecoder.components.contracts import saved_storages
+    seen, out = saved_storages(module, torch.randn(2, 96, requires_grad=True), skip=list(module.parameters()))
     seen.pop(out.untyped_storage().data_ptr(), None)
-    assert P.norm_bytes_per_token(norm) == pytest.approx(sum(seen.values()) / 2)
+    assert norm.saved_bytes_per_token() == pytest.approx(sum(seen.values()) / 2)
     import dataclasses
     with hang_catcher(10):
-        wide = P.norm_bytes_per_token(dataclasses.replace(norm, dim=10 ** 15))   # 4 PB of weights if built
-    assert wide == pytest.approx(P.norm_bytes_per_token(norm) + (10 ** 15 - 96) * 4)
+        wide = dataclasses.replace(norm, dim=10 ** 15).saved_bytes_per_token()   # 4 PB of weights if built
+    assert wide == pytest.approx(norm.saved_bytes_per_token() + (10 ** 15 - 96) * 4)

@@ -24,14 +24,15 @@ KIND = '''
 import torch
 from torch import nn
 from nanodecoder.components.base import Component
-from nanodecoder.config.declare import Kind, context, declared, param
+from nanodecoder.components.contracts import NormKind
+from nanodecoder.config.declare import context, declared, param
 
 
 class ScaledRMSNorm(Component):
     """RMS norm with a fixed output scale and no learned weight."""
 
     @declared
-    class Spec(Kind):
+    class Spec(NormKind):
         eps: float = param(1e-6, doc="Epsilon added to the mean square.", exclusive_minimum=0)
         scale: float = param(1.0, doc="Output scale.", exclusive_minimum=0)
         dim: int = context("d_model")

@@ -10,6 +10,7 @@ import functools
 from ..config.declare import Kind, build_choice
 from ..config.registry import Catalog, make_catalog
 from .attention import CausalSelfAttention
+from .contracts import CONTRACTS
 from .init import GPT2Init, SwitchInit
 from .mla import MultiHeadLatentAttention
 from .mlp import ClampedSwiGLUMLP, GeGLUMLP, GeluMLP, ReLU2MLP, SwiGLUMLP
@@ -20,7 +21,10 @@ from .routers import NoisyTopKRouter, SigmoidRouter, SwitchRouter, TopKRouter
 
 
 def register(catalog: Catalog) -> None:
-    """Add the built-in model kinds to ``catalog``."""
+    """Add the built-in model kinds to ``catalog``, after setting each category's contract (``contracts.py``),
+    which every kind registered later, plug-ins included, must meet."""
+    for category, contract in CONTRACTS.items():
+        catalog[category].contract = contract
     catalog["norm"].add("layernorm", LayerNorm)
     catalog["norm"].add("rmsnorm", RMSNorm)
     catalog["positional"].add("learned", LearnedPositional)

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config.declare import Kind, context, declared, divisors, param
 from .base import Component, mark_residual
+from .contracts import FP32, AttentionBytes, AttentionKind, dropout_mask
 from .positional import apply_rotary
 
 
@@ -27,7 +28,7 @@ class CausalSelfAttention(Component):
     """Causal self-attention through F.scaled_dot_product_attention; MHA, GQA (n_kv_heads < n_heads) or MQA (n_kv_heads: 1)."""
 
     @declared
-    class Spec(Kind):
+    class Spec(AttentionKind):
         n_heads: int = param(doc="Number of query heads; d_model must be divisible by it unless head_dim is given.",
                              minimum=1)
         n_kv_heads: int | None = param(None, doc="Number of key/value heads (null: same as n_heads); must divide "
@@ -120,6 +121,42 @@ class CausalSelfAttention(Component):
         def fused(self) -> bool:
             """Plain causal attention: ``scaled_dot_product_attention``'s own kernels apply."""
             return self.window is None and not self.sinks and self.logit_softcap is None
+
+        def saved_bytes(self, T: int, c: int, device: str, rotates: bool) -> AttentionBytes:
+            """Plain causal attention runs a fused SDPA kernel: q, k and v (grouped keys and values stay n_kv_heads
+            wide: SDPA's ``enable_gqa``), the output and the log-sum-exp; where q is a view of the qkv projection (no
+            RoPE, no qk-norm) the whole projection stays alive, and where it is not the output is copied once more
+            for the out-projection.  Under CPU autocast everything between the projections runs in fp32 (torch's
+            bf16 CPU attention is slower): the qkv projection is cast to fp32 once.  A window, soft-capping and
+            sinks take the explicit path, which keeps q, k, v copies, a [T, T] mask, the probabilities
+            ([T, T + sinks] per head: all T keys, masked or not; fp32 plus a compute-dtype copy under CUDA autocast)
+            and the soft-capped scores; so does SDPA's math path, which the CPU takes for attention dropout
+            (computing q, k, v and the probabilities in fp32)."""
+            H, s, v, D, K = self.n_heads, self.score_dim, self.value_dim, self.dim, self.kv_heads
+            cpu_math = device == "cpu" and self.fused and bool(self.dropout or s != v)
+            mask = dropout_mask(c, device)
+            per_token = D * c + (D * mask if self.dropout else 0)          # the input, the output dropout's mask
+            ac = FP32 if device == "cpu" else c           # CPU autocast casts the qkv projection to fp32
+            if self.qk_norm:  # fp32: keeps its input (the qkv buffer, or fp32 copies of q and k), a product, stats
+                kept = (H * s + K * s + K * v) * ac if ac == FP32 else (H + K) * s * FP32
+                per_token += kept + (H + K) * (s + 1) * FP32
+            per_sequence = 0.0
+            if not self.fused or cpu_math:
+                m = FP32 if cpu_math else c
+                per_token += (2 * H * s + H * v) * m + H * v * c              # q, k, v copies; the output copy
+                probs = m if m == FP32 or device == "cpu" else FP32 + c
+                extra = 1 if self.sinks else 0
+                per_sequence = H * T * ((T + extra) * probs + (T * m if self.logit_softcap else 0)
+                                        + (T * (mask + m) if self.dropout else 0))
+            else:
+                new_q = rotates or self.qk_norm                                # rotated or normed q and k are new
+                # v (at least) is a view of the qkv buffer, which stays alive (counted above where the fp32
+                # qk-norm keeps it)
+                views = not (self.qk_norm and ac == FP32)
+                per_token += (new_q * (H + K) * s + views * (H * s + K * s + K * v)) * ac
+                # the output (and its copy; under CPU autocast an fp32 output and the out-projection's input), lse
+                per_token += (H * v * c * (1 + new_q) if ac == c else H * v * (FP32 + c)) + H * FP32
+            return AttentionBytes(per_token, per_sequence, T * T if not self.fused else 0)
 
         def check(self):
             if self.head_dim is None and self.dim % self.n_heads:

@@ -28,6 +28,7 @@ from torch import nn
 from ..config.declare import Kind, context, declared, param
 from .attention import sdpa, visible
 from .base import Component, mark_residual
+from .contracts import FP32, AttentionBytes, AttentionKind, dropout_mask
 from .norms import RMSNorm
 from .positional import apply_rotary
 
@@ -41,7 +42,7 @@ class MultiHeadLatentAttention(Component):
     KV cache of the latent."""
 
     @declared
-    class Spec(Kind):
+    class Spec(AttentionKind):
         n_heads: int = param(doc="Number of attention heads (DeepSeek-V3: 128).", minimum=1)
         q_lora_rank: int | None = param(None, doc="Width of the compressed query latent (DeepSeek-V3: 1536); "
                                                   "null: queries are projected from the input directly "
@@ -59,8 +60,6 @@ class MultiHeadLatentAttention(Component):
                                        exclusive_minimum=0)
         dropout: float = param(0.0, doc="Attention and output dropout.", minimum=0, maximum=1)
         dim: int = context("d_model")
-
-        window = None          # every earlier position is seen (the planner and the cache ask)
 
         @property
         def score_dim(self) -> int:
@@ -82,6 +81,26 @@ class MultiHeadLatentAttention(Component):
         def cache_width(self) -> int:
             """Numbers cached per position: the latent and the shared rotary key."""
             return self.kv_lora_rank + self.qk_rope_head_dim
+
+        def saved_bytes(self, T: int, c: int, device: str, rotates: bool) -> AttentionBytes:
+            """The latents' norms (fp32 input, product and statistics) and the up-projections' inputs; the
+            up-projected keys and values form the buffer that stays alive, beside the rotated q and k, the output
+            (and its copy) and the log-sum-exp of the fused SDPA.  The CPU takes SDPA's math path for dropout or
+            values narrower than the scores (q, k, v and the probabilities in fp32); under CPU autocast SDPA runs
+            on fp32 copies of q, k and v (``attention.sdpa``)."""
+            H, s, v, D = self.n_heads, self.score_dim, self.value_dim, self.dim
+            mask = dropout_mask(c, device)
+            per_token = D * c + (D * mask if self.dropout else 0)          # the input, the output dropout's mask
+            per_token += sum((2 * w + 1) * FP32 + w * c for w in (self.q_lora_rank, self.kv_lora_rank) if w)
+            per_sequence = 0.0
+            if device == "cpu" and bool(self.dropout or s != v):
+                per_token += (2 * H * s + H * v) * FP32 + H * v * c            # q, k, v copies; the output copy
+                per_sequence = H * T * (T * FP32 + (T * (mask + FP32) if self.dropout else 0))
+            elif device == "cpu" and c < FP32:
+                per_token += (H * s + H * (s + v)) * FP32 + H * v * (FP32 + c) + H * FP32
+            else:
+                per_token += (rotates * 2 * H * s + H * (s + v)) * c + H * v * c * (1 + rotates) + H * FP32
+            return AttentionBytes(per_token, per_sequence, 0)
 
         @property
         def n_params(self) -> int:

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config.declare import Kind, context, declared, param, round_up
 from .base import Component, mark_residual, no_aux
+from .contracts import FP32, MLPKind, dropout_mask, saved_storages
 
 HIDDEN_MULT_DOC = "Hidden width as a multiple of d_model, rounded up to multiple_of (hidden_size wins when given)."
 
@@ -58,7 +59,7 @@ class _DenseMLP(Component):
     ACT: str
 
     @declared
-    class Spec(Kind):
+    class Spec(MLPKind):
         hidden_size: int | None = param(None, doc="Hidden width of the MLP; overrides hidden_mult.", minimum=1)
         hidden_mult: float = param(4.0, doc=HIDDEN_MULT_DOC, exclusive_minimum=0)
         multiple_of: int = param(16, doc="Round a hidden_mult-derived width up to a multiple of this.", minimum=1)
@@ -76,6 +77,11 @@ class _DenseMLP(Component):
             if self.hidden_size is not None:
                 return self.hidden_size
             return round_up(self.hidden_mult * self.dim, self.multiple_of)
+
+        def saved_bytes_per_token(self, c: int, device: str) -> float:
+            """Its input, the activations (:func:`activation_units`), the output dropout's mask."""
+            mask = self.dim * dropout_mask(c, device) if self.dropout else 0
+            return self.dim * c + activation_units(self.impl.ACT) * self.hidden * c + mask
 
     def __init__(self, spec):
         super().__init__()
@@ -151,3 +157,14 @@ DENSE = {"gelu": GeluMLP, "swiglu": SwiGLUMLP, "geglu": GeGLUMLP, "swiglu_clampe
 ACTIVATIONS = {"gelu": (gelu, 1), "relu2": (relu2, 1), "swiglu": (swiglu, 2), "geglu": (geglu, 2),
                "swiglu_clamped": (functools.partial(clamped_swiglu, alpha=ClampedSwiGLUMLP.Spec.alpha,
                                                     limit=ClampedSwiGLUMLP.Spec.limit), 2)}
+
+
+@functools.lru_cache(maxsize=None)
+def activation_units(name: str) -> float:
+    """Numbers saved per hidden unit from an MLP's up-projection output to its down-projection input (both
+    included), for the activation ``name`` of :data:`ACTIVATIONS`: measured once on 2 x 8 units."""
+    fn, width = ACTIVATIONS[name]
+    tokens, hidden = 2, 8
+    seen, out = saved_storages(fn, torch.randn(tokens, width * hidden, requires_grad=True))
+    seen[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
+    return sum(seen.values()) / FP32 / (tokens * hidden)

@@ -37,9 +37,10 @@ from einops import rearrange
 
 from ..config.declare import Kind, choice, context, declared, param, round_up
 from .base import Component
-from .mlp import DENSE, expert_params
+from .contracts import FP32, INDEX, MLPKind
+from .mlp import DENSE, activation_units, expert_params
 from .moe_dispatch import DropPolicy, combine, expert_capacity, gather_tokens, plan_dispatch
-from .moe_experts import ExpertKernel, Experts, grouped_mm_shapes_ok
+from .moe_experts import CPU_LOW_PRECISION_ROWS, ExpertKernel, Experts, grouped_mm_shapes_ok
 from .routers import load_balancing_loss, mean_entropy, router_z_loss
 
 class MoE(Component):
@@ -47,7 +48,7 @@ class MoE(Component):
     optional always-on shared experts."""
 
     @declared
-    class Spec(Kind):
+    class Spec(MLPKind):
         n_experts: int = param(doc="Number of routed experts E.", minimum=1)
         top_k: int = param(doc="Experts per token k (at most n_experts; the router 'switch' needs 1).", minimum=1)
         expert_kind: Literal[tuple(sorted(DENSE))] = param(
@@ -114,6 +115,34 @@ class MoE(Component):
         def n_active(self) -> float:
             """Parameters one token uses: routed experts count top_k of n_experts."""
             return self.n_params - self.routed_params * (1.0 - self.top_k / self.n_experts)
+
+        @property
+        def router_params(self) -> float:
+            return self.router.n_params
+
+        @property
+        def expert_params(self) -> float:
+            return self.n_params - self.router.n_params
+
+        def saved_bytes_per_token(self, c: int, device: str) -> float:
+            """The router's (fp32), then for each of the k assignments its gathered input, the expert's
+            activations and output, its weight and four index entries; the shared experts' activations and,
+            under autocast, their cast input."""
+            D, k = self.dim, self.top_k
+            per_expert = activation_units(self.expert_kind) * self.hidden * c
+            routed = (self.router.saved_bytes_per_token() + k * (D * c + per_expert + D * c + c + FP32 + 4 * INDEX)
+                      + 3 * FP32)
+            cast = D * c if self.n_shared_experts and c < FP32 else 0
+            return routed + self.n_shared_experts * per_expert + cast
+
+        def saved_bytes_per_batch(self, c: int, device: str) -> float:
+            """The zero rows of a CPU bf16/fp16 expert loop: each expert's rows are padded to a multiple of
+            ``CPU_LOW_PRECISION_ROWS``, (multiple - 1) / 2 rows on average, each keeping its compute-dtype input
+            and activations."""
+            if device != "cpu" or c == FP32 or self.dispatch == "grouped_mm":
+                return 0.0
+            per_row = self.dim * c + activation_units(self.expert_kind) * self.hidden * c
+            return self.n_experts * (CPU_LOW_PRECISION_ROWS - 1) / 2 * per_row
 
         @property
         def eval_factor(self) -> float | None:

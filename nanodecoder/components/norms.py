@@ -5,15 +5,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config.declare import Kind, context, declared, param
+from ..config.declare import context, declared, param
 from .base import Component
+from .contracts import NormKind
 
 
 class LayerNorm(Component):
     """LayerNorm (GPT-2), with an optional bias (nanoGPT's ``bias=False`` has none)."""
 
     @declared
-    class Spec(Kind):
+    class Spec(NormKind):
         bias: bool = param(True, doc="Learnable bias (GPT-2: true; nanoGPT bias=False: false).")
         eps: float = param(1e-5, doc="Epsilon added to the variance.", exclusive_minimum=0)
         dim: int = context("d_model")
@@ -41,7 +42,7 @@ class RMSNorm(Component):
     """RMSNorm (LLaMA): root-mean-square norm, no centring, no bias, computed in float32 (or float64)."""
 
     @declared
-    class Spec(Kind):
+    class Spec(NormKind):
         eps: float = param(1e-6, doc="Epsilon added to the mean square.", exclusive_minimum=0)
         dim: int = context("d_model")
 

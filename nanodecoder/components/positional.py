@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config.declare import Kind, choice, context, declared, param
 from .base import Component
+from .contracts import PositionalKind
 
 
 class Rotary(NamedTuple):
@@ -29,7 +30,7 @@ class LearnedPositional(Component):
     """Learned absolute position embeddings (GPT-2), one per context position."""
 
     @declared
-    class Spec(Kind):
+    class Spec(PositionalKind):
         context_length: int = context()
         dim: int = context("d_model")
 
@@ -53,10 +54,8 @@ class RoPE(Component):
     """Rotary position embedding applied to queries and keys (Su et al. 2021), pairing dimension i with
     i + rotary_dim/2 (the "rotate half" layout of GPT-NeoX and Hugging Face LLaMA)."""
 
-    ROTATES_HEADS = True       # the head dimension must be even and the same in every layer
-
     @declared
-    class Spec(Kind):
+    class Spec(PositionalKind):
         theta: float = param(10000.0, doc="RoPE base frequency (LLaMA-3 uses 500000).", exclusive_minimum=0)
         partial: float = param(1.0, doc="Fraction of each head's dimensions that is rotated (the first ones, "
                                         "rounded down to an even count; GPT-NeoX, Phi); the rest pass unchanged.",
@@ -67,6 +66,7 @@ class RoPE(Component):
         head_dim: int = context("block.attention.rotary_size")
 
         n_params = 0
+        rotates_heads = True       # the head dimension must be even and the same in every layer
 
         @property
         def rotary_dim(self) -> int:

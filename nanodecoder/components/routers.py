@@ -46,6 +46,7 @@ from torch import nn
 
 from ..config.declare import PARENT, Kind, context, declared, divisors, param
 from .base import Component
+from .contracts import RouterKind
 from .init import DEFAULT_INIT, init_tensor
 
 
@@ -76,7 +77,7 @@ class Router(Component):
     """
 
     @declared
-    class Spec(Kind):
+    class Spec(RouterKind):
         bias: bool = param(False, doc="A learned bias on the router projection (GPT-OSS); it enters the logits, "
                                       "unlike sigmoid's balancing bias.")
         dim: int = context("d_model")

@@ -30,14 +30,6 @@ CATEGORIES = {
 }
 
 
-#: category -> what the ``Spec`` of each of its kinds must provide, checked when the kind is registered (the
-#: planner sums these; a kind without them would be silently mis-planned or fail deep inside a dry run)
-CONTRACTS = {
-    "norm": ("n_params",), "positional": ("n_params",), "attention": ("n_params",), "mlp": ("n_params",),
-    "router": ("n_params",),
-}
-
-
 class RegistryError(Exception):
     """Raised for a duplicate registration or an unknown name."""
 
@@ -53,6 +45,9 @@ class Registry:
 
     def __init__(self, category: str):
         self.category = category
+        #: what every kind's ``Spec`` must be and provide (a class with ``missing(spec_cls) -> [what lacks]``, set by
+        #: the package that defines the category: ``components.contracts``), checked by :meth:`add`
+        self.contract: Any = None
         self._items: dict[str, Any] = {}
         self._origin: dict[str, str] = {}
 
@@ -61,13 +56,12 @@ class Registry:
             raise RegistryError(
                 f"{self.category} '{name}' is already registered (by {self._origin[name]}); "
                 f"pick another name for the component from {origin}")
-        spec = getattr(obj, "Spec", None)
-        missing = [a for a in CONTRACTS.get(self.category, ()) if not hasattr(spec, a)]
+        missing = self.contract.missing(getattr(obj, "Spec", None)) if self.contract is not None else []
         if missing:
             raise RegistryError(
-                f"{self.category} kind '{name}' (from {origin}): its Spec has no {', '.join(missing)}; every "
-                f"{self.category} kind says how many weights it holds (a property n_params, 0 for none), which "
-                "the parameter count and the memory plan sum")
+                f"{self.category} kind '{name}' (from {origin}) does not meet the {self.category} contract: it lacks "
+                f"{'; '.join(missing)} (what the parameter count, the memory plan and the builder ask of every "
+                f"{self.category} kind; see {self.contract.__module__}.{self.contract.__name__})")
         self._items[name] = obj
         self._origin[name] = origin
         return obj

@@ -1,8 +1,8 @@
 """Plan a model from its spec alone: parameters, FLOPs and memory, before anything is built.
 
 Nothing here builds the model: every number is arithmetic on the :class:`ModelSpec`
-(plus two probes on a few hundred numbers, see :func:`norm_bytes_per_token` and
-:func:`activation_units`), summed over its distinct blocks (``ModelSpec.layer_groups``), not
+(plus two probes on a few hundred numbers: ``NormKind.saved_bytes_per_token`` and
+``mlp.activation_units``), summed over its distinct blocks (``ModelSpec.layer_groups``), not
 its layers, so a 671B-parameter blueprint, or one of 10**9 layers, plans in milliseconds.
 
 Parameters (``plan.params``, the rows of ``model.params.count_params`` without a module)
@@ -24,7 +24,7 @@ Memory (bytes; per device: FSDP shards the model state over ``world_size``)
     precision); optimizer state = its fp32 states per parameter (AdamW: 2); under
     bf16/fp16 autocast a 2-byte copy of every matmul weight, made by the casts and kept
     for the backward; activations = what autograd saves for the backward, tensor by
-    tensor as our components produce them (see :func:`block_bytes`), deduplicated by
+    tensor as each kind reports it (its contract, ``components/contracts.py``; see :func:`block_bytes`), deduplicated by
     storage: no recomputation; the residual stream, norms and the router in fp32,
     everything else in the compute precision; the logits, their fp32 log-probabilities
     and the loss gradient of one micro-batch.  With activation checkpointing every block
@@ -39,27 +39,15 @@ holds at most ``window`` positions.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 
-import torch
-
-from ..components.mlp import ACTIVATIONS
-from ..components.moe_experts import CPU_LOW_PRECISION_ROWS
+from ..components.contracts import FP32, INDEX, dropout_mask
 from .block import NORMS
 from .params import ParamReport, Row
 from .spec import ModelSpec
 
 #: bytes of one number in each precision's compute dtype ('mixed': bf16 or fp16, two bytes either way)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "mixed": 2}
-FP32 = 4
-INDEX = 8                    # int64 token ids and routing indices
-PROBE_WIDTH = 8              # the norm probes' width (norm_bytes_per_token)
-
-
-def dropout_mask(dtype_bytes: int, device: str) -> int:
-    """Bytes of a dropout mask per element: a bool on CUDA, the input's dtype on the CPU."""
-    return dtype_bytes if device == "cpu" else 1
 
 
 # ---------------------------------------------------------------------------------------- parameters
@@ -78,7 +66,7 @@ def param_report(spec: ModelSpec) -> ParamReport:
     for b, n in spec.layer_groups:
         add(f"norm ({b.norm.kind})", n * len(NORMS[spec.norm_placement]) * b.norm.n_params)
         add(f"attention ({b.attention.kind})", n * b.attention.n_params)
-        add(f"mlp ({b.mlp.kind})", n * b.mlp.n_params, n * getattr(b.mlp, "n_active", b.mlp.n_params))
+        add(f"mlp ({b.mlp.kind})", n * b.mlp.n_params, n * b.mlp.n_active)
     add(f"final norm ({spec.final.kind})", spec.final.n_params)
     head = "output head (tied)" if spec.tie_embeddings else "output head (untied)"
     add(head, 0 if spec.tie_embeddings else spec.vocab_size * spec.d_model)
@@ -88,13 +76,6 @@ def param_report(spec: ModelSpec) -> ParamReport:
 
 
 # ---------------------------------------------------------------------------------------- FLOPs
-def mean_keys(context: int, window: int | None) -> float:
-    """Keys a query attends on average over positions 0..context-1 (causal: t + 1, at most ``window``)."""
-    if window is None or window >= context:
-        return (context + 1) / 2
-    return (window * (window + 1) / 2 + (context - window) * window) / context
-
-
 @dataclass(frozen=True)
 class Flops:
     """Forward FLOPs per token, split into weight matmuls (blocks and head) and attention."""
@@ -128,9 +109,8 @@ def flops(spec: ModelSpec, context: int | None = None) -> Flops:
     T = context or spec.context_length
     matmuls = attention = 0.0
     for b, n in spec.layer_groups:
-        a = b.attention
-        matmuls += 2 * n * (a.n_params + getattr(b.mlp, "n_active", b.mlp.n_params))
-        attention += 2 * n * a.n_heads * (a.score_dim + a.value_dim) * mean_keys(T, a.window)
+        matmuls += 2 * n * (b.attention.matmul_params + b.mlp.n_active)
+        attention += n * b.attention.score_flops(T)
     return Flops(block_matmuls=matmuls, head=2.0 * spec.d_model * spec.vocab_size, attention=attention)
 
 
@@ -141,156 +121,13 @@ def flops_per_token(spec_or_model, context_length: int | None = None) -> float:
 
 
 # ---------------------------------------------------------------------------------------- activations
-def _saved(fn, x: torch.Tensor, skip=()) -> tuple[dict[int, int], torch.Tensor]:
-    """``{storage: bytes}`` autograd saves while ``fn(x)`` runs (the storages of ``skip`` left out) and the
-    output."""
-    skipped = {t.untyped_storage().data_ptr() for t in skip}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skipped:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(x)
-    return seen, out
-
-
-def norm_bytes_per_token(norm) -> float:
-    """Bytes a norm saves per token (its input and statistics; not its output, which its consumer saves):
-    measured once on two tokens at widths 8 and 16 and extended to the norm's width (the saved input grows with
-    the width, the statistics do not), so that no width, however large, is ever allocated."""
-    narrow, wide = (_norm_probe(dataclasses.replace(norm, dim=w)) for w in (PROBE_WIDTH, 2 * PROBE_WIDTH))
-    return narrow + (wide - narrow) * (norm.dim - PROBE_WIDTH) / PROBE_WIDTH
-
-
-@functools.lru_cache(maxsize=None)
-def _norm_probe(norm) -> float:
-    module = norm.build()
-    tokens = 2
-    seen, out = _saved(module, torch.randn(tokens, norm.dim, requires_grad=True), skip=list(module.parameters()))
-    seen.pop(out.untyped_storage().data_ptr(), None)
-    return sum(seen.values()) / tokens
-
-
-@functools.lru_cache(maxsize=None)
-def activation_units(name: str) -> float:
-    """Numbers saved per hidden unit from an MLP's up-projection output to its down-projection input (both
-    included), for the activation ``name`` of ``mlp.ACTIVATIONS``: measured once on 2 x 8 units."""
-    fn, width = ACTIVATIONS[name]
-    tokens, hidden = 2, 8
-    seen, out = _saved(fn, torch.randn(tokens, width * hidden, requires_grad=True))
-    seen[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
-    return sum(seen.values()) / FP32 / (tokens * hidden)
-
-
-def _mlp_activation(mlp) -> str | None:
-    name = getattr(mlp, "expert_kind", None) or getattr(mlp.impl, "ACT", None)
-    return name if name in ACTIVATIONS else None
-
-
-def mlp_bytes_per_token(mlp, c: int, device: str = "cuda") -> float:
-    """Bytes a feed-forward layer (dense or MoE) saves per token, its input included (``c``: compute bytes)."""
-    D = mlp.dim
-    name = _mlp_activation(mlp)
-    hidden = getattr(mlp, "hidden", None)
-    if name is None or hidden is None:        # an unknown kind: its input and 2 numbers per hidden unit
-        return D * c + 2 * c * (hidden or mlp.n_params / (2 * D))
-    per_expert = activation_units(name) * hidden * c
-    k = getattr(mlp, "top_k", None)
-    if k is None:                             # dense: input, activations, dropout mask
-        return D * c + per_expert + (D * dropout_mask(c, device) if getattr(mlp, "dropout", 0) else 0)
-    shared = getattr(mlp, "n_shared_experts", 0)
-    E = mlp.n_experts
-    # the router runs in fp32: it keeps the input, logits and probabilities; each of the k assignments keeps
-    # its gathered input, the expert's activations and output, its weight and four index entries
-    routed = D * FP32 + 2 * E * FP32 + k * (D * c + per_expert + D * c + c + FP32 + 4 * INDEX) + 3 * FP32
-    cast = D * c if shared and c < FP32 else 0   # the shared experts' matmul casts the fp32 input
-    return routed + shared * per_expert + cast
-
-
-def expert_padding_bytes(mlp, c: int, device: str) -> float:
-    """Bytes the zero rows of a CPU bf16/fp16 expert loop save per layer and micro-batch: each expert's rows
-    are padded to a multiple of ``CPU_LOW_PRECISION_ROWS``, (multiple - 1) / 2 rows on average; each keeps its
-    compute-dtype input and activations."""
-    name = _mlp_activation(mlp)
-    if (getattr(mlp, "top_k", None) is None or device != "cpu" or c == FP32 or name is None
-            or getattr(mlp, "dispatch", "auto") == "grouped_mm"):
-        return 0.0
-    per_row = mlp.dim * c + activation_units(name) * mlp.hidden * c
-    return mlp.n_experts * (CPU_LOW_PRECISION_ROWS - 1) / 2 * per_row
-
-
-@dataclass(frozen=True)
-class AttentionBytes:
-    per_token: float      # numbers that scale with the tokens
-    per_sequence: float   # [T, S] terms of one sequence (probabilities)
-    per_batch: float      # [T, S] masks, one per layer and micro-batch
-
-
-def attention_bytes(a, T: int, c: int, rotates: bool, device: str) -> AttentionBytes:
-    """What one attention layer saves for a sequence of T tokens, its input included.
-
-    Plain causal attention runs a fused SDPA kernel: q, k and v (grouped keys and values stay n_kv_heads wide:
-    SDPA's ``enable_gqa``), the output and the log-sum-exp; where q is a view of the qkv projection (no RoPE, no qk-norm) the
-    whole projection stays alive, and where it is not the output is copied once more for the out-projection.
-    Under CPU autocast everything between the projections runs in fp32 (torch's bf16 CPU attention is slower):
-    the causal layer casts its qkv projection to fp32 once, MLA hands SDPA fp32 copies of q, k and v.
-    A window, soft-capping and sinks take our explicit path, which keeps q, k, v copies, a [T, T] mask, the
-    probabilities ([T, T + sinks] per head: all T keys, masked or not; fp32 plus a compute-dtype copy under CUDA
-    autocast) and the soft-capped scores; so does SDPA's math path, which the CPU takes for attention dropout or
-    values narrower than the scores (computing q, k, v and the probabilities in fp32). Low-rank latents (MLA's
-    ``q_lora_rank``, ``kv_lora_rank``) add their norms (fp32 input, product and statistics) and the
-    up-projections' inputs, and the up-projected keys and values form the buffer that stays alive.
-    """
-    H, s, v, D = a.n_heads, a.score_dim, a.value_dim, a.dim
-    K = getattr(a, "kv_heads", H)
-    qk_norm = getattr(a, "qk_norm", False)
-    fused = getattr(a, "fused", True)
-    dropout = getattr(a, "dropout", 0.0)
-    latents = [w for w in (getattr(a, "q_lora_rank", None), getattr(a, "kv_lora_rank", None)) if w]
-    cpu_math = device == "cpu" and fused and bool(dropout or s != v)
-    math = not fused or cpu_math
-    mask = dropout_mask(c, device)
-    per_token = D * c + (D * mask if dropout else 0)                  # the input, the output dropout's mask
-    per_token += sum((2 * w + 1) * FP32 + w * c for w in latents)
-    per_sequence = 0.0
-    ac = FP32 if device == "cpu" and not latents else c    # CPU autocast casts the qkv projection to fp32
-    if qk_norm:   # runs in fp32: keeps its input (the qkv buffer, or fp32 copies of q and k), one product, stats
-        kept = (H * s + K * s + K * v) * ac if ac == FP32 else (H + K) * s * FP32
-        per_token += kept + (H + K) * (s + 1) * FP32
-    if math:
-        m = FP32 if cpu_math else c
-        per_token += (2 * H * s + H * v) * m + H * v * c              # q, k, v copies; the output copy
-        probs = m if m == FP32 or device == "cpu" else FP32 + c
-        extra = 1 if getattr(a, "sinks", False) else 0
-        per_sequence = H * T * ((T + extra) * probs + (T * m if getattr(a, "logit_softcap", None) else 0)
-                                + (T * (mask + m) if dropout else 0))
-    elif device == "cpu" and c < FP32 and latents:
-        # MLA under CPU autocast: SDPA runs on fp32 copies of q, k and v (components.attention.sdpa)
-        per_token += (H * s + H * (s + v)) * FP32 + H * v * (FP32 + c) + H * FP32
-    else:
-        new_q = rotates or qk_norm                                     # rotated or normed q and k are new
-        # v (at least) is a view of the qkv buffer, which stays alive (counted above where the fp32 qk-norm keeps it)
-        views = not (qk_norm and ac == FP32)
-        buffer = H * (s + v) if latents else H * s + K * s + K * v
-        kv_heads = H if latents else K                                 # SDPA groups the heads itself
-        per_token += (new_q * (H + kv_heads) * s + views * buffer) * ac
-        # the output (and its copy; under CPU autocast an fp32 output and the out-projection's input), log-sum-exp
-        per_token += (H * v * c * (1 + new_q) if ac == c else H * v * (FP32 + c)) + H * FP32
-    return AttentionBytes(per_token, per_sequence, T * T if not fused else 0)
-
-
 def block_bytes(spec: ModelSpec, b, T: int, c: int, device: str) -> tuple[float, float]:
     """``(bytes per sequence, bytes per micro-batch)`` one block saves for the backward: its norms (each keeps
     its input), the attention and the MLP (each keeps its input: a norm's output, in the compute dtype)."""
-    rotates = getattr(spec.positional.impl, "ROTATES_HEADS", False)
-    a = attention_bytes(b.attention, T, c, rotates, device)
-    norms = len(NORMS[spec.norm_placement]) * norm_bytes_per_token(b.norm)
-    return (T * (norms + a.per_token + mlp_bytes_per_token(b.mlp, c, device)) + a.per_sequence,
-            a.per_batch + expert_padding_bytes(b.mlp, c, device))
+    a = b.attention.saved_bytes(T, c, device, spec.positional.rotates_heads)
+    norms = len(NORMS[spec.norm_placement]) * b.norm.saved_bytes_per_token()
+    return (T * (norms + a.per_token + b.mlp.saved_bytes_per_token(c, device)) + a.per_sequence,
+            a.per_batch + b.mlp.saved_bytes_per_batch(c, device))
 
 
 @dataclass(frozen=True)
@@ -324,7 +161,7 @@ def activations(spec: ModelSpec, T: int, batch: int = 1, precision: str = "fp32"
         per_block.append((batch * seq + once, n))
     D, V = spec.d_model, spec.vocab_size
     softcap = V * c if spec.logit_softcap is not None else 0
-    head = tokens * (norm_bytes_per_token(spec.final) + D * c + V * FP32 + softcap)
+    head = tokens * (spec.final.saved_bytes_per_token() + D * c + V * FP32 + softcap)
     dropped = D * dropout_mask(FP32, device) if spec.dropout else 0
     return Activations(embedding=tokens * (INDEX + dropped), blocks=sum(b * n for b, n in per_block), head=head,
                        logits=tokens * V * (c + FP32), block_inputs=tokens * D * FP32 * spec.n_layers,
@@ -383,17 +220,6 @@ class Memory:
         return {key: getattr(self, key) for key, _ in self.ROWS}
 
 
-def _router(mlp) -> float:
-    """Parameters of an MoE layer's router (it runs in fp32: never cast)."""
-    router = getattr(mlp, "router", None)
-    return router.n_params if router is not None else 0
-
-
-def _expert_params(mlp) -> float:
-    """Parameters of an MoE layer's experts (cast with an explicit ``.to``, not cached by autocast)."""
-    return mlp.n_params - _router(mlp) if getattr(mlp, "n_experts", None) is not None else 0
-
-
 @dataclass(frozen=True)
 class Plan:
     spec: ModelSpec
@@ -419,7 +245,7 @@ class Plan:
     def kv_cache_per_sequence(self) -> float:
         """Bytes of the KV cache of one sequence of ``context`` tokens (a windowed layer holds its window)."""
         T = self.setting.context
-        return sum(n * b.attention.cache_width * min(T, b.attention.window or T)
+        return sum(n * b.attention.cache_width * b.attention.cache_positions(T)
                    for b, n in self.spec.layer_groups) * self.compute_bytes
 
     def memory(self, checkpointing: bool | None = None) -> Memory:
@@ -431,8 +257,8 @@ class Plan:
         head = spec.vocab_size * spec.d_model
         groups = spec.layer_groups
         blocks = [(b.attention.n_params + b.mlp.n_params, n) for b, n in groups]      # (one block's, layers)
-        matmul = sum(n * (b.attention.n_params + b.mlp.n_params - _router(b.mlp)) for b, n in groups) + head
-        experts = [(_expert_params(b.mlp), n) for b, n in groups]
+        matmul = sum(n * (b.attention.n_params + b.mlp.n_params - b.mlp.router_params) for b, n in groups) + head
+        experts = [(b.mlp.expert_params, n) for b, n in groups]
         copies = 0.0
         if DTYPE_BYTES[st.precision] < FP32:
             all_experts = sum(e * n for e, n in experts)

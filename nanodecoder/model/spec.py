@@ -191,7 +191,7 @@ class ModelSpec:
                                        "(stop: null goes to the end)")
             elif stop is not None and stop <= start:
                 yield at + ("stop",), f"stop {stop} selects no layer; it must be greater than start ({start})"
-        if getattr(self.positional.impl, "ROTATES_HEADS", False):
+        if self.positional.rotates_heads:
             yield from self._rotary_checks()
         yield from self._size_checks()
 
@@ -218,8 +218,8 @@ class ModelSpec:
     def _rotary_checks(self):
         seen: dict[int, tuple] = {}
         for at, definition in self.definitions():
-            attn = getattr(definition, "attention", None)
-            origin = getattr(attn, "rotary_origin", None)
+            attn = definition.attention
+            origin = attn.rotary_origin if attn is not None else None
             if origin is None:
                 continue              # no attention here, or its own check reports the problem
             key, how, fix = origin

@@ -10,7 +10,8 @@ from torch import nn
 from nanodecoder import components
 from nanodecoder.cli.blueprint import RunSpec, load_blueprint
 from nanodecoder.cli.catalog import REGISTERS, builtin_catalog
-from nanodecoder.config.declare import Kind, context, declared, param
+from nanodecoder.components.contracts import NormKind
+from nanodecoder.config.declare import context, declared, param
 from nanodecoder.config.messages import explain
 from nanodecoder.config.registry import make_catalog
 from nanodecoder.config.schema import compile_schema
@@ -36,7 +37,7 @@ class ScaleNorm(nn.Module):
     """||x|| normalisation with one learned scale."""
 
     @declared
-    class Spec(Kind):
+    class Spec(NormKind):
         eps: float = param(1e-5, doc="Epsilon.")
         dim: int = context("d_model")
 

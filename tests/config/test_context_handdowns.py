@@ -9,6 +9,7 @@ import torch
 from nanodecoder.api.blueprint import RunSpec
 from nanodecoder.api.catalog import REGISTERS
 from nanodecoder.components.base import Component
+from nanodecoder.components.contracts import AttentionKind, NormKind
 from nanodecoder.config.declare import Kind, context, context_problems, declared, param
 from nanodecoder.config.registry import RegistryError, make_catalog
 from nanodecoder.config.validate import schema_of
@@ -19,7 +20,7 @@ def norm_kind(source: str):
         """A norm that reads its width from the model."""
 
         @declared
-        class Spec(Kind):
+        class Spec(NormKind):
             eps: float = param(1e-6, doc="Epsilon.", exclusive_minimum=0)
             dim: int = context(source)
 
@@ -66,11 +67,37 @@ def test_a_model_kind_that_does_not_say_its_weights_is_refused_at_registration()
         """A norm whose spec forgot n_params."""
 
         @declared
-        class Spec(Kind):
+        class Spec(NormKind):
             dim: int = context("d_model")
 
-    with pytest.raises(RegistryError, match=r"norm kind 'weightless' \(from plug-in 'test'\): its Spec has no "
-                                            r"n_params"):
+    with pytest.raises(RegistryError, match=r"norm kind 'weightless' \(from plug-in 'test'\) does not meet the norm "
+                                            r"contract: it lacks n_params"):
         catalog["norm"].add("weightless", Weightless, origin="plug-in 'test'")
     assert "weightless" not in catalog["norm"]
     catalog["schedule"].add("any_schedule", Weightless)          # categories without a planner contract take it
+
+
+def test_a_model_kind_whose_spec_is_not_its_category_contract_is_refused():
+    catalog = make_catalog(*REGISTERS, plugins=False)
+
+    class Untyped(Component):
+        """A norm whose spec derives from the bare Kind: nothing says what the planner may ask of it."""
+
+        @declared
+        class Spec(Kind):
+            dim: int = context("d_model")
+            n_params = 0
+
+    with pytest.raises(RegistryError, match=r"lacks a Spec deriving from nanodecoder.components.contracts.NormKind"):
+        catalog["norm"].add("untyped", Untyped, origin="plug-in 'test'")
+
+    class Bare(Component):
+        """An attention kind that says its weights only."""
+
+        @declared
+        class Spec(AttentionKind):
+            n_params = 0
+
+    with pytest.raises(RegistryError, match=r"attention kind 'bare'.* lacks cache_width; saved_bytes; n_heads, "
+                                            r"score_dim, value_dim \(or its own score_flops\)"):
+        catalog["attention"].add("bare", Bare, origin="plug-in 'test'")

@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nanodecoder.cli.blueprint import blueprint_model_spec
 from nanodecoder.model import build_model
+from nanodecoder.components.contracts import mean_keys
 from nanodecoder.model import plan as P
 from nanodecoder.model.params import count_blueprint
 from nanodecoder.model.spec import build_model_spec
@@ -106,7 +107,7 @@ def test_flops_of_a_tiny_model_by_hand():
 def test_mean_keys_averages_the_causal_window():
     for T, window in [(1, None), (10, None), (10, 3), (10, 10), (10, 30), (7, 1)]:
         brute = sum(min(t + 1, window or T) for t in range(T)) / T
-        assert P.mean_keys(T, window) == pytest.approx(brute)
+        assert mean_keys(T, window) == pytest.approx(brute)
 
 
 @pytest.mark.parametrize("case", ["gpt2", "moe + shared", "window (SDPA mask)", "gemma-like"])

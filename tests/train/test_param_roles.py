@@ -6,7 +6,8 @@ from torch import nn
 
 from nanodecoder.components import component_spec, register
 from nanodecoder.components.base import Component
-from nanodecoder.config.declare import Kind, context, declared, param
+from nanodecoder.components.contracts import NormKind
+from nanodecoder.config.declare import context, declared, param
 from nanodecoder.config.registry import make_catalog
 from nanodecoder.model import build_model, build_model_spec
 from nanodecoder.train.optim import param_roles
@@ -16,7 +17,7 @@ class DyT(Component):
     """Dynamic tanh (Zhu et al. 2025): y = weight * tanh(alpha * x) + bias, a norm with no statistics."""
 
     @declared
-    class Spec(Kind):
+    class Spec(NormKind):
         alpha: float = param(0.5, doc="Initial alpha.", exclusive_minimum=0)
         dim: int = context("d_model")
 
