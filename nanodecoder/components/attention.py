@@ -57,6 +57,11 @@ class CausalSelfAttention(Component):
         dropout: float = param(0.0, doc="Attention and output dropout.", minimum=0, maximum=1)
         dim: int = context("d_model")
 
+        EXAMPLES = ({"n_heads": 4},
+                    {"n_heads": 4, "n_kv_heads": 2, "qk_norm": True, "bias": ["q", "k", "v"]},
+                    {"n_heads": 4, "head_dim": 8, "qk_norm": True, "qk_norm_scope": "projection", "bias": True},
+                    {"n_heads": 4, "n_kv_heads": 1, "window": 6, "sinks": True, "logit_softcap": 20.0})
+
         @property
         def head_size(self) -> int:
             """The width E of each head."""

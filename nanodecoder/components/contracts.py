@@ -60,6 +60,11 @@ def saved_storages(fn, x: torch.Tensor, skip=()) -> tuple[dict[int, int], torch.
 class Contract(Kind):
     """Base of the category contracts: ``REQUIRED`` lists what a kind's Spec must provide itself."""
     REQUIRED: ClassVar[tuple[str, ...]] = ("n_params",)
+    #: tiny configurations of this kind (its YAML parameters, beside ``kind``) that the conformance suite builds
+    #: in a model, one per path worth checking; ``{}`` (the defaults) where every parameter has one
+    EXAMPLES: ClassVar[tuple[dict, ...]] = ({},)
+    #: settings of the enclosing section the examples need (e.g. a top-1 router's MoE has ``top_k: 1``)
+    HOST: ClassVar[dict] = {}
 
     @classmethod
     def missing(cls, spec_cls: type) -> list[str]:
@@ -206,6 +211,24 @@ class RouterKind(Contract):
         return self.dim * FP32 + 2 * self.n_experts * FP32
 
 
+# ---------------------------------------------------------------------------------------------------- rope_scaling
+class RopeScalingKind(Contract):
+    """A RoPE frequency scaling: ``scale(inv_freq, theta, dim) -> inv_freq``, and the factors it puts on cos and
+    sin (``attention_factor``) and on the softmax scale (``softmax_factor``), 1 by default.  No weights."""
+    REQUIRED = ("scale",)
+    n_params: ClassVar[int] = 0
+    attention_factor: ClassVar[float] = 1.0
+    softmax_factor: ClassVar[float] = 1.0
+
+
+# ---------------------------------------------------------------------------------------------------- init
+class InitKind(Contract):
+    """A weight initialisation: ``fill(t, fan_in, *, residual, expert, embedding)`` fills one tensor in place
+    (``components.init.init_model`` walks the model; a component with special needs has ``init_weights``)."""
+    REQUIRED = ("fill",)
+    n_params: ClassVar[int] = 0
+
+
 #: the contract of each model category (``components.register`` puts them on the catalog's registries)
 CONTRACTS = {"norm": NormKind, "positional": PositionalKind, "attention": AttentionKind, "mlp": MLPKind,
-             "router": RouterKind}
+             "router": RouterKind, "rope_scaling": RopeScalingKind, "init": InitKind}

@@ -17,14 +17,15 @@ import math
 import torch
 from torch import nn
 
-from ..config.declare import Kind, context, declared, param
+from ..config.declare import context, declared, param
+from .contracts import InitKind
 
 
 class GPT2Init:
     """GPT-2 initialisation: normal(0, std), residual output projections std / sqrt(2 n_layers)."""
 
     @declared
-    class Spec(Kind):
+    class Spec(InitKind):
         std: float = param(0.02, doc="Standard deviation of every matrix and embedding.", exclusive_minimum=0)
         zero_init_output: bool = param(False, doc="Initialise the residual output projections to zero.")
         n_layers: int = context()
@@ -44,7 +45,7 @@ class SwitchInit:
     """Switch Transformer initialisation (Fedus et al. 2021): truncated normal, std sqrt(scale / fan_in), cut at 2 std."""
 
     @declared
-    class Spec(Kind):
+    class Spec(InitKind):
         scale: float = param(0.1, doc="Variance scale.", exclusive_minimum=0)
         expert_scale: float | None = param(None, doc="Scale for routed experts (null: the same as scale).",
                                            exclusive_minimum=0)

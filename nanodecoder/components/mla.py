@@ -61,6 +61,11 @@ class MultiHeadLatentAttention(Component):
         dropout: float = param(0.0, doc="Attention and output dropout.", minimum=0, maximum=1)
         dim: int = context("d_model")
 
+        EXAMPLES = ({"n_heads": 4, "q_lora_rank": 24, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4,
+                     "v_head_dim": 8},
+                    {"n_heads": 2, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 12,
+                     "bias": True})
+
         @property
         def score_dim(self) -> int:
             return self.qk_nope_head_dim + self.qk_rope_head_dim

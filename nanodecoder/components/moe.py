@@ -94,6 +94,12 @@ class MoE(Component):
                         "bf16 with sizes not multiples of 8, CUDA in anything but bf16.")
         dim: int = context("d_model")
 
+        EXAMPLES = ({"n_experts": 4, "top_k": 2, "expert_hidden": 32},
+                    {"n_experts": 4, "top_k": 1, "expert_hidden": 32, "n_shared_experts": 1, "expert_kind": "gelu",
+                     "bias": True, "lb_loss_type": "sequence"},
+                    {"n_experts": 4, "top_k": 2, "expert_hidden": 32, "capacity_factor": 1.25,
+                     "eval_capacity_factor": None})
+
         @property
         def hidden(self) -> int:
             """The expert hidden size H."""
@@ -130,10 +136,11 @@ class MoE(Component):
             under autocast, their cast input."""
             D, k = self.dim, self.top_k
             per_expert = activation_units(self.expert_kind) * self.hidden * c
-            routed = (self.router.saved_bytes_per_token() + k * (D * c + per_expert + D * c + c + FP32 + 4 * INDEX)
-                      + 3 * FP32)
-            cast = D * c if self.n_shared_experts and c < FP32 else 0
-            return routed + self.n_shared_experts * per_expert + cast
+            routed = self.router.saved_bytes_per_token() + k * (D * c + per_expert + D * c + c + FP32 + 4 * INDEX)
+            cast = D * c if self.n_shared_experts and c < FP32 else 0   # the shared experts' cast input
+            # a bias (fp32) added to the up-projection promotes the shared experts' activations to fp32
+            shared = activation_units(self.expert_kind) * self.hidden * (FP32 if self.bias else c)
+            return routed + self.n_shared_experts * shared + cast
 
         def saved_bytes_per_batch(self, c: int, device: str) -> float:
             """The zero rows of a CPU bf16/fp16 expert loop: each expert's rows are padded to a multiple of

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config.declare import Kind, choice, context, declared, param
 from .base import Component
-from .contracts import PositionalKind
+from .contracts import PositionalKind, RopeScalingKind
 
 
 class Rotary(NamedTuple):
@@ -107,7 +107,7 @@ class Llama3Scaling:
     """Llama 3.1's RoPE scaling: low frequencies divided by factor, high ones kept, a smooth ramp between."""
 
     @declared
-    class Spec(Kind):
+    class Spec(RopeScalingKind):
         factor: float = param(doc="How much longer the new context is (Llama 3.1: 8).", exclusive_minimum=0)
         low_freq_factor: float = param(1.0, doc="Wavelengths above original_max_position_embeddings / this are "
                                                 "divided by factor.", exclusive_minimum=0)
@@ -116,8 +116,8 @@ class Llama3Scaling:
         original_max_position_embeddings: int = param(8192, doc="The context length the model was trained on.",
                                                       minimum=1)
 
-        attention_factor = 1.0
-        softmax_factor = 1.0
+        EXAMPLES = ({"factor": 8.0, "original_max_position_embeddings": 16}, {"factor": 4.0, "low_freq_factor": 1.0,
+                    "high_freq_factor": 1.0, "original_max_position_embeddings": 16})
 
         def check(self):
             if self.high_freq_factor < self.low_freq_factor:
@@ -140,12 +140,11 @@ class LinearScaling:
     """Linear RoPE scaling (position interpolation, Chen et al. 2023): every frequency divided by factor."""
 
     @declared
-    class Spec(Kind):
+    class Spec(RopeScalingKind):
         factor: float = param(doc="How much longer the new context is (positions are divided by it).",
                               exclusive_minimum=0)
 
-        attention_factor = 1.0
-        softmax_factor = 1.0
+        EXAMPLES = ({"factor": 8.0},)
 
         def scale(self, inv_freq: torch.Tensor, theta: float, dim: int) -> torch.Tensor:
             return inv_freq / self.factor
@@ -161,7 +160,7 @@ class YarnScaling:
     above it, with a linear ramp between; cos and sin scaled by the attention factor."""
 
     @declared
-    class Spec(Kind):
+    class Spec(RopeScalingKind):
         factor: float = param(doc="How much longer the new context is.", exclusive_minimum=0)
         original_max_position_embeddings: int = param(doc="The context length the model was trained on.", minimum=1)
         beta_fast: float = param(32.0, doc="Rotations over the original context above which a frequency is kept.",
@@ -177,6 +176,9 @@ class YarnScaling:
                                                        "scale of every attention layer by yarn_mscale(factor, "
                                                        "mscale_all_dim)^2 (DeepSeek-V2/V3).", exclusive_minimum=0)
         truncate: bool = param(True, doc="Round the band edges to whole dimensions (GPT-OSS: false).")
+
+        EXAMPLES = ({"factor": 4.0, "original_max_position_embeddings": 16},
+                    {"factor": 4.0, "original_max_position_embeddings": 16, "mscale": 1.0, "mscale_all_dim": 1.0})
 
         @property
         def attention_factor(self) -> float:

@@ -46,7 +46,7 @@ from torch import nn
 
 from ..config.declare import PARENT, Kind, context, declared, divisors, param
 from .base import Component
-from .contracts import RouterKind
+from .contracts import FP32, INDEX, RouterKind
 from .init import DEFAULT_INIT, init_tensor
 
 
@@ -131,9 +131,16 @@ class TopKRouter(Router):
 
     @declared
     class Spec(Router.Spec):
+        EXAMPLES = ({}, {"renormalize": False, "bias": True})
         renormalize: bool = param(True, doc="Divide the k selected probabilities by their sum (Mixtral) or keep "
                                             "the full-softmax probabilities (OLMoE). Ignored for top_k 1 (the "
                                             "full-softmax probability is used so the router learns).")
+
+        def saved_bytes_per_token(self) -> float:
+            """Its fp32 input, the probabilities, the chosen indices (and renormalised: the k weights and sum)."""
+            k = self.top_k
+            renormalised = (k + 1) * FP32 if self.renormalize and k > 1 else 0
+            return (self.dim + self.n_experts) * FP32 + k * INDEX + renormalised
 
     def route(self, x):
         logits = self.linear(x)
@@ -152,6 +159,13 @@ class SwitchRouter(Router):
         jitter: float = param(0.0, doc="Multiplicative noise on the router input, uniform in [1-jitter, "
                                        "1+jitter], training only (0: off; Switch used 0.01).",
                               minimum=0, exclusive_maximum=1)
+
+        HOST = {"top_k": 1}
+        EXAMPLES = ({}, {"jitter": 0.01})
+
+        def saved_bytes_per_token(self) -> float:
+            """Its fp32 input (and with jitter the jittered copy), the probabilities, the chosen index."""
+            return (self.dim * (2 if self.jitter else 1) + self.n_experts) * FP32 + INDEX
 
         def check(self):
             if self.top_k != 1:
@@ -204,6 +218,19 @@ class SigmoidRouter(Router):
         bias_update_speed: float = param(0.001, doc="Bias update speed gamma: bias += gamma * sign(mean load - "
                                                     "load), centred, per optimizer step (0 freezes the bias).",
                                          minimum=0)
+
+        EXAMPLES = ({}, {"n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5},
+                    {"n_group": 4, "topk_group": 2})
+
+        def saved_bytes_per_token(self) -> float:
+            """Its fp32 input, the affinities, the chosen indices, the gathered weights (with top_k > 1 their sum
+            and the normalised and scaled copies); group-limited routing adds each group's top-2 indices, the
+            chosen groups and the [N, E] mask of the experts outside them."""
+            k, E = self.top_k, self.n_experts
+            weights = (k + 3) * FP32 if k > 1 else FP32
+            groups = (self.n_group * min(2, E // self.n_group) + self.topk_group) * INDEX + E \
+                if self.n_group > 1 else 0
+            return (self.dim + E) * FP32 + k * INDEX + weights + groups
 
     def __init__(self, spec):
         super().__init__(spec)
@@ -282,6 +309,14 @@ class NoisyTopKRouter(Router):
         @property
         def n_params(self) -> int:
             return super().n_params + self.n_experts * self.dim          # + the noise projection
+
+        def saved_bytes_per_token(self) -> float:
+            """Its fp32 input, the noise scale's input and the noise, the probabilities, the chosen indices and
+            (top_k > 1) weights; with top_k 1 also the full softmax the weight is taken from."""
+            k, E = self.top_k, self.n_experts
+            if k == 1:
+                return (self.dim + 4 * E) * FP32 + INDEX
+            return (self.dim + 3 * E) * FP32 + k * (INDEX + FP32)
 
     def __init__(self, spec):
         super().__init__(spec)

@@ -451,6 +451,9 @@ def _moe_config(spec, model_type, architecture, experts_key):
     m = spec.block.mlp
     if m.kind != "moe":
         raise HFError(f"the {model_type} family is a mixture of experts")
+    if m.router.kind != "topk":
+        raise HFError(f"the {model_type} family routes with a softmax top-k (router kind topk), not "
+                      f"{m.router.kind}")
     config = llama_config(spec, model_type, architecture)
     config.update({experts_key: m.n_experts, "num_experts_per_tok": m.top_k, "intermediate_size": m.hidden,
                    "router_aux_loss_coef": m.lb_loss_coef, "output_router_logits": False})

@@ -184,7 +184,7 @@ def test_bias_survives_safetensors_round_trip(tmp_path):
 
 
 def test_router_classes_are_the_registered_kinds():
-    assert set(ROUTERS) == {"topk", "switch", "sigmoid", "noisy_topk"}
+    assert {"topk", "switch", "sigmoid", "noisy_topk"} <= set(ROUTERS)      # plug-ins may add more
     assert ROUTERS["topk"] is TopKRouter and ROUTERS["noisy_topk"] is NoisyTopKRouter
     for cls in ROUTERS.values():
         assert issubclass(cls, Router)
