@@ -2,6 +2,7 @@
 
     python tools/param_count.py BLUEPRINT [BLUEPRINT ...] [--context N] [--batch N] [--precision bf16]
         [--optimizer adamw] [--activation-checkpointing] [--profile NAME] [--world-size N] [--set KEY=VALUE] [--json]
+        [--cluster "nodes=N,gpus_per_node=8,gpu_memory=80GiB"]
     python tools/param_count.py --compare A.yaml B.yaml [same options]
 
 Nothing is built and no data is prepared: every number is arithmetic on the blueprint's spec (see
@@ -12,8 +13,11 @@ optimizer its train.optimizer; the batch is one sequence per device.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
+from ..model.cluster import (Cluster, ClusterError, LayoutPlan, base_plan, cluster_plans, frontier, parse_cluster,
+                             smallest_cluster)
 from ..model.plan import Plan, Setting, human_bytes, human_count, human_flops, plan
 from ..runtime import AUTO, available_profiles, planned_precision, resolve_profile
 from ..runtime.profiles import PRECISIONS
@@ -55,12 +59,24 @@ def parse_args(argv):
                     help="devices of the job (data parallel as the profile says: ddp replicates, fsdp shards)")
     ap.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                     help="override blueprint values, e.g. --set model.n_layers=2 runtime.data_parallel=fsdp")
+    ap.add_argument("--cluster", metavar="SPEC",
+                    help="plan every FSDP x expert-parallel x checkpointing layout on a cluster, e.g. "
+                         "'nodes=4,gpus_per_node=8,gpu_memory=80GiB' (also gpu=h100|h800|h200|a100|b200, "
+                         "gpu_flops=989e12, mfu=0.4): memory per GPU, bytes communicated per step, step time and "
+                         "tokens/s at the stated MFU, and the smallest cluster that fits")
     ap.add_argument("--json", action="store_true", help="print everything as one JSON object keyed by blueprint")
     args = ap.parse_args(argv)
     if not args.blueprints and not args.compare:
         ap.error("give one or more BLUEPRINTs, or --compare A B")
     if len(args.compare) == 1:
         ap.error("--compare needs two or more blueprints")
+    if args.cluster is not None:
+        if args.compare:
+            ap.error("--cluster plans one blueprint at a time; leave out --compare")
+        try:
+            args.cluster = parse_cluster(args.cluster)
+        except ClusterError as e:
+            ap.error(str(e))
     for flag in ("context", "batch", "world_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -172,6 +188,42 @@ def as_json(p: Plan) -> dict:
             "meanings": MEANINGS, "assumptions": ASSUMPTIONS, **{k: v for k, v in out.items() if k != "params"}}
 
 
+def cluster_report(name: str, p: Plan, cluster: Cluster) -> tuple[str, dict]:
+    """The layouts of one blueprint on ``cluster`` (for each expert-parallel degree, the least-sharded one that
+    fits) and the smallest cluster of its kind that fits, as text and as JSON."""
+    base = base_plan(p.spec, p.setting)
+    plans = cluster_plans(base, cluster)
+    best = frontier(plans)
+    smallest = smallest_cluster(base, cluster)
+    tokens = base.setting.batch * base.setting.context
+    lines = [f"== {name} on {cluster.describe()}: micro-batch {base.setting.batch} x {base.setting.context:,} "
+             f"tokens per GPU, {base.setting.precision} compute, {base.setting.optimizer}",
+             f"  {'layout':<36} {'memory/GPU':>11} {'all-gather':>11} {'reduce-scat.':>12} {'all-reduce':>11} "
+             f"{'all-to-all':>11} {'step':>8} {'tokens/s':>13}"]
+
+    def row(lp: LayoutPlan) -> str:
+        return (f"  {lp.layout.describe() + (f' ({lp.replicas} replicas)' if lp.replicas > 1 else ''):<36} "
+                f"{human_bytes(lp.memory.total):>11} {human_bytes(lp.all_gather):>11} "
+                f"{human_bytes(lp.reduce_scatter):>12} {human_bytes(lp.all_reduce):>11} "
+                f"{human_bytes(lp.all_to_all):>11} {lp.step_time:>7.2f}s {lp.tokens_per_s:>13,.0f}")
+
+    lines += [row(lp) for lp in best] or ["  no layout fits: every one needs more than "
+                                          f"{human_bytes(cluster.gpu_memory)} per GPU"]
+    lines.append(f"  ({sum(lp.fits for lp in plans)} of {len(plans)} layouts fit; shown: for each expert-parallel "
+                 "degree the least-sharded one, without checkpointing where that fits; bytes each GPU receives "
+                 f"per step of {tokens:,} tokens per GPU)")
+    if smallest is None:
+        lines.append("  smallest cluster: none up to 65,536 nodes")
+    else:
+        c, lp = smallest
+        lines.append(f"  smallest cluster that fits: {c.nodes:,} node{'s' if c.nodes > 1 else ''} ({c.world:,} GPUs), "
+                     f"{lp.layout.describe()}, {human_bytes(lp.memory.total)} per GPU")
+    out = {"cluster": dataclasses.asdict(cluster), "layouts": [lp.as_dict() for lp in plans],
+           "shown": [lp.as_dict() for lp in best],
+           "smallest": None if smallest is None else {"nodes": smallest[0].nodes, **smallest[1].as_dict()}}
+    return "\n".join(lines) + "\n", out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     paths = list(dict.fromkeys([*args.compare, *args.blueprints]))
@@ -180,6 +232,14 @@ def main(argv=None) -> int:
     except user_errors() as e:
         return fail(e)
     compared = [(path, name, p) for path, name, p in planned if path in args.compare]
+    if args.cluster is not None:
+        reports = {path: cluster_report(name, p, args.cluster) for path, name, p in planned}
+        if args.json:
+            print(json.dumps({path: {**as_json(p), "cluster_plan": reports[path][1]} for path, _, p in planned},
+                             indent=2))
+        else:
+            print("\n".join(text for text, _ in reports.values()))
+        return 0
     if args.json:
         out = {path: as_json(p) for path, _, p in planned}
         if compared:

@@ -179,12 +179,15 @@ class Setting:
     optimizer: str = "adamw"
     world_size: int = 1
     sharded: bool = False          # FSDP: weights, gradients and optimizer state split over world_size
+    expert_parallel: int = 1       # GPUs each MoE layer's experts are split over (FSDP gathers 1/ep of them)
     checkpointing: bool = False    # the run's choice (both plans are computed)
     device: str = "cuda"           # the kernels' device ("cpu": dropout masks as wide as their input, ...)
 
     def describe(self) -> str:
         ranks = (f", {'FSDP' if self.sharded else 'DDP'} over {self.world_size} devices"
                  if self.world_size > 1 else "")
+        if self.expert_parallel > 1:
+            ranks += f", experts split over {self.expert_parallel} devices"
         return (f"precision {self.precision} (weights fp32, activations {_dtype_name(self.precision)}), "
                 f"optimizer {self.optimizer} ({self.optimizer_states:g} fp32 states/parameter), micro-batch "
                 f"{self.batch} x {self.context:,} tokens per device{ranks}, {self.device} kernels")
@@ -257,6 +260,9 @@ class Plan:
         head = spec.vocab_size * spec.d_model
         groups = spec.layer_groups
         blocks = [(b.attention.n_params + b.mlp.n_params, n) for b, n in groups]      # (one block's, layers)
+        # what FSDP gathers of one block: its experts split over expert_parallel devices
+        gathered_block = max(w - b.mlp.expert_params * (1 - 1 / st.expert_parallel) for (w, _), (b, _)
+                             in zip(blocks, groups))
         matmul = sum(n * (b.attention.n_params + b.mlp.n_params - b.mlp.router_params) for b, n in groups) + head
         experts = [(b.mlp.expert_params, n) for b, n in groups]
         copies = 0.0
@@ -268,7 +274,7 @@ class Plan:
         if st.sharded and st.world_size > 1:
             root = P - sum(w * n for w, n in blocks) - sum(n * len(NORMS[spec.norm_placement]) * b.norm.n_params
                                                          for b, n in groups)
-            gathered = FP32 * (root + 3 * max(w for w, _ in blocks))
+            gathered = FP32 * (root + 3 * gathered_block)
         return Memory(weights=FP32 * P / shards, gradients=FP32 * P / shards,
                       optimizer=FP32 * st.optimizer_states * P / shards, weight_copies=copies, gathered=gathered,
                       activations=self.acts.total(checkpointing))
