@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "train"))
 from trainhelpers import make_corpus, subprocess_env  # noqa: E402
 
 from nanodecoder.cli import param_count  # noqa: E402
+from nanodecoder.api import run as run_api  # noqa: E402
 from nanodecoder.cli import run as run_cli  # noqa: E402
 from nanodecoder.model import plan as P  # noqa: E402
 from nanodecoder.model.spec import LayerRange, OverrideSpec, build_model_spec, layer_coverage  # noqa: E402
@@ -96,7 +97,7 @@ def no_build(monkeypatch):
     """Fail the test if anything builds the model (the plan is arithmetic on the spec)."""
     def refuse(*args, **kwargs):
         raise AssertionError("the model was built")
-    monkeypatch.setattr(run_cli, "build_model", refuse)
+    monkeypatch.setattr(run_api, "build_model", refuse)
     monkeypatch.setattr("nanodecoder.model.builder.build_model", refuse)
 
 

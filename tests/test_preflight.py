@@ -14,9 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "train"))
 from trainhelpers import private_env, run_dirs, tiny_raw, write_blueprint  # noqa: E402
 
-import nanodecoder.cli.run as run_cli  # noqa: E402
-from nanodecoder.cli.blueprint import load_blueprint, run_spec  # noqa: E402
-from nanodecoder.cli.preflight import preflight  # noqa: E402
+import nanodecoder.api.run as run_api  # noqa: E402
+from nanodecoder.cli.blueprint import load_blueprint  # noqa: E402
 from nanodecoder.run import main  # noqa: E402
 
 WAITING = "checks that wait for the prepared data: "
@@ -34,7 +33,7 @@ def no_tokenizing(monkeypatch):
     """The dry run must not prepare (tokenize) the data of these blueprints."""
     def refuse(*args, **kwargs):
         raise AssertionError("the dry run prepared the data")
-    monkeypatch.setattr(run_cli, "prepare_data", refuse)
+    monkeypatch.setattr(run_api, "prepare_data", refuse)
 
 
 def hellaswag_file(path: Path) -> Path:
@@ -149,7 +148,7 @@ def test_training_runs_the_same_checks_before_any_work(tmp_path, capsys, monkeyp
     """The real run refuses what the dry run refuses, before the data is prepared or a run folder made."""
     def refuse(*args, **kwargs):
         raise AssertionError("training prepared the data before its checks")
-    monkeypatch.setattr(run_cli, "prepare", refuse)
+    monkeypatch.setattr(run_api.Pretraining, "prepare", refuse)
     (tmp_path / "a_file").write_text("")
     bp = write_blueprint(tmp_path)
     for setting in ("data.source.path=/dev/zero", f"logging.runs_dir={tmp_path}/a_file",
@@ -166,6 +165,6 @@ def test_preflight_of_a_sound_run_finds_nothing(tmp_path):
     raw = tiny_raw(tmp_path)
     raw["eval"] = {"hellaswag": {"data": "hs.jsonl"}}
     bp = load_blueprint(write_blueprint(tmp_path, raw))
-    result = preflight(run_spec(bp), tmp_path, name=bp.name)
+    result = run_api.Run(bp, tmp_path).preflight()
     assert result.problems == [] and result.tokenizer is not None and result.tokenizer.kind == "byte"
     assert result.waiting == ["the train and val split sizes against model.context_length"]

@@ -109,7 +109,7 @@ def test_usage_errors(capsys):
 
 
 def test_changed_keys_lists_dotted_differences():
-    from nanodecoder.cli.run import changed_keys
+    from nanodecoder.api.run import changed_keys
     old = {"train": {"steps": 8, "lr": 0.1}, "model": {"d_model": 32}}
     new = {"train": {"steps": 9, "lr": 0.1}, "model": {"d_model": 32}, "sample": {"prompt": "x"}}
     assert changed_keys(old, new) == ["sample", "train.steps"]
@@ -153,11 +153,11 @@ def test_dry_run_of_a_gpu_profile_without_cuda_prints_the_plan_and_exits_2(capsy
 
 
 def test_training_refuses_a_run_that_does_not_fit_before_building_anything(tmp_path, capsys, monkeypatch):
-    import nanodecoder.cli.run as run_cli
+    import nanodecoder.api.run as run_api
 
     def no_build(*args, **kwargs):
         raise AssertionError("the model was built")
-    monkeypatch.setattr(run_cli, "build_model", no_build)
+    monkeypatch.setattr(run_api, "build_model", no_build)
     monkeypatch.setenv(MEMORY_ENV, "64KiB")
     bp = write_blueprint(tmp_path)
     assert main([str(bp)]) == EXIT_WONT_FIT
@@ -177,3 +177,24 @@ def test_the_memory_check_can_be_overridden(tmp_path, capsys, monkeypatch):
     bp = write_blueprint(tmp_path, train={"steps": 2, "eval_every": 0, "checkpoint_every": 0})
     assert main([str(bp), "--set", "runtime.check_memory=false", "sample.enabled=false"]) == 0
     assert len(run_dirs(tmp_path / "runs")) == 1
+
+
+def test_one_run_spec_per_invocation_for_the_dry_run_and_the_training(tmp_path, capsys, monkeypatch):
+    """The run object (``api/run.py``) builds the blueprint's RunSpec once; its dry run and its training use
+    that one (resuming, the run's saved blueprint gets one of its own, for the architecture check)."""
+    import nanodecoder.api.run as run_api
+    built = []
+
+    def counting(bp, vocab_size=None):
+        built.append(bp)
+        return real(bp, vocab_size)
+    real = run_api.run_spec
+    monkeypatch.setattr(run_api, "run_spec", counting)
+    raw = tiny_raw(tmp_path)
+    raw["train"].update(steps=2, eval_every=0, checkpoint_every=0)
+    bp = write_blueprint(tmp_path, raw)
+    assert main([str(bp), "--dry-run"]) == 0 and len(built) == 1
+    assert main([str(bp)]) == 0 and len(built) == 2
+    (run,) = run_dirs(tmp_path / "runs")
+    assert main(["--resume", str(run), "--set", "train.steps=3"]) == 0 and len(built) == 4
+    capsys.readouterr()

@@ -24,6 +24,7 @@ FIGURES = {
     "llama3_1_8b": (8_030_261_248, None),
     "mixtral_8x7b": (46_702_792_704, None),
     "gemma2_2b": (2_614_341_888, None),
+    "gemma3_4b": (3_880_263_168, None),
     "gpt_oss_120b": (116_829_156_672, 5_132_849_472),
     "deepseek_v3": (671_026_404_352, 36_625_603_584),
     "qwen3_8b": (8_190_735_360, None),
@@ -58,7 +59,9 @@ def test_counted_exactly_two_ways(name):
 def scaled_down(raw: dict) -> dict:
     """The same structure with toy widths: every attention, MLP and RoPE block shrunk alike."""
     m = copy.deepcopy(raw)
-    m.update(vocab_size=64, context_length=32, d_model=32, n_layers=4)
+    firsts = [min(o["layers"]) if isinstance(o["layers"], list) else o["layers"].get("start", 0)
+              for o in m.get("overrides", [])]
+    m.update(vocab_size=64, context_length=32, d_model=32, n_layers=max([4] + [i + 1 for i in firsts]))
     for part in [m["block"], *m.get("overrides", [])]:
         att = part.get("attention")
         if att and att["kind"] == "mla":

@@ -1,7 +1,8 @@
 """The library's top, under the command line: what a Python program calls.
 
 :func:`load` reads a trained run back (model and tokenizer, ``loading.py``); ``blueprint.py`` holds a whole
-blueprint's declared top level (:class:`RunSpec`) and its loading, ``catalog.py`` every registered kind.  This
+blueprint's declared top level (:class:`RunSpec`) and its loading, ``catalog.py`` every registered kind,
+``run.py`` one run's lifecycle (prepare -> plan -> train) and ``preflight.py`` its checks before step 1.  This
 package gathers every other one (a blueprint names kinds of all of them); only ``cli/`` and the root package
 (``nanodecoder.load``) import it.
 """

@@ -17,7 +17,7 @@ from ..train.optim import OptimizerSetupError
 from ..train.rundir import RunDirError
 from ..train.trainer import StateMismatch
 from ..train.wandb_log import WandbError
-from .preflight import PreflightError
+from ..api.preflight import PreflightError
 
 EXIT_USAGE = 2
 EXIT_WONT_FIT = 4

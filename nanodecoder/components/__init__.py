@@ -16,7 +16,7 @@ from .mla import MultiHeadLatentAttention
 from .mlp import ClampedSwiGLUMLP, GeGLUMLP, GeluMLP, ReLU2MLP, SwiGLUMLP
 from .moe import MoE
 from .norms import LayerNorm, RMSNorm
-from .positional import LearnedPositional, LinearScaling, Llama3Scaling, RoPE, YarnScaling
+from .positional import LearnedPositional, LinearScaling, Llama3Scaling, NoPositional, RoPE, YarnScaling
 from .routers import NoisyTopKRouter, SigmoidRouter, SwitchRouter, TopKRouter
 
 
@@ -29,6 +29,7 @@ def register(catalog: Catalog) -> None:
     catalog["norm"].add("rmsnorm", RMSNorm)
     catalog["positional"].add("learned", LearnedPositional)
     catalog["positional"].add("rope", RoPE)
+    catalog["positional"].add("none", NoPositional)
     catalog["rope_scaling"].add("linear", LinearScaling)
     catalog["rope_scaling"].add("llama3", Llama3Scaling)
     catalog["rope_scaling"].add("yarn", YarnScaling)

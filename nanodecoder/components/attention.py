@@ -1,10 +1,13 @@
 """Causal self-attention (``kind: causal``): MHA, GQA and MQA in one class.
 
 Queries have ``n_heads`` heads, keys and values ``n_kv_heads`` heads that are
-shared by groups of query heads.  The softmax(QK^T/sqrt(d))V product is
-``F.scaled_dot_product_attention`` (flash / memory-efficient kernels where the
-device has them).  With a KV cache the layer appends this call's keys and
-values and attends over everything cached so far.
+shared by groups of query heads.  The layer is composed (``attention_kernels``):
+projections -> q/k transforms (QK-norm, RoPE; the Spec's ``transforms``) -> one
+score kernel chosen at construction (the Spec's ``kernel_for``: fused SDPA for
+plain causal attention; for windows, chunks, sinks and soft-capping the explicit
+product, or FlexAttention on CUDA) -> the output projection.  With a KV cache
+the layer appends this call's keys and values and attends over everything cached
+so far (the last window or chunk of them).
 
 Shapes: B batch, T positions, D d_model, H query heads, K key/value heads,
 E head dimension.
@@ -14,18 +17,21 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from ..config.declare import Kind, context, declared, divisors, param
+from .attention_kernels import (SDPA, ByDevice, CPUFloat32, Explicit, Flex, Kernel, Ledger, QKNorm, Rotate, Transform,
+                                visible)
 from .base import Component, mark_residual
-from .contracts import FP32, AttentionBytes, AttentionKind, dropout_mask
-from .positional import apply_rotary
+from .contracts import FP32, AttentionBytes, AttentionKind, dropout_mask, mean_keys
+
+__all__ = ["CausalSelfAttention", "LayerKVCache", "visible"]
 
 
 class CausalSelfAttention(Component):
-    """Causal self-attention through F.scaled_dot_product_attention; MHA, GQA (n_kv_heads < n_heads) or MQA (n_kv_heads: 1)."""
+    """Causal self-attention, MHA, GQA (n_kv_heads < n_heads) or MQA (n_kv_heads: 1): projections, q/k
+    transforms, a score kernel."""
 
     @declared
     class Spec(AttentionKind):
@@ -44,12 +50,19 @@ class CausalSelfAttention(Component):
             "head", doc="What qk_norm normalises: each head over head_dim (Qwen3, OLMo 2) or the whole q and k "
                         "projections, n_heads * head_dim and n_kv_heads * head_dim wide, before the heads are split "
                         "(OLMoE).")
+        qk_norm_weight: bool = param(True, doc="Whether the q/k RMSNorms have a learned weight; false: x / rms(x) "
+                                               "only, no parameter (Llama 4's L2 norm).")
         qk_norm_eps: float = param(1e-6, doc="Epsilon of the q/k RMSNorms (models use their rms_norm_eps: Qwen3 "
                                              "1e-6, OLMoE 1e-5).", exclusive_minimum=0)
         window: int | None = param(None, doc="Sliding-window attention: each query sees itself and the window - 1 "
                                              "positions before it (null: every earlier position); a layer's KV cache "
                                              "then holds at most window positions. Set it per layer with overrides "
                                              "for local/global patterns.", minimum=1)
+        chunk: int | None = param(None, doc="Chunked attention (Llama 4's attention_chunk_size): the positions "
+                                            "are cut into chunks of chunk positions and a query sees only the "
+                                            "earlier keys of its own chunk; a layer's KV cache then holds at most "
+                                            "chunk positions (null: off). Set it per layer with overrides.",
+                                        minimum=1)
         sinks: bool = param(False, doc="A learned logit per head that joins every softmax's denominator (attention "
                                        "sinks, GPT-OSS): a query may put weight on nothing.")
         logit_softcap: float | None = param(None, doc="Soft-cap the attention scores: cap * tanh(score / cap) before "
@@ -60,7 +73,8 @@ class CausalSelfAttention(Component):
         EXAMPLES = ({"n_heads": 4},
                     {"n_heads": 4, "n_kv_heads": 2, "qk_norm": True, "bias": ["q", "k", "v"]},
                     {"n_heads": 4, "head_dim": 8, "qk_norm": True, "qk_norm_scope": "projection", "bias": True},
-                    {"n_heads": 4, "n_kv_heads": 1, "window": 6, "sinks": True, "logit_softcap": 20.0})
+                    {"n_heads": 4, "n_kv_heads": 1, "window": 6, "sinks": True, "logit_softcap": 20.0},
+                    {"n_heads": 4, "n_kv_heads": 2, "chunk": 5, "qk_norm": True, "qk_norm_weight": False})
 
         @property
         def head_size(self) -> int:
@@ -118,50 +132,67 @@ class CausalSelfAttention(Component):
         def n_params(self) -> int:
             E, H, K = self.head_size, self.n_heads, self.kv_heads
             qkv = (H + 2 * K) * E
-            norms = (2 * E if self.qk_norm_scope == "head" else (H + K) * E) if self.qk_norm else 0
+            norms = (2 * E if self.qk_norm_scope == "head" else (H + K) * E) if self.qk_norm and self.qk_norm_weight \
+                else 0
             biases = sum(w for name, w in self.widths.items() if name in self.biased)
             return self.dim * qkv + H * E * self.dim + biases + norms + (H if self.sinks else 0)
 
         @property
         def fused(self) -> bool:
             """Plain causal attention: ``scaled_dot_product_attention``'s own kernels apply."""
-            return self.window is None and not self.sinks and self.logit_softcap is None
+            return self.window is None and self.chunk is None and not self.sinks and self.logit_softcap is None
+
+        @property
+        def span(self) -> int | None:
+            """Most keys a query sees (and its KV cache holds): the window, the chunk, the smaller of both, or None
+            (every earlier position)."""
+            return min((w for w in (self.window, self.chunk) if w is not None), default=None)
+
+        def score_flops(self, context: int) -> float:
+            """Scores and weighted values per token: position t sees min(t + 1, window) keys, counted from the
+            start of its chunk where ``chunk`` is set."""
+            if self.chunk is None or self.chunk >= context:
+                keys = mean_keys(context, self.window)
+            else:
+                whole, rest = divmod(context, self.chunk)
+                keys = (whole * self.chunk * mean_keys(self.chunk, self.window)
+                        + (rest * mean_keys(rest, self.window) if rest else 0)) / context
+            return 2 * self.n_heads * (self.score_dim + self.value_dim) * keys
+
+        def cache_positions(self, context: int) -> int:
+            return min(context, self.span or context)
+
+        def transforms(self) -> tuple[Transform, ...]:
+            """What q and k pass through between the projections and the kernel, in order (a plug-in kind adds its
+            own here)."""
+            norm = (QKNorm("heads" if self.qk_norm_scope == "head" else "projection", self.qk_norm_weight),) \
+                if self.qk_norm else ()
+            return (*norm, Rotate())
+
+        def kernel_for(self, device: str) -> type[Kernel]:
+            """The score kernel on ``device``: fused SDPA for plain causal attention; FlexAttention on CUDA for
+            windows, chunks, sinks and soft-capping (without attention dropout, which flex lacks); else the
+            explicit product (torch has no FlexAttention backward on the CPU)."""
+            if self.fused:
+                return SDPA
+            return Flex if device == "cuda" and not self.dropout else Explicit
 
         def saved_bytes(self, T: int, c: int, device: str, rotates: bool) -> AttentionBytes:
-            """Plain causal attention runs a fused SDPA kernel: q, k and v (grouped keys and values stay n_kv_heads
-            wide: SDPA's ``enable_gqa``), the output and the log-sum-exp; where q is a view of the qkv projection (no
-            RoPE, no qk-norm) the whole projection stays alive, and where it is not the output is copied once more
-            for the out-projection.  Under CPU autocast everything between the projections runs in fp32 (torch's
-            bf16 CPU attention is slower): the qkv projection is cast to fp32 once.  A window, soft-capping and
-            sinks take the explicit path, which keeps q, k, v copies, a [T, T] mask, the probabilities
-            ([T, T + sinks] per head: all T keys, masked or not; fp32 plus a compute-dtype copy under CUDA autocast)
-            and the soft-capped scores; so does SDPA's math path, which the CPU takes for attention dropout
-            (computing q, k, v and the probabilities in fp32)."""
-            H, s, v, D, K = self.n_heads, self.score_dim, self.value_dim, self.dim, self.kv_heads
-            cpu_math = device == "cpu" and self.fused and bool(self.dropout or s != v)
-            mask = dropout_mask(c, device)
-            per_token = D * c + (D * mask if self.dropout else 0)          # the input, the output dropout's mask
-            ac = FP32 if device == "cpu" else c           # CPU autocast casts the qkv projection to fp32
-            if self.qk_norm:  # fp32: keeps its input (the qkv buffer, or fp32 copies of q and k), a product, stats
-                kept = (H * s + K * s + K * v) * ac if ac == FP32 else (H + K) * s * FP32
-                per_token += kept + (H + K) * (s + 1) * FP32
-            per_sequence = 0.0
-            if not self.fused or cpu_math:
-                m = FP32 if cpu_math else c
-                per_token += (2 * H * s + H * v) * m + H * v * c              # q, k, v copies; the output copy
-                probs = m if m == FP32 or device == "cpu" else FP32 + c
-                extra = 1 if self.sinks else 0
-                per_sequence = H * T * ((T + extra) * probs + (T * m if self.logit_softcap else 0)
-                                        + (T * (mask + m) if self.dropout else 0))
-            else:
-                new_q = rotates or self.qk_norm                                # rotated or normed q and k are new
-                # v (at least) is a view of the qkv buffer, which stays alive (counted above where the fp32
-                # qk-norm keeps it)
-                views = not (self.qk_norm and ac == FP32)
-                per_token += (new_q * (H + K) * s + views * (H * s + K * s + K * v)) * ac
-                # the output (and its copy; under CPU autocast an fp32 output and the out-projection's input), lse
-                per_token += (H * v * c * (1 + new_q) if ac == c else H * v * (FP32 + c)) + H * FP32
-            return AttentionBytes(per_token, per_sequence, T * T if not self.fused else 0)
+            """The sum of the parts: the input (and the output dropout's mask), then what each transform and the
+            kernel on ``device`` keep (``attention_kernels.Ledger``).  The projections leave q, k and v as views of
+            one buffer, cast to fp32 on the CPU (``CPUFloat32``); a partial bias makes its tensor new."""
+            ledger = Ledger(T, c, device, rotates, {"q": self.n_heads * self.score_dim,
+                                                    "k": self.kv_heads * self.score_dim,
+                                                    "v": self.kv_heads * self.value_dim},
+                            FP32 if device == "cpu" else c)
+            ledger.per_token += self.dim * c + (self.dim * dropout_mask(c, device) if self.dropout else 0)
+            partial = self.biased & set("qkv")
+            if partial != set("qkv"):
+                ledger.replace(*sorted(partial))
+            for part in sorted(self.transforms(), key=lambda t: t.stage != "projection"):
+                part.plan(ledger, self)
+            self.kernel_for(device).plan(ledger, self)
+            return ledger.total()
 
         def check(self):
             if self.head_dim is None and self.dim % self.n_heads:
@@ -170,6 +201,9 @@ class CausalSelfAttention(Component):
             elif self.n_heads % self.kv_heads:
                 yield ("n_kv_heads",), (f"n_heads ({self.n_heads}) must be divisible by n_kv_heads "
                                         f"({self.kv_heads}); choose n_kv_heads among {divisors(self.n_heads)}")
+            if not self.qk_norm_weight and not self.qk_norm:
+                yield ("qk_norm_weight",), ("qk_norm_weight: false needs qk_norm: true; set qk_norm or drop "
+                                            "qk_norm_weight")
 
     def __init__(self, spec: "CausalSelfAttention.Spec"):
         super().__init__()
@@ -185,16 +219,30 @@ class CausalSelfAttention(Component):
         self.out = mark_residual(nn.Linear(s.n_heads * E, s.dim, bias="o" in s.biased))
         if s.qk_norm:
             per_head = s.qk_norm_scope == "head"
-            self.q_norm = nn.RMSNorm(E if per_head else s.n_heads * E, eps=s.qk_norm_eps)
-            self.k_norm = nn.RMSNorm(E if per_head else s.kv_heads * E, eps=s.qk_norm_eps)
+            affine = s.qk_norm_weight
+            self.q_norm = nn.RMSNorm(E if per_head else s.n_heads * E, eps=s.qk_norm_eps, elementwise_affine=affine)
+            self.k_norm = nn.RMSNorm(E if per_head else s.kv_heads * E, eps=s.qk_norm_eps, elementwise_affine=affine)
         if s.sinks:
             self.sinks = nn.Parameter(torch.zeros(s.n_heads))
         self.resid_dropout = nn.Dropout(s.dropout)
+        transforms = sorted(s.transforms(), key=lambda t: t.stage != "projection")
+        self.transforms = tuple(t for t in transforms if t.stage == "projection"), \
+            tuple(t for t in transforms if t.stage != "projection")
+        self.kernel = self.score_kernel()
+
+    def score_kernel(self) -> CPUFloat32:
+        """The kernel, chosen once: the spec's kernel on each device type (FlexAttention on CUDA where the spec
+        picks it), inside the CPU fp32 policy (which attends in fp32 with SDPA only; see ``CPUFloat32``)."""
+        s = self.spec
+        mods = {"window": s.window, "chunk": s.chunk, "softcap": s.logit_softcap}
+        default, cuda = s.kernel_for("cpu"), s.kernel_for("cuda")
+        inner = default(**mods) if cuda is default else ByDevice(cuda(**mods), default(**mods))
+        return CPUFloat32(inner, fp32=default is SDPA)
 
     def new_cache(self, batch: int, max_len: int, device, dtype) -> "LayerKVCache":
         """An empty KV cache of this layer for decoding up to ``max_len`` positions."""
         s = self.spec
-        return LayerKVCache(batch, s.kv_heads, max_len, s.head_size, device, dtype, window=s.window)
+        return LayerKVCache(batch, s.kv_heads, max_len, s.head_size, device, dtype, window=s.span)
 
     def reset_parameters(self) -> None:
         for p in self.parameters(recurse=False):     # sinks and separate q/k/v biases start at zero
@@ -202,91 +250,36 @@ class CausalSelfAttention(Component):
 
     def forward(self, x_BTD: torch.Tensor, rotary=None, cache=None) -> torch.Tensor:
         s = self.spec
-        E = s.head_size
-        qkv = self.qkv(x_BTD)
-        if on_cpu_autocast(qkv):      # the attention runs in fp32 there (see sdpa): q/k-norm and RoPE too
-            qkv = qkv.float()
-        q, k, v = qkv.split([s.n_heads * E, s.kv_heads * E, s.kv_heads * E], dim=-1)
+        q, k, v = self.project(x_BTD)
+        q, k, factor = self.transform(self.transforms[0], q, k, rotary)
+        q_BHTE = rearrange(q, "b t (h e) -> b h t e", h=s.n_heads)
+        k_BKTE, v_BKTE = (rearrange(t, "b t (k e) -> b k t e", k=s.kv_heads) for t in (k, v))
+        q_BHTE, k_BKTE, f = self.transform(self.transforms[1], q_BHTE, k_BKTE, rotary)
+        pos = None
+        if cache is not None:
+            k_BKTE, v_BKTE, *pos = cache.update(k_BKTE, v_BKTE)
+        scale = None if factor * f == 1.0 else s.head_size ** -0.5 * factor * f     # None: SDPA's own 1/sqrt(E)
+        y_BHTE = self.kernel(q_BHTE, k_BKTE, v_BKTE, pos, scale, s.dropout if self.training else 0.0,
+                             self.sinks if s.sinks else None)
+        return self.resid_dropout(self.out(rearrange(y_BHTE, "b h t e -> b t (h e)")))
+
+    def project(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k and v, [B, T, width] views of one projection (cast by the CPU policy); a partial bias is added to
+        its own."""
+        s = self.spec
+        q, k, v = self.kernel.prepare(self.qkv(x_BTD)).split([s.widths["q"], s.widths["k"], s.widths["v"]], dim=-1)
         if self.qkv.bias is None and s.biased & set("qkv"):
             q, k, v = (t + getattr(self, f"{n}_bias") if hasattr(self, f"{n}_bias") else t
                        for n, t in zip("qkv", (q, k, v)))
-        if s.qk_norm and s.qk_norm_scope == "projection":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q_BHTE = rearrange(q, "b t (h e) -> b h t e", h=s.n_heads)
-        k_BKTE = rearrange(k, "b t (k e) -> b k t e", k=s.kv_heads)
-        v_BKTE = rearrange(v, "b t (k e) -> b k t e", k=s.kv_heads)
-        if s.qk_norm and s.qk_norm_scope == "head":
-            q_BHTE, k_BKTE = self.q_norm(q_BHTE), self.k_norm(k_BKTE)
-        scale = None          # SDPA's own 1/sqrt(E), unless the positional encoding scales the softmax
-        if rotary is not None:
-            q_BHTE, k_BKTE = apply_rotary(q_BHTE, rotary.cos, rotary.sin), apply_rotary(k_BKTE, rotary.cos, rotary.sin)
-            if rotary.softmax_factor != 1.0:
-                scale = E ** -0.5 * rotary.softmax_factor
-        T = x_BTD.shape[1]
-        if cache is not None:
-            k_BKSE, v_BKSE, q_pos, k_pos = cache.update(k_BKTE, v_BKTE)
-        else:
-            k_BKSE, v_BKSE, q_pos, k_pos = k_BKTE, v_BKTE, None, None
-        gqa = s.kv_heads != s.n_heads       # SDPA shares each K/V head with its group of query heads itself
-        p = s.dropout if self.training else 0.0
-        if s.fused and q_pos is None:
-            y_BHTE = sdpa(q_BHTE, k_BKSE, v_BKSE, dropout_p=p, is_causal=True, scale=scale, enable_gqa=gqa)
-        else:
-            if q_pos is None:
-                q_pos = k_pos = torch.arange(T, device=x_BTD.device)
-            seen_TS = visible(q_pos, k_pos, s.window)
-            if s.fused:
-                y_BHTE = sdpa(q_BHTE, k_BKSE, v_BKSE, attn_mask=seen_TS, dropout_p=p, scale=scale, enable_gqa=gqa)
-            else:
-                if gqa:                 # the written-out path expands the groups
-                    rep = s.n_heads // s.kv_heads
-                    k_BKSE, v_BKSE = k_BKSE.repeat_interleave(rep, dim=1), v_BKSE.repeat_interleave(rep, dim=1)
-                y_BHTE = self.explicit(q_BHTE, k_BKSE, v_BKSE, seen_TS, p, scale)
-        return self.resid_dropout(self.out(rearrange(y_BHTE, "b h t e -> b t (h e)")))
+        return q, k, v
 
-    def explicit(self, q_BHTE, k_BHSE, v_BHSE, seen_TS, dropout_p: float, scale: float | None) -> torch.Tensor:
-        """softmax(cap(QK^T * scale) masked [, sink]) V, written out (soft-capping and sinks have no fused kernel);
-        scale None: 1/sqrt(E)."""
-        s = self.spec
-        scores_BHTS = (q_BHTE @ k_BHSE.transpose(-1, -2)) * (scale or s.head_size ** -0.5)
-        if s.logit_softcap is not None:
-            scores_BHTS = s.logit_softcap * torch.tanh(scores_BHTS / s.logit_softcap)
-        scores_BHTS = scores_BHTS.masked_fill(~seen_TS, float("-inf"))
-        if s.sinks:
-            sink_BHT1 = self.sinks.to(scores_BHTS.dtype).view(1, -1, 1, 1).expand(*scores_BHTS.shape[:-1], 1)
-            probs_BHTS = torch.cat([scores_BHTS, sink_BHT1], dim=-1).softmax(dim=-1)[..., :-1]
-        else:
-            probs_BHTS = scores_BHTS.softmax(dim=-1)
-        probs_BHTS = F.dropout(probs_BHTS, dropout_p, training=dropout_p > 0)
-        return probs_BHTS @ v_BHSE
-
-
-def on_cpu_autocast(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-
-
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    """``F.scaled_dot_product_attention``, in fp32 under CPU autocast (the result in q's dtype).
-
-    On the CPU, torch's bf16 attention kernels are slower than its fp32 ones while bf16 matmuls are
-    faster where the CPU has AMX or AVX512-BF16: at 12 x 4 heads x 64 positions x 32 wide, forward + backward took
-    6.7 ms in bf16 (flash) and 2.1 ms (math) against 1.3 ms in fp32 (flash), torch 2.13 on 2 cores (AMX);
-    3.7 ms bf16 (flash) against 1.0 ms fp32 on an AVX512-BF16 machine.
-    So a CPU bf16 run keeps its projections in bf16 and attends in fp32 (the causal layer casts its qkv
-    projection once, so q/k-norm and RoPE run in fp32 too: the fused rms_norm needs input and weight of one dtype).
-    """
-    if on_cpu_autocast(q):
-        with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, **kwargs)
-
-
-def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """``[T, S]``: which keys each query may attend to (causal, and within ``window`` positions when given)."""
-    seen = k_pos[None, :] <= q_pos[:, None]
-    if window is not None:
-        seen = seen & (k_pos[None, :] > q_pos[:, None] - window)
-    return seen
+    def transform(self, transforms, q, k, rotary):
+        """``q, k`` through ``transforms`` in order, and the product of their softmax factors."""
+        factor = 1.0
+        for t in transforms:
+            q, k, f = t(self, q, k, rotary)
+            factor *= f
+        return q, k, factor
 
 
 class LayerKVCache:

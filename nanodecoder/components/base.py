@@ -39,11 +39,12 @@ TORCH_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
 def module_role(module: nn.Module) -> str | None:
     """The optimizer role of ``module``'s own parameters: that of the category its spec was chosen from
     (:data:`CATEGORY_ROLES`: any norm kind is a norm, any router kind a router, plug-ins included), else its
-    class's ``role`` (MoE experts), else ``norm`` for torch's own norm layers, else None."""
+    ``role`` (MoE experts: the class's, or set on the modules of an expert built from a plain MLP kind), else
+    ``norm`` for torch's own norm layers, else None."""
     category = getattr(getattr(module, "spec", None), "category", None)
     if category in CATEGORY_ROLES:
         return CATEGORY_ROLES[category]
-    role = getattr(type(module), "role", None)
+    role = getattr(module, "role", None)
     if role is not None:
         return role
     return "norm" if isinstance(module, TORCH_NORMS) else None

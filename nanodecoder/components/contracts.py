@@ -116,6 +116,9 @@ class PositionalKind(Contract):
     #: whether it rotates q and k (RoPE): every layer's attention then needs an even ``rotary_size``, the same
     #: everywhere, and rotated q and k are new tensors the attention keeps
     rotates_heads: ClassVar[bool] = False
+    #: whether ``embed(pos)`` adds to the input (learned positions): such a kind is only ever the model's
+    #: ``positional``, never a block's or an override's (the input is embedded once, before every layer)
+    additive: ClassVar[bool] = False
 
 
 # ---------------------------------------------------------------------------------------------------- attention
@@ -176,6 +179,8 @@ class MLPKind(Contract):
 
     ``REQUIRED``: ``n_params``, ``dim`` and ``saved_bytes_per_token``."""
     REQUIRED = ("n_params", "dim", "saved_bytes_per_token")
+    #: whether an MoE may name this kind as its ``expert_kind`` (every kind but an MoE itself)
+    expert_capable: ClassVar[bool] = True
 
     @property
     def n_active(self) -> float:

@@ -76,8 +76,9 @@ def init_tensor(t: torch.Tensor, init, fan_in: int, *, residual: bool = False,
 
 
 @torch.no_grad()
-def init_model(model: nn.Module, init) -> None:
-    """Initialise every parameter of ``model`` (call after building on a real device)."""
+def init_model(model: nn.Module, init, *, expert: bool = False) -> None:
+    """Initialise every parameter of ``model`` (call after building on a real device); ``expert``: its matrices
+    are routed MoE experts' (``SwitchInit.expert_scale``)."""
     handled: set[int] = set()
     for module in model.modules():
         custom = getattr(module, "init_weights", None)
@@ -92,7 +93,7 @@ def init_model(model: nn.Module, init) -> None:
     for module in model.modules():
         if isinstance(module, nn.Linear) and id(module.weight) not in handled:
             init_tensor(module.weight, init, module.in_features,
-                        residual=getattr(module, "is_residual_out", False))
+                        residual=getattr(module, "is_residual_out", False), expert=expert)
             handled.add(id(module.weight))
             if module.bias is not None:
                 module.bias.zero_()

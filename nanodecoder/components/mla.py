@@ -26,11 +26,10 @@ from einops import rearrange
 from torch import nn
 
 from ..config.declare import Kind, context, declared, param
-from .attention import sdpa, visible
+from .attention_kernels import SDPA, CPUFloat32, Kernel, Ledger, Rotate, visible
 from .base import Component, mark_residual
 from .contracts import FP32, AttentionBytes, AttentionKind, dropout_mask
 from .norms import RMSNorm
-from .positional import apply_rotary
 
 
 def _rmsnorm(width: int, eps: float) -> RMSNorm:
@@ -88,24 +87,16 @@ class MultiHeadLatentAttention(Component):
             return self.kv_lora_rank + self.qk_rope_head_dim
 
         def saved_bytes(self, T: int, c: int, device: str, rotates: bool) -> AttentionBytes:
-            """The latents' norms (fp32 input, product and statistics) and the up-projections' inputs; the
-            up-projected keys and values form the buffer that stays alive, beside the rotated q and k, the output
-            (and its copy) and the log-sum-exp of the fused SDPA.  The CPU takes SDPA's math path for dropout or
-            values narrower than the scores (q, k, v and the probabilities in fp32); under CPU autocast SDPA runs
-            on fp32 copies of q, k and v (``attention.sdpa``)."""
-            H, s, v, D = self.n_heads, self.score_dim, self.value_dim, self.dim
-            mask = dropout_mask(c, device)
-            per_token = D * c + (D * mask if self.dropout else 0)          # the input, the output dropout's mask
-            per_token += sum((2 * w + 1) * FP32 + w * c for w in (self.q_lora_rank, self.kv_lora_rank) if w)
-            per_sequence = 0.0
-            if device == "cpu" and bool(self.dropout or s != v):
-                per_token += (2 * H * s + H * v) * FP32 + H * v * c            # q, k, v copies; the output copy
-                per_sequence = H * T * (T * FP32 + (T * (mask + FP32) if self.dropout else 0))
-            elif device == "cpu" and c < FP32:
-                per_token += (H * s + H * (s + v)) * FP32 + H * v * (FP32 + c) + H * FP32
-            else:
-                per_token += (rotates * 2 * H * s + H * (s + v)) * c + H * v * c * (1 + rotates) + H * FP32
-            return AttentionBytes(per_token, per_sequence, 0)
+            """The sum of the parts: the input (and the output dropout's mask), the latents' norms (fp32 input,
+            product and statistics) and the up-projections' inputs, then what the latent kernel keeps
+            (``LatentKernel.plan``); RoPE keeps nothing of its own."""
+            ledger = Ledger(T, c, device, rotates, {"q": self.n_heads * self.score_dim,
+                                                    "k": self.n_heads * self.score_dim,
+                                                    "v": self.n_heads * self.value_dim}, c)
+            ledger.per_token += self.dim * c + (self.dim * dropout_mask(c, device) if self.dropout else 0)
+            ledger.per_token += sum((2 * w + 1) * FP32 + w * c for w in (self.q_lora_rank, self.kv_lora_rank) if w)
+            LatentKernel.plan(ledger, self)
+            return ledger.total()
 
         @property
         def n_params(self) -> int:
@@ -132,6 +123,8 @@ class MultiHeadLatentAttention(Component):
         self.kv_up = nn.Linear(s.kv_lora_rank, H * (s.qk_nope_head_dim + s.v_head_dim), bias=False)
         self.out = mark_residual(nn.Linear(H * s.v_head_dim, s.dim, bias=s.bias))
         self.resid_dropout = nn.Dropout(s.dropout)
+        self.rotate = Rotate()
+        self.kernel = LatentKernel(s.n_heads, s.qk_nope_head_dim, s.v_head_dim)
 
     def new_cache(self, batch: int, max_len: int, device, dtype) -> "LatentKVCache":
         s = self.spec
@@ -143,40 +136,47 @@ class MultiHeadLatentAttention(Component):
 
     def forward(self, x_BTD: torch.Tensor, rotary=None, cache=None) -> torch.Tensor:
         s = self.spec
-        N, R = s.qk_nope_head_dim, s.qk_rope_head_dim
-        q_BHTE = self.queries(x_BTD)
-        q_nope_BHTN, q_rope_BHTR = q_BHTE.split([N, R], dim=-1)
-        c_BTC, k_rope_BTR = self.kv_down(x_BTD).split([s.kv_lora_rank, R], dim=-1)
+        q_nope_BHTN, q_rope_BHTR = self.queries(x_BTD).split([s.qk_nope_head_dim, s.qk_rope_head_dim], dim=-1)
+        c_BTC, k_rope_BTR = self.kv_down(x_BTD).split([s.kv_lora_rank, s.qk_rope_head_dim], dim=-1)
         c_BTC = self.kv_norm(c_BTC)
-        k_rope_B1TR = k_rope_BTR.unsqueeze(1)
-        scale = s.score_dim ** -0.5
-        if rotary is not None:
-            q_rope_BHTR = apply_rotary(q_rope_BHTR, rotary.cos, rotary.sin)
-            k_rope_B1TR = apply_rotary(k_rope_B1TR, rotary.cos, rotary.sin)
-            scale *= rotary.softmax_factor
-        p = s.dropout if self.training else 0.0
-        if cache is None:
-            y_BHTV = self.expanded(q_nope_BHTN, q_rope_BHTR, c_BTC, k_rope_B1TR, scale, p)
-        else:
-            c_BSC, k_rope_BSR, q_pos, k_pos = cache.update(c_BTC, k_rope_B1TR.squeeze(1))
-            y_BHTV = self.absorbed(q_nope_BHTN, q_rope_BHTR, c_BSC, k_rope_BSR, visible(q_pos, k_pos, None), scale, p)
+        q_rope_BHTR, k_rope_B1TR, factor = self.rotate(self, q_rope_BHTR, k_rope_BTR.unsqueeze(1), rotary)
+        pos = None
+        if cache is not None:
+            c_BTC, k_rope_BTR, *pos = cache.update(c_BTC, k_rope_B1TR.squeeze(1))
+            k_rope_B1TR = k_rope_BTR.unsqueeze(1)
+        y_BHTV = self.kernel(q_nope_BHTN, q_rope_BHTR, c_BTC, k_rope_B1TR, self.kv_up, pos,
+                             s.score_dim ** -0.5 * factor, s.dropout if self.training else 0.0)
         return self.resid_dropout(self.out(rearrange(y_BHTV, "b h t v -> b t (h v)")))
 
-    def expanded(self, q_nope_BHTN, q_rope_BHTR, c_BTC, k_rope_B1TR, scale: float, dropout_p: float):
-        """Training and full forward: up-project every position's keys and values, then one fused causal SDPA."""
-        s = self.spec
-        kv_BHTF = rearrange(self.kv_up(c_BTC), "b t (h f) -> b h t f", h=s.n_heads)
-        k_nope_BHTN, v_BHTV = kv_BHTF.split([s.qk_nope_head_dim, s.v_head_dim], dim=-1)
-        q_BHTE = torch.cat([q_nope_BHTN, q_rope_BHTR], dim=-1)
-        k_BHTE = torch.cat([k_nope_BHTN, k_rope_B1TR.expand(-1, s.n_heads, -1, -1)], dim=-1)
-        return sdpa(q_BHTE, k_BHTE, v_BHTV, dropout_p=dropout_p, is_causal=True, scale=scale)
 
-    def absorbed(self, q_nope_BHTN, q_rope_BHTR, c_BSC, k_rope_BSR, seen_TS, scale: float, dropout_p: float):
-        """Decoding over cached latents: q_nope W_UK^T scores against c directly, and W_UV applies after the
-        weighted sum of latents (nothing cached is up-projected)."""
-        s = self.spec
-        w_HFC = rearrange(self.kv_up.weight, "(h f) c -> h f c", h=s.n_heads)
-        w_uk_HNC, w_uv_HVC = w_HFC.split([s.qk_nope_head_dim, s.v_head_dim], dim=1)
+class LatentKernel(Kernel):
+    """MLA's score kernel over the latent ``c`` and the shared rotary key: a whole sequence up-projects every
+    position's keys and values and runs one fused causal SDPA (in the CPU fp32 policy); a call through the cache
+    attends in the latent space (the paper's 2.1.2: q_nope W_UK^T scores against c directly, and W_UV applies after
+    the weighted sum of latents, so nothing cached is up-projected)."""
+
+    def __init__(self, n_heads: int, nope: int, value: int):
+        super().__init__()
+        self.n_heads, self.nope, self.value = n_heads, nope, value
+        self.sdpa = CPUFloat32(SDPA())
+
+    def forward(self, q_nope_BHTN, q_rope_BHTR, c_BSC, k_rope_B1SR, kv_up: nn.Linear, pos, scale: float,
+                dropout_p: float):
+        if pos is None:
+            return self.expanded(q_nope_BHTN, q_rope_BHTR, c_BSC, k_rope_B1SR, kv_up, scale, dropout_p)
+        return self.absorbed(q_nope_BHTN, q_rope_BHTR, c_BSC, k_rope_B1SR.squeeze(1), kv_up.weight,
+                             visible(*pos, None), scale, dropout_p)
+
+    def expanded(self, q_nope_BHTN, q_rope_BHTR, c_BTC, k_rope_B1TR, kv_up, scale, dropout_p):
+        kv_BHTF = rearrange(kv_up(c_BTC), "b t (h f) -> b h t f", h=self.n_heads)
+        k_nope_BHTN, v_BHTV = kv_BHTF.split([self.nope, self.value], dim=-1)
+        q_BHTE = torch.cat([q_nope_BHTN, q_rope_BHTR], dim=-1)
+        k_BHTE = torch.cat([k_nope_BHTN, k_rope_B1TR.expand(-1, self.n_heads, -1, -1)], dim=-1)
+        return self.sdpa(q_BHTE, k_BHTE, v_BHTV, None, scale, dropout_p)
+
+    def absorbed(self, q_nope_BHTN, q_rope_BHTR, c_BSC, k_rope_BSR, w_up, seen_TS, scale, dropout_p):
+        w_HFC = rearrange(w_up, "(h f) c -> h f c", h=self.n_heads)
+        w_uk_HNC, w_uv_HVC = w_HFC.split([self.nope, self.value], dim=1)
         q_lat_BHTC = torch.einsum("bhtn,hnc->bhtc", q_nope_BHTN, w_uk_HNC)
         scores_BHTS = (torch.einsum("bhtc,bsc->bhts", q_lat_BHTC, c_BSC) +
                        torch.einsum("bhtr,bsr->bhts", q_rope_BHTR, k_rope_BSR)) * scale
@@ -184,6 +184,20 @@ class MultiHeadLatentAttention(Component):
         probs_BHTS = F.dropout(probs_BHTS, dropout_p, training=dropout_p > 0)
         out_lat_BHTC = torch.einsum("bhts,bsc->bhtc", probs_BHTS, c_BSC)
         return torch.einsum("bhtc,hvc->bhtv", out_lat_BHTC, w_uv_HVC)
+
+    @staticmethod
+    def plan(ledger, spec):
+        """The expanded path trains: the up-projected keys and values form the buffer that stays alive, beside
+        the (rotated) q and k, the output (and its copy) and the log-sum-exp of the fused SDPA.  The CPU takes
+        SDPA's math path for dropout or values narrower than the scores (``SDPA.plan``); under CPU autocast SDPA
+        runs on fp32 copies of q, k and v (``CPUFloat32``)."""
+        H, s, v, c, rotates = spec.n_heads, spec.score_dim, spec.value_dim, ledger.c, ledger.rotates
+        if ledger.device == "cpu" and bool(spec.dropout or s != v):
+            SDPA.plan(ledger, spec)
+        elif ledger.device == "cpu" and c < FP32:
+            ledger.per_token += (H * s + H * (s + v)) * FP32 + H * v * (FP32 + c) + H * FP32
+        else:
+            ledger.per_token += (rotates * 2 * H * s + H * (s + v)) * c + H * v * c * (1 + rotates) + H * FP32
 
 
 class LatentKVCache:

@@ -2,7 +2,8 @@
 
 The activation functions are shared with the MoE experts (``ACTIVATIONS``),
 so a routed expert of kind ``swiglu`` computes exactly what the dense
-``swiglu`` MLP computes.
+``swiglu`` MLP computes (experts of these kinds are 3-D tensors, see
+:func:`batched_activation`; any other MLP kind is an expert as one module each).
 """
 from __future__ import annotations
 
@@ -149,7 +150,7 @@ class ReLU2MLP(_DenseMLP):
     ACT = "relu2"
 
 
-#: the dense MLP kinds an MoE expert can be (same activation, same default width)
+#: the built-in dense MLP kinds, whose experts an MoE stores as 3-D tensors (same activation, same default width)
 DENSE = {"gelu": GeluMLP, "swiglu": SwiGLUMLP, "geglu": GeGLUMLP, "swiglu_clamped": ClampedSwiGLUMLP,
          "relu2": ReLU2MLP}
 
@@ -157,6 +158,12 @@ DENSE = {"gelu": GeluMLP, "swiglu": SwiGLUMLP, "geglu": GeGLUMLP, "swiglu_clampe
 ACTIVATIONS = {"gelu": (gelu, 1), "relu2": (relu2, 1), "swiglu": (swiglu, 2), "geglu": (geglu, 2),
                "swiglu_clamped": (functools.partial(clamped_swiglu, alpha=ClampedSwiGLUMLP.Spec.alpha,
                                                     limit=ClampedSwiGLUMLP.Spec.limit), 2)}
+
+
+def batched_activation(spec) -> str | None:
+    """The :data:`ACTIVATIONS` name under which an MoE runs experts of the mlp kind ``spec`` as 3-D tensors: a
+    built-in dense kind's (at its default parameters); None for any other kind, whose experts are one module each."""
+    return spec.impl.ACT if spec.impl in DENSE.values() else None
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,6 +14,13 @@
 4. ``n_shared_experts`` always-on experts (DeepSeek style, same hidden size)
    run on every token and are added.
 
+Experts (routed and shared) are of any registered ``mlp`` kind but an MoE
+(``expert_kind``, plug-ins included): a built-in dense kind's are 3-D tensors
+(``moe_experts.Experts``), any other kind's one module each built from its
+spec (``moe_experts.ExpertModules``), with ``expert_hidden`` /
+``expert_hidden_mult`` handed down as its ``hidden_size`` and ``bias`` as its
+``bias``.  The plan asks the expert kind's own contract (``MoE.Spec.expert``).
+
 ``aux``: ``loss`` = ``lb_loss_coef * lb_loss + z_loss_coef * z_loss``
 (differentiable, add it to the objective); ``lb_loss`` (Switch, normalised to
 1 at perfect balance; per batch or per sequence; under data parallelism the
@@ -27,6 +34,9 @@ distribution), all detached.
 A router with a balancing bias (``sigmoid``) is updated by
 :meth:`MoE.after_optimizer_step`, which the trainer calls once per optimizer
 step on every rank.
+
+Shapes: B sequences of T tokens, N = B*T tokens, D d_model, E routed experts,
+K top_k, M rows of the sorted buffer (kept assignments, at most N*K).
 """
 from __future__ import annotations
 
@@ -35,13 +45,19 @@ from typing import Literal
 import torch
 from einops import rearrange
 
-from ..config.declare import Kind, choice, context, declared, param, round_up
+from ..config.declare import BuildError, Kind, choice, context, declared, kind_name, param, params, required, \
+    round_up, yaml_key
 from .base import Component
 from .contracts import FP32, INDEX, MLPKind
-from .mlp import DENSE, activation_units, expert_params
+from .mlp import batched_activation
 from .moe_dispatch import DropPolicy, combine, expert_capacity, gather_tokens, plan_dispatch
-from .moe_experts import CPU_LOW_PRECISION_ROWS, ExpertKernel, Experts, grouped_mm_shapes_ok
+from .moe_experts import CPU_LOW_PRECISION_ROWS, ExpertKernel, ExpertModules, Experts, grouped_mm_shapes_ok
 from .routers import load_balancing_loss, mean_entropy, router_z_loss
+
+
+def _expert_capable(impl) -> bool:
+    """Whether the mlp kind ``impl`` may be an MoE's ``expert_kind`` (every kind but an MoE)."""
+    return impl.Spec.expert_capable
 
 class MoE(Component):
     """Mixture-of-Experts feed-forward layer: a router picks top_k of n_experts routed experts per token;
@@ -51,13 +67,16 @@ class MoE(Component):
     class Spec(MLPKind):
         n_experts: int = param(doc="Number of routed experts E.", minimum=1)
         top_k: int = param(doc="Experts per token k (at most n_experts; the router 'switch' needs 1).", minimum=1)
-        expert_kind: Literal[tuple(sorted(DENSE))] = param(
-            "swiglu", doc="Activation of every expert (routed and shared), as the dense MLP kind of the same name.")
-        expert_hidden: int | None = param(None, doc="Hidden size of each expert (excludes expert_hidden_mult).",
-                                          minimum=1)
+        expert_kind: str = kind_name(
+            "mlp", default="swiglu", allow=_expert_capable,
+            doc="Kind of every expert (routed and shared): any registered mlp kind but an MoE, plug-ins included, "
+                "at its default parameters. A built-in dense kind computes as the dense MLP of the same name, its "
+                "experts stored as 3-D tensors; any other kind runs as one module per expert.")
+        expert_hidden: int | None = param(None, doc="Hidden size of each expert, handed to expert_kind as its "
+                                                    "hidden_size (excludes expert_hidden_mult).", minimum=1)
         expert_hidden_mult: float | None = param(
-            None, doc="Hidden size as a multiple of d_model, rounded up to a multiple of 16 (null: the dense "
-                      "default of expert_kind, 8/3 for swiglu, 4 otherwise).", exclusive_minimum=0)
+            None, doc="Hidden size as a multiple of d_model, rounded up to a multiple of 16 (null: the default of "
+                      "expert_kind, 8/3 x d_model for swiglu, 4 x d_model for gelu).", exclusive_minimum=0)
         n_shared_experts: int = param(0, doc="Always-on experts of the same hidden size applied to every token "
                                              "and added to the routed output (DeepSeek style).", minimum=0)
         router: Kind = choice("router", default="topk", doc="The router.")
@@ -100,21 +119,46 @@ class MoE(Component):
                     {"n_experts": 4, "top_k": 2, "expert_hidden": 32, "capacity_factor": 1.25,
                      "eval_capacity_factor": None})
 
+        expert_capable = False          # an MoE is no expert kind (contracts.MLPKind)
+
         @property
-        def hidden(self) -> int:
-            """The expert hidden size H."""
+        def handed_hidden(self) -> int | None:
+            """The hidden size handed to the expert kind as its ``hidden_size`` (None: the kind's own default)."""
             if self.expert_hidden is not None:
                 return self.expert_hidden
-            mult = self.expert_hidden_mult or DENSE[self.expert_kind].Spec.hidden_mult
-            return round_up(mult * self.dim, 16)
+            if self.expert_hidden_mult is not None:
+                return round_up(self.expert_hidden_mult * self.dim, 16)
+            return None
+
+        @property
+        def expert(self) -> MLPKind:
+            """The spec of one expert, routed or shared: ``expert_kind`` with the hidden size and bias handed down
+            as its ``hidden_size`` and ``bias`` where it declares them (:meth:`check` refuses a size or a bias it
+            cannot take; a BuildError where it has other required parameters)."""
+            given = {"hidden_size": self.handed_hidden, "bias": self.bias or None}
+            declared_keys = {yaml_key(f) for f, _ in params(self.expert_kind.impl.Spec)}
+            return self.expert_kind.spec({k: v for k, v in given.items() if v is not None and k in declared_keys})
+
+        @property
+        def batched(self) -> bool:
+            """The experts are 3-D tensors (a built-in dense kind), not one module each."""
+            return batched_activation(self.expert) is not None
+
+        @property
+        def hidden(self) -> int | None:
+            """The expert hidden size H: the one handed down, else a built-in dense kind's own default
+            (hidden_mult x d_model, rounded up to 16); None for another kind that sizes itself."""
+            if self.handed_hidden is None and self.batched:
+                return self.expert.hidden
+            return self.handed_hidden
 
         @property
         def routed_params(self) -> int:
-            return self.n_experts * expert_params(self.expert_kind, self.dim, self.hidden, self.bias)
+            return self.n_experts * self.expert.n_params
 
         @property
         def n_params(self) -> int:
-            shared = self.n_shared_experts * expert_params(self.expert_kind, self.dim, self.hidden, self.bias)
+            shared = self.n_shared_experts * self.expert.n_params
             return self.router.n_params + self.routed_params + shared
 
         @property
@@ -131,25 +175,33 @@ class MoE(Component):
             return self.n_params - self.router.n_params
 
         def saved_bytes_per_token(self, c: int, device: str) -> float:
-            """The router's (fp32), then for each of the k assignments its gathered input, the expert's
-            activations and output, its weight and four index entries; the shared experts' activations and,
-            under autocast, their cast input."""
-            D, k = self.dim, self.top_k
-            per_expert = activation_units(self.expert_kind) * self.hidden * c
-            routed = self.router.saved_bytes_per_token() + k * (D * c + per_expert + D * c + c + FP32 + 4 * INDEX)
-            cast = D * c if self.n_shared_experts and c < FP32 else 0   # the shared experts' cast input
-            # a bias (fp32) added to the up-projection promotes the shared experts' activations to fp32
-            shared = activation_units(self.expert_kind) * self.hidden * (FP32 if self.bias else c)
-            return routed + self.n_shared_experts * shared + cast
+            """The router's (fp32), then for each of the k assignments what its expert saves (the expert kind's
+            own contract: its gathered input and activations), its output, its weight and four index entries; and
+            the shared experts'."""
+            D, expert = self.dim, self.expert
+            routed = self.router.saved_bytes_per_token() + self.top_k * (
+                expert.saved_bytes_per_token(c, device) + D * c + c + FP32 + 4 * INDEX)
+            if not self.n_shared_experts:
+                return routed
+            if self.batched:
+                # one matmul of all of them: its input once, a copy only under autocast; a bias (fp32) added to
+                # the up-projection promotes their activations to fp32
+                a = FP32 if self.bias else c
+                shared = self.n_shared_experts * (expert.saved_bytes_per_token(a, device) - D * a)
+                return routed + shared + (D * c if c < FP32 else 0)
+            # one module each, each keeping its input: in fp32 the MoE's own, which the router keeps already
+            return routed + self.n_shared_experts * (expert.saved_bytes_per_token(c, device) - (D * c if c == FP32
+                                                                                                else 0))
 
         def saved_bytes_per_batch(self, c: int, device: str) -> float:
-            """The zero rows of a CPU bf16/fp16 expert loop: each expert's rows are padded to a multiple of
-            ``CPU_LOW_PRECISION_ROWS``, (multiple - 1) / 2 rows on average, each keeping its compute-dtype input
-            and activations."""
+            """3-D experts: the zero rows of a CPU bf16/fp16 expert loop, each expert's rows padded to a multiple of
+            ``CPU_LOW_PRECISION_ROWS``, (multiple - 1) / 2 rows on average, each keeping what the expert saves per
+            token.  One module per expert: what each module saves per batch."""
+            if not self.batched:
+                return (self.n_experts + self.n_shared_experts) * self.expert.saved_bytes_per_batch(c, device)
             if device != "cpu" or c == FP32 or self.dispatch == "grouped_mm":
                 return 0.0
-            per_row = self.dim * c + activation_units(self.expert_kind) * self.hidden * c
-            return self.n_experts * (CPU_LOW_PRECISION_ROWS - 1) / 2 * per_row
+            return self.n_experts * (CPU_LOW_PRECISION_ROWS - 1) / 2 * self.expert.saved_bytes_per_token(c, device)
 
         @property
         def eval_factor(self) -> float | None:
@@ -161,23 +213,65 @@ class MoE(Component):
                                    "top_k distinct experts")
             if self.expert_hidden is not None and self.expert_hidden_mult is not None:
                 yield ("expert_hidden_mult",), "give 'expert_hidden' or 'expert_hidden_mult', not both"
+                return
+            problem = self.expert_problem()
+            if problem:
+                yield problem
+            elif self.dispatch == "grouped_mm" and not self.batched:
+                yield ("dispatch",), (f"grouped_mm runs experts stored as 3-D tensors (the built-in dense kinds); "
+                                      f"expert_kind '{self.expert_kind}' runs one module per expert: use dispatch: "
+                                      "auto or loop")
             elif self.dispatch == "grouped_mm" and not grouped_mm_shapes_ok(self.dim, self.hidden, torch.float32):
                 yield ("dispatch",), (f"grouped_mm needs d_model ({self.dim}) and the expert hidden size "
                                       f"({self.hidden}) to be multiples of 4; use dispatch: auto or loop")
+
+        def expert_problem(self) -> tuple[tuple, str] | None:
+            """``(path, message)`` where ``expert_kind`` cannot be built as this MoE's experts, else None."""
+            kind = self.expert_kind
+            keys = {yaml_key(f): f for f, _ in params(kind.impl.Spec)}
+            if self.handed_hidden is not None and "hidden_size" not in keys:
+                key = "expert_hidden" if self.expert_hidden is not None else "expert_hidden_mult"
+                return (key,), (f"expert_kind '{kind}' declares no hidden_size, so {key} cannot size its experts; "
+                                f"remove {key} (each expert then has the width of {kind}'s defaults)")
+            if self.bias and "bias" not in keys:
+                return ("bias",), (f"expert_kind '{kind}' declares no bias, so its experts cannot take bias: true; "
+                                   "remove bias")
+            if "hidden_size" in keys and required(keys["hidden_size"]) and self.handed_hidden is None:
+                return ("expert_kind",), (f"expert_kind '{kind}' has no default hidden_size; give expert_hidden or "
+                                          "expert_hidden_mult")
+            needed = [k for k, f in keys.items() if required(f) and k != "hidden_size"]
+            if needed:
+                return ("expert_kind",), (f"expert_kind '{kind}' requires {', '.join(map(repr, needed))}, which an "
+                                          "MoE cannot give its experts (it hands them only hidden_size and bias); "
+                                          "choose a kind whose other parameters have defaults")
+            try:
+                problems = list(self.expert.check()) if hasattr(self.expert, "check") else []
+            except BuildError as e:
+                return ("expert_kind",), f"expert_kind '{kind}' cannot be built as an expert: {e}"
+            if problems:
+                return ("expert_kind",), f"expert_kind '{kind}' as an expert of this MoE: {problems[0][1]}"
+            return None
 
     def __init__(self, spec: "MoE.Spec"):
         super().__init__()
         self.spec = spec
         self.router = spec.router.build()
-        self.experts = Experts(spec.n_experts, spec.dim, spec.hidden, spec.expert_kind,
-                               spec.bias, spec.dispatch)
-        self.shared = (Experts(spec.n_shared_experts, spec.dim, spec.hidden, spec.expert_kind,
-                               spec.bias) if spec.n_shared_experts else None)
+        self.experts = self.make_experts(spec.n_experts, spec.dispatch)
+        self.shared = self.make_experts(spec.n_shared_experts) if spec.n_shared_experts else None
+
+    def make_experts(self, n: int, dispatch: str = "auto") -> Experts | ExpertModules:
+        """``n`` experts of the spec's expert kind: 3-D tensors for a built-in dense kind, else one module each."""
+        s = self.spec
+        expert = s.expert
+        act = batched_activation(expert)
+        if act is None:
+            return ExpertModules(n, expert)
+        return Experts(n, s.dim, s.hidden, act, s.bias, dispatch)
 
     @torch.no_grad()
     def init_weights(self, init) -> None:
-        """Experts (3-D, down-projections residual; switch: routed use ``expert=True``),
-        shared experts, router (fan_in d_model) and noise weights (zero)."""
+        """Experts (3-D: down-projections residual; one module each: as the scheme does a model's; switch: routed
+        use ``expert=True``), shared experts, router (fan_in d_model) and noise weights (zero)."""
         self.experts.initialize(init, routed=True)
         if self.shared is not None:
             self.shared.initialize(init, routed=False)
@@ -192,7 +286,7 @@ class MoE(Component):
     def forward(self, x_BTD: torch.Tensor):
         s = self.spec
         x_ND = rearrange(x_BTD, "b t d -> (b t) d")                          # N = B*T tokens
-        r = self.router(x_ND)
+        r = self.router(x_ND)                       # indices, weights: [N, K]; logits, probs: [N, E]
         plan = plan_dispatch(r.indices, s.n_experts, self.capacity(x_ND.shape[0]), s.drop_policy)
         ys_MD = self.experts.forward_sorted(gather_tokens(x_ND, plan, s.drop_policy), plan.counts)
         y_ND = combine(ys_MD, r.weights, plan, s.drop_policy)
@@ -213,9 +307,9 @@ class MoE(Component):
             loss = loss + s.lb_loss_coef * lb.float()
         if s.z_loss_coef:
             loss = loss + s.z_loss_coef * z.float()
-        routed = plan.routed.float()
+        routed_E = plan.routed.float()
         return {"loss": loss, "lb_loss": lb.detach().float(), "z_loss": z.detach().float(),
-                "load": routed / routed.sum(),
+                "load": routed_E / routed_E.sum(),
                 "dropped_frac": plan.n_dropped.float() / r.indices.numel(),
                 "router_entropy": mean_entropy(r.probs.detach()).float()}
 
@@ -241,7 +335,7 @@ def _data_parallel() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _lb_over_ranks(probs: torch.Tensor, routed: torch.Tensor, n_experts: int) -> torch.Tensor:
+def _lb_over_ranks(probs_NE: torch.Tensor, routed_E: torch.Tensor, n_experts: int) -> torch.Tensor:
     """The batch load-balancing loss of the GLOBAL batch under data parallelism.
 
     ``f`` and ``P`` are averaged over the ranks (one all-reduce of ``[2, E]``),
@@ -252,13 +346,13 @@ def _lb_over_ranks(probs: torch.Tensor, routed: torch.Tensor, n_experts: int) ->
     (Sequence-wise losses are means of per-sequence terms: the gradient
     average already makes them exact.)
     """
-    local_f = routed.to(probs.dtype) / routed.sum().clamp_min(1)
-    local_p = probs.mean(dim=0)
-    both = torch.stack([local_f, local_p.detach()])
-    torch.distributed.all_reduce(both)
-    both = both / torch.distributed.get_world_size()
-    p = local_p + (both[1] - local_p).detach()
-    return n_experts * (both[0] * p).sum()
+    f_E = routed_E.to(probs_NE.dtype) / routed_E.sum().clamp_min(1)
+    local_p_E = probs_NE.mean(dim=0)
+    both_2E = torch.stack([f_E, local_p_E.detach()])
+    torch.distributed.all_reduce(both_2E)
+    both_2E = both_2E / torch.distributed.get_world_size()
+    p_E = local_p_E + (both_2E[1] - local_p_E).detach()
+    return n_experts * (both_2E[0] * p_E).sum()
 
 
 __all__ = ["MoE"]

@@ -30,6 +30,10 @@ causal.
 Capacity per expert = ``max(min_capacity, ceil(factor * tokens * k / n_experts))``
 with ``tokens`` = B*T of this forward.  Unlike GShard/Switch we do NOT round
 it up to an even number.
+
+Shapes: N tokens (B*T flattened), K choices per token (top_k), E experts,
+S = N*K assignments (slots) in the priority layout, M kept assignments (rows
+of the sorted buffer, M <= S), D d_model.
 """
 from __future__ import annotations
 
@@ -57,58 +61,60 @@ class DispatchPlan(NamedTuple):
     counts: torch.Tensor   # [E] kept assignments per expert (int64)
     routed: torch.Tensor   # [E] assignments per expert before dropping (int64)
     n_dropped: torch.Tensor  # scalar int64
-    row: torch.Tensor      # [N*k] row of each assignment in the sorted buffer; M if it was dropped
+    row: torch.Tensor      # [S] row of each assignment in the sorted buffer; M if it was dropped
 
 
-def priority_layout(t: torch.Tensor, policy: str) -> torch.Tensor:
-    """Flatten an ``[N, k]`` tensor in the drop-priority order of ``policy``."""
+def priority_layout(t_NK: torch.Tensor, policy: str) -> torch.Tensor:
+    """Flatten an ``[N, K]`` tensor to ``[S]`` in the drop-priority order of ``policy``."""
     if policy == "priority":
-        return rearrange(t, "n k -> (k n)")       # rank-major: all first choices, then all second ...
+        return rearrange(t_NK, "n k -> (k n)")       # rank-major: all first choices, then all second ...
     if policy == "position":
-        return rearrange(t, "n k -> (n k)")       # token-major
+        return rearrange(t_NK, "n k -> (n k)")       # token-major
     raise ValueError(f"unknown drop_policy '{policy}' (available: {', '.join(DROP_POLICIES)})")
 
 
-def sum_choices(slots: torch.Tensor, n: int, k: int, policy: str) -> torch.Tensor:
-    """``[N*k, D]`` rows in the priority layout of ``policy`` -> ``[N, D]``, summed over each token's k choices."""
+def sum_choices(slots_SD: torch.Tensor, n: int, k: int, policy: str) -> torch.Tensor:
+    """``[S, D]`` rows in the priority layout of ``policy`` -> ``[N, D]``, summed over each token's k choices."""
     if k == 1:
-        return slots
+        return slots_SD
     if policy == "priority":         # k contiguous [N, D] blocks: adding them beats a strided sum
-        out = slots[:n] + slots[n:2 * n]
+        y_ND = slots_SD[:n] + slots_SD[n:2 * n]
         for r in range(2, k):
-            out += slots[r * n:(r + 1) * n]
-        return out
-    return reduce(slots, "(n k) d -> n d", "sum", k=k)
+            y_ND += slots_SD[r * n:(r + 1) * n]
+        return y_ND
+    return reduce(slots_SD, "(n k) d -> n d", "sum", k=k)
 
 
-def plan_dispatch(indices: torch.Tensor, n_experts: int, capacity: int | None,
+def plan_dispatch(indices_NK: torch.Tensor, n_experts: int, capacity: int | None,
                   policy: str = "priority") -> DispatchPlan:
-    """Group the ``[N, k]`` assignments by expert and drop those over ``capacity``."""
-    n, k = indices.shape
-    experts = priority_layout(indices, policy)
-    tokens = torch.arange(n, device=indices.device)
-    tokens = tokens.repeat(k) if policy == "priority" else tokens.repeat_interleave(k)
-    order = torch.argsort(experts, stable=True)
-    routed = torch.zeros(n_experts, dtype=torch.int64, device=indices.device)
-    routed.scatter_add_(0, experts, torch.ones_like(experts))   # bincount, with a static shape
-    counts = routed
+    """Group the ``[N, K]`` assignments by expert and drop those over ``capacity``."""
+    n, k = indices_NK.shape
+    device = indices_NK.device
+    expert_S = priority_layout(indices_NK, policy)
+    token_S = torch.arange(n, device=device)
+    token_S = token_S.repeat(k) if policy == "priority" else token_S.repeat_interleave(k)
+    order_M = torch.argsort(expert_S, stable=True)            # every assignment, grouped by expert (M = S so far)
+    routed_E = torch.zeros(n_experts, dtype=torch.int64, device=device)
+    routed_E.scatter_add_(0, expert_S, torch.ones_like(expert_S))   # bincount, with a static shape
+    counts_E = routed_E
     if capacity is not None and capacity < n * k:
-        start = routed.cumsum(0) - routed
-        rank_in_expert = torch.arange(n * k, device=indices.device) - start[experts[order]]
-        order = order[rank_in_expert < capacity]
-        counts = routed.clamp(max=capacity)
-    n_dropped = routed.sum() - counts.sum()
-    kept = order.shape[0]
-    row = torch.full((n * k,), kept, dtype=torch.int64, device=indices.device)
-    row[order] = torch.arange(kept, device=indices.device)
-    return DispatchPlan(order, tokens[order], counts, routed, n_dropped, row)
+        start_E = routed_E.cumsum(0) - routed_E
+        rank_in_expert_S = torch.arange(n * k, device=device) - start_E[expert_S[order_M]]
+        order_M = order_M[rank_in_expert_S < capacity]
+        counts_E = routed_E.clamp(max=capacity)
+    n_dropped = routed_E.sum() - counts_E.sum()
+    kept = order_M.shape[0]
+    row_S = torch.full((n * k,), kept, dtype=torch.int64, device=device)
+    row_S[order_M] = torch.arange(kept, device=device)
+    return DispatchPlan(order_M, token_S[order_M], counts_E, routed_E, n_dropped, row_S)
 
 
-def _with_zero_row(t: torch.Tensor, n_slots: int) -> torch.Tensor:
-    """``t`` plus one zero row at index ``len(t)`` (where ``DispatchPlan.row`` sends dropped slots)."""
-    if t.shape[0] == n_slots:
-        return t
-    return torch.cat([t, t.new_zeros(1, t.shape[-1])])
+def _with_zero_row(t_MD: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """``t_MD`` plus one zero row at index M (where ``DispatchPlan.row`` sends dropped slots), unless none is
+    dropped (M = ``n_slots``)."""
+    if t_MD.shape[0] == n_slots:
+        return t_MD
+    return torch.cat([t_MD, t_MD.new_zeros(1, t_MD.shape[-1])])
 
 
 class _Gather(torch.autograd.Function):
@@ -119,16 +125,16 @@ class _Gather(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, token, row, k, policy):
-        ctx.save_for_backward(row)
-        ctx.n, ctx.k, ctx.policy = x.shape[0], k, policy
-        return x.index_select(0, token)
+    def forward(ctx, x_ND, token_M, row_S, k, policy):
+        ctx.save_for_backward(row_S)
+        ctx.n, ctx.k, ctx.policy = x_ND.shape[0], k, policy
+        return x_ND.index_select(0, token_M)
 
     @staticmethod
-    def backward(ctx, grad):
-        (row,) = ctx.saved_tensors
-        slots = _with_zero_row(grad, row.shape[0]).index_select(0, row)
-        return sum_choices(slots, ctx.n, ctx.k, ctx.policy), None, None, None, None
+    def backward(ctx, grad_MD):
+        (row_S,) = ctx.saved_tensors
+        slots_SD = _with_zero_row(grad_MD, row_S.shape[0]).index_select(0, row_S)
+        return sum_choices(slots_SD, ctx.n, ctx.k, ctx.policy), None, None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -141,34 +147,34 @@ class _Combine(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, ys, w_layout, slot, token, row, k, policy):
-        n = row.shape[0] // k
-        w_sorted = w_layout.index_select(0, slot).to(ys.dtype)
-        ctx.save_for_backward(ys, w_sorted, slot, token)
-        ctx.n_slots, ctx.w_dtype = row.shape[0], w_layout.dtype
-        weighted = _with_zero_row(ys * w_sorted.unsqueeze(-1), row.shape[0])
-        return sum_choices(weighted.index_select(0, row), n, k, policy)
+    def forward(ctx, ys_MD, w_S, slot_M, token_M, row_S, k, policy):
+        n = row_S.shape[0] // k
+        w_M = w_S.index_select(0, slot_M).to(ys_MD.dtype)
+        ctx.save_for_backward(ys_MD, w_M, slot_M, token_M)
+        ctx.n_slots, ctx.w_dtype = row_S.shape[0], w_S.dtype
+        weighted_MD = _with_zero_row(ys_MD * w_M.unsqueeze(-1), row_S.shape[0])
+        return sum_choices(weighted_MD.index_select(0, row_S), n, k, policy)
 
     @staticmethod
-    def backward(ctx, dy):
-        ys, w_sorted, slot, token = ctx.saved_tensors
-        dyg = dy.index_select(0, token)
-        d_ys = dyg * w_sorted.unsqueeze(-1) if ctx.needs_input_grad[0] else None
-        d_w = None
+    def backward(ctx, dy_ND):
+        ys_MD, w_M, slot_M, token_M = ctx.saved_tensors
+        dy_MD = dy_ND.index_select(0, token_M)
+        d_ys_MD = dy_MD * w_M.unsqueeze(-1) if ctx.needs_input_grad[0] else None
+        d_w_S = None
         if ctx.needs_input_grad[1]:
-            d_sorted = (dyg * ys).sum(-1).to(ctx.w_dtype)
-            d_w = d_sorted.new_zeros(ctx.n_slots).index_copy_(0, slot, d_sorted)
-        return d_ys, d_w, None, None, None, None, None
+            d_w_M = (dy_MD * ys_MD).sum(-1).to(ctx.w_dtype)
+            d_w_S = d_w_M.new_zeros(ctx.n_slots).index_copy_(0, slot_M, d_w_M)
+        return d_ys_MD, d_w_S, None, None, None, None, None
 
 
-def gather_tokens(x: torch.Tensor, plan: DispatchPlan, policy: str = "priority") -> torch.Tensor:
+def gather_tokens(x_ND: torch.Tensor, plan: DispatchPlan, policy: str = "priority") -> torch.Tensor:
     """``[N, D]`` tokens -> ``[M, D]`` rows grouped by expert (one row per kept assignment)."""
-    return _Gather.apply(x, plan.token, plan.row, plan.row.shape[0] // x.shape[0], policy)
+    return _Gather.apply(x_ND, plan.token, plan.row, plan.row.shape[0] // x_ND.shape[0], policy)
 
 
-def combine(expert_out: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan,
+def combine(ys_MD: torch.Tensor, weights_NK: torch.Tensor, plan: DispatchPlan,
             policy: str = "priority") -> torch.Tensor:
     """Gate-weighted sum of the ``[M, D]`` expert outputs back in token order ``[N, D]``."""
-    k = weights.shape[-1]
-    return _Combine.apply(expert_out, priority_layout(weights, policy), plan.slot, plan.token, plan.row,
+    k = weights_NK.shape[-1]
+    return _Combine.apply(ys_MD, priority_layout(weights_NK, policy), plan.slot, plan.token, plan.row,
                           k, policy)

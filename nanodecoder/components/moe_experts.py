@@ -1,20 +1,30 @@
-"""The experts of an MoE layer: ``n`` MLPs stored as 3-D tensors.
+"""The experts of an MoE layer: ``n`` MLPs, stored as 3-D tensors or as one module each.
 
-Weights are ``up: [n, D, width*H]`` and ``down: [n, H, D]`` (``width`` 2 for
-swiglu, whose up-projection holds [gate | up]), optional biases
-``up_bias: [n, width*H]`` and ``down_bias: [n, D]``.  The layout is the
-checkpoint format; the compute path (per-expert loop or ``torch._grouped_mm``)
-can change without touching it.  Activations come from ``mlp.ACTIVATIONS``,
-so an expert of kind ``swiglu`` computes exactly the dense ``swiglu`` MLP.
+:class:`Experts` (the built-in dense kinds, ``mlp.batched_activation``): weights
+``up: [n, D, width*H]`` and ``down: [n, H, D]`` (``width`` 2 for swiglu, whose
+up-projection holds [gate | up]), optional biases ``up_bias: [n, width*H]`` and
+``down_bias: [n, D]``.  The layout is the checkpoint format; the compute path
+(per-expert loop or ``torch._grouped_mm``) can change without touching it.
+Activations come from ``mlp.ACTIVATIONS``, so an expert of kind ``swiglu``
+computes exactly the dense ``swiglu`` MLP.
 
-Two ways to apply them:
-``forward_sorted(xs, counts)``  routed experts: ``xs`` holds the tokens grouped
-                                by expert (``counts[e]`` rows for expert e, in
-                                expert order); every expert takes part in the
-                                graph, also with 0 rows, so every expert's
-                                parameters get a (zero) gradient (DDP-safe).
-``forward_all(x)``              shared experts: every expert on every token,
-                                outputs summed (one matmul each way).
+:class:`ExpertModules` (any other MLP kind, plug-ins included): ``n`` modules
+built from that kind's spec (state dict ``experts.<e>.<its names>``), each run
+on its own contiguous slice through its own forward.
+
+Both apply them two ways:
+``forward_sorted(x_MD, counts_E)``  routed experts: ``x_MD`` holds the tokens
+                                    grouped by expert (``counts_E[e]`` rows for
+                                    expert e, in expert order); every expert takes
+                                    part in the graph, also with 0 rows, so every
+                                    expert's parameters get a (zero) gradient
+                                    (DDP-safe).
+``forward_all(x_ND)``               shared experts: every expert on every token,
+                                    outputs summed.
+
+Shapes: N tokens (B*T flattened), M rows of the sorted buffer (kept
+assignments), D d_model, E experts (``n``), H expert hidden size, W the
+up-projection width (``width * H``), R padded rows.
 """
 from __future__ import annotations
 
@@ -25,7 +35,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .init import DEFAULT_INIT, init_tensor
+from .base import module_role
+from .init import DEFAULT_INIT, init_model, init_tensor
 from .mlp import ACTIVATIONS
 
 #: How the experts run (the 'dispatch' key of an moe block); not the token plan of moe_dispatch.DispatchPlan
@@ -114,66 +125,64 @@ class Experts(nn.Module):
                 f"bias={self.up_bias is not None}, dispatch={self.dispatch}")
 
     # ------------------------------------------------------------------ routed
-    def use_grouped_mm(self, xs: torch.Tensor) -> bool:
-        """Whether ``forward_sorted`` takes the ``torch._grouped_mm`` path for ``xs``."""
-        if self.dispatch == "loop" or not hasattr(torch, "_grouped_mm") or xs.shape[0] == 0:
+    def use_grouped_mm(self, x_MD: torch.Tensor) -> bool:
+        """Whether ``forward_sorted`` takes the ``torch._grouped_mm`` path for ``x_MD``."""
+        if self.dispatch == "loop" or not hasattr(torch, "_grouped_mm") or x_MD.shape[0] == 0:
             return False
-        dtype = _compute_dtype(xs)
-        if self.dispatch == "auto" and _cpu_low_precision(xs):
+        dtype = _compute_dtype(x_MD)
+        if self.dispatch == "auto" and _cpu_low_precision(x_MD):
             return False  # torch's CPU grouped_mm: a matmul per expert of exactly its rows (CPU_LOW_PRECISION_ROWS)
-        ok_dtype = (dtype in (torch.float32, torch.bfloat16) if xs.device.type == "cpu"
-                    else xs.device.type == "cuda" and dtype == torch.bfloat16)
+        ok_dtype = (dtype in (torch.float32, torch.bfloat16) if x_MD.device.type == "cpu"
+                    else x_MD.device.type == "cuda" and dtype == torch.bfloat16)
         if not ok_dtype or (_is_compiling() and dtype != torch.bfloat16):
             return False  # grouped_mm rejects fp32 under torch.compile
         return grouped_mm_shapes_ok(self.dim, self.hidden, dtype)
 
-    def forward_sorted(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Apply expert e to rows ``[sum(counts[:e]), sum(counts[:e+1]))`` of ``xs: [M, D]``."""
-        if self.use_grouped_mm(xs):
-            return self._grouped(xs, counts)
-        return self._loop(xs, counts)
+    def forward_sorted(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Apply expert e to rows ``[sum(counts_E[:e]), sum(counts_E[:e+1]))`` of ``x_MD``."""
+        if self.use_grouped_mm(x_MD):
+            return self._grouped(x_MD, counts_E)
+        return self._loop(x_MD, counts_E)
 
-    def _loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        if _cpu_low_precision(xs):
-            return self._padded_loop(xs, counts)
-        sizes = counts.tolist()
-        chunks = xs.split(sizes)
-        h = torch.cat([c @ self.up[e] for e, c in enumerate(chunks)])
+    def _loop(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        if _cpu_low_precision(x_MD):
+            return self._padded_loop(x_MD, counts_E)
+        sizes = counts_E.tolist()
+        h_MW = torch.cat([x_mD @ self.up[e] for e, x_mD in enumerate(x_MD.split(sizes))])   # m: one expert's rows
         if self.up_bias is not None:
-            h = h + self.up_bias.to(h.dtype).repeat_interleave(counts, dim=0, output_size=xs.shape[0])
-        chunks = self.act(h).split(sizes)
-        y = torch.cat([c @ self.down[e] for e, c in enumerate(chunks)])
+            h_MW = h_MW + self.up_bias.to(h_MW.dtype).repeat_interleave(counts_E, dim=0, output_size=x_MD.shape[0])
+        y_MD = torch.cat([a_mH @ self.down[e] for e, a_mH in enumerate(self.act(h_MW).split(sizes))])
         if self.down_bias is not None:
-            y = y + self.down_bias.to(y.dtype).repeat_interleave(counts, dim=0, output_size=xs.shape[0])
-        return y
+            y_MD = y_MD + self.down_bias.to(y_MD.dtype).repeat_interleave(counts_E, dim=0, output_size=x_MD.shape[0])
+        return y_MD
 
-    def _padded_loop(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _padded_loop(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """The loop with each expert's rows padded by zero rows to a multiple of ``CPU_LOW_PRECISION_ROWS``; the
         padding's outputs are cut off, so it gets no gradient."""
         outs = []
-        for e, c in enumerate(xs.split(counts.tolist())):
-            n = c.shape[0]
-            h = F.pad(c, (0, 0, 0, -n % CPU_LOW_PRECISION_ROWS)) @ self.up[e]
+        for e, x_mD in enumerate(x_MD.split(counts_E.tolist())):
+            m = x_mD.shape[0]
+            h_RW = F.pad(x_mD, (0, 0, 0, -m % CPU_LOW_PRECISION_ROWS)) @ self.up[e]
             if self.up_bias is not None:
-                h = h + self.up_bias[e].to(h.dtype)
-            y = self.act(h) @ self.down[e]
+                h_RW = h_RW + self.up_bias[e].to(h_RW.dtype)
+            y_RD = self.act(h_RW) @ self.down[e]
             if self.down_bias is not None:
-                y = y + self.down_bias[e].to(y.dtype)
-            outs.append(y[:n])
+                y_RD = y_RD + self.down_bias[e].to(y_RD.dtype)
+            outs.append(y_RD[:m])
         return torch.cat(outs)
 
-    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(xs)
-        offs = counts.cumsum(0).to(torch.int32)
-        h = torch._grouped_mm(xs.to(dtype), self.up.to(dtype), offs=offs)
-        h = _ContiguousGrad.apply(h)
+    def _grouped(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x_MD)
+        offs_E = counts_E.cumsum(0).to(torch.int32)
+        h_MW = torch._grouped_mm(x_MD.to(dtype), self.up.to(dtype), offs=offs_E)
+        h_MW = _ContiguousGrad.apply(h_MW)
         if self.up_bias is not None:
-            h = h + self.up_bias.to(dtype).repeat_interleave(counts, dim=0, output_size=xs.shape[0])
-        a = self.act(h).contiguous()
-        y = _ContiguousGrad.apply(torch._grouped_mm(a, self.down.to(dtype), offs=offs))
+            h_MW = h_MW + self.up_bias.to(dtype).repeat_interleave(counts_E, dim=0, output_size=x_MD.shape[0])
+        a_MH = self.act(h_MW).contiguous()
+        y_MD = _ContiguousGrad.apply(torch._grouped_mm(a_MH, self.down.to(dtype), offs=offs_E))
         if self.down_bias is not None:
-            y = y + self.down_bias.to(dtype).repeat_interleave(counts, dim=0, output_size=xs.shape[0])
-        return y
+            y_MD = y_MD + self.down_bias.to(dtype).repeat_interleave(counts_E, dim=0, output_size=x_MD.shape[0])
+        return y_MD
 
     # ------------------------------------------------------------------ shared
     def forward_all(self, x_ND: torch.Tensor) -> torch.Tensor:
@@ -186,6 +195,54 @@ class Experts(nn.Module):
         y_ND = a_NEH @ rearrange(self.down, "e h d -> (e h) d")
         if self.down_bias is not None:
             y_ND = y_ND + self.down_bias.sum(dim=0)
+        return y_ND
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class ExpertModules(nn.ModuleList):
+    """``n`` experts of an MLP kind that has no 3-D layout (e.g. a plug-in with its own forward): one module each,
+    built from ``spec`` (that kind's spec, sized by the MoE), each run on its own rows as a ``[1, rows, D]`` batch.
+
+    Every parameter inside has the optimizer role ``expert`` (a norm inside keeps ``norm``); the experts' own
+    auxiliary outputs (a dense MLP's: none) are not used."""
+
+    role = "expert"
+
+    def __init__(self, n: int, spec):
+        super().__init__(spec.build() for _ in range(n))
+        for module in self.modules():
+            if module_role(module) is None:
+                module.role = self.role
+        self.initialize(DEFAULT_INIT, routed=True)
+
+    @torch.no_grad()
+    def initialize(self, init, routed: bool) -> None:
+        """Each module as ``init`` does a model's (its ``init_weights`` where it has one; switch: routed experts
+        use ``expert_scale``)."""
+        for module in self:
+            custom = getattr(module, "init_weights", None)
+            if custom is not None:
+                custom(init)
+            else:
+                init_model(module, init, expert=routed)
+
+    @staticmethod
+    def _run(module: nn.Module, x_mD: torch.Tensor) -> torch.Tensor:
+        y_1mD, _ = module(x_mD[None])
+        return y_1mD[0]
+
+    def forward_sorted(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Apply expert e to rows ``[sum(counts_E[:e]), sum(counts_E[:e+1]))`` of ``x_MD``."""
+        return torch.cat([self._run(module, x_mD) for module, x_mD in zip(self, x_MD.split(counts_E.tolist()))])
+
+    def forward_all(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """Sum over all experts applied to every row of ``x_ND``."""
+        first, *rest = self
+        y_ND = self._run(first, x_ND)
+        for module in rest:
+            y_ND = y_ND + self._run(module, x_ND)
         return y_ND
 
     def num_params(self) -> int:

@@ -1,10 +1,12 @@
-"""Positional encodings: ``learned`` (added to the input) and ``rope`` (rotates q and k).
+"""Positional encodings: ``learned`` (added to the input), ``rope`` (rotates q and k) and ``none`` (NoPE).
 
-The decoder asks its positional component for two things per forward pass:
-``embed(pos)`` (an additive ``[T, D]`` tensor or None) and ``rotary(pos)``
-(a :class:`Rotary`: ``cos`` and ``sin`` of shape ``[T, rotary_dim/2]`` and the
-factor on the softmax scale; or None) which it hands to every attention layer.  RoPE's frequencies may be scaled for longer contexts (kinds of
-the ``rope_scaling`` category: ``llama3``, ``yarn``).
+The decoder asks its positional components for two things per forward pass:
+``embed(pos)`` (an additive ``[T, D]`` tensor or None; the model's ``positional`` only) and ``rotary(pos)``
+(a :class:`Rotary`: ``cos`` and ``sin`` of shape ``[T, rotary_dim/2]`` and the factor on the softmax scale; or
+None), computed once for each distinct positional of the layers (a block or an override may have its own, e.g.
+Llama 4's NoPE layers, Gemma 3's global layers at another theta) and handed to the attention of the layers that use
+it.  RoPE's frequencies may be scaled for longer contexts (kinds of the ``rope_scaling`` category: ``linear``,
+``llama3``, ``yarn``).
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ class LearnedPositional(Component):
         context_length: int = context()
         dim: int = context("d_model")
 
+        additive = True
+
         @property
         def n_params(self) -> int:
             return self.context_length * self.dim
@@ -45,6 +49,25 @@ class LearnedPositional(Component):
 
     def embed(self, pos: torch.Tensor) -> torch.Tensor:
         return self.wpe(pos)
+
+    def rotary(self, pos: torch.Tensor):
+        return None
+
+
+class NoPositional(Component):
+    """No positional encoding (NoPE: Kazemnejad et al. 2023; Llama 4's every fourth layer): nothing is added to the
+    input and q and k are not rotated; causal masking alone tells positions apart."""
+
+    @declared
+    class Spec(PositionalKind):
+        n_params = 0
+
+    def __init__(self, spec):
+        super().__init__()
+        self.spec = spec
+
+    def embed(self, pos: torch.Tensor):
+        return None
 
     def rotary(self, pos: torch.Tensor):
         return None

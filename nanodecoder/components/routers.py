@@ -33,6 +33,10 @@ logits (Switch style) and ``sigmoid`` uses the raw affinity.
 
 ``probs`` (the P_i of the load-balancing loss) is the softmax of the clean
 logits, or for ``sigmoid`` the affinities normalised per token to sum 1.
+
+Shapes: N tokens (B*T flattened), D d_model, E experts, K top_k; sigmoid's
+group-limited routing: G groups (``n_group``) of X = E / G experts; the
+load-balancing loss: G groups of tokens (sequences) of A assignments each.
 """
 from __future__ import annotations
 
@@ -51,8 +55,8 @@ from .init import DEFAULT_INIT, init_tensor
 
 
 class RouterOutput(NamedTuple):
-    indices: torch.Tensor  # [N, k] int64: chosen experts (order: descending score)
-    weights: torch.Tensor  # [N, k] float32+: combine weights of the chosen experts
+    indices: torch.Tensor  # [N, K] int64: chosen experts (order: descending score)
+    weights: torch.Tensor  # [N, K] float32+: combine weights of the chosen experts
     logits: torch.Tensor   # [N, E] float32+: clean router logits (z-loss)
     probs: torch.Tensor    # [N, E] float32+: per-token probabilities, sum 1 (lb loss, entropy)
 
@@ -115,14 +119,14 @@ class Router(Component):
         b = None if b is None else b.to(dt)
         if x.dim() != 2:
             return F.linear(x.to(dt), w.to(dt), b)
-        out = w.to(dt) @ x.to(dt).t()
-        return (out if b is None else out + b[:, None]).t()
+        logits_EN = w.to(dt) @ x.to(dt).t()
+        return (logits_EN if b is None else logits_EN + b[:, None]).t()
 
-    def forward(self, x: torch.Tensor) -> RouterOutput:
-        with no_autocast(x):
-            return self.route(x)
+    def forward(self, x_ND: torch.Tensor) -> RouterOutput:
+        with no_autocast(x_ND):
+            return self.route(x_ND)
 
-    def route(self, x: torch.Tensor) -> RouterOutput:  # pragma: no cover - abstract
+    def route(self, x_ND: torch.Tensor) -> RouterOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
 
@@ -142,13 +146,13 @@ class TopKRouter(Router):
             renormalised = (k + 1) * FP32 if self.renormalize and k > 1 else 0
             return (self.dim + self.n_experts) * FP32 + k * INDEX + renormalised
 
-    def route(self, x):
-        logits = self.linear(x)
-        probs = expert_softmax(logits)
-        weights, indices = probs.topk(self.spec.top_k, dim=-1)
+    def route(self, x_ND):
+        logits_NE = self.linear(x_ND)
+        probs_NE = expert_softmax(logits_NE)
+        weights_NK, indices_NK = probs_NE.topk(self.spec.top_k, dim=-1)
         if self.spec.renormalize and self.spec.top_k > 1:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return RouterOutput(indices, weights, logits, probs)
+            weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
+        return RouterOutput(indices_NK, weights_NK, logits_NE, probs_NE)
 
 
 class SwitchRouter(Router):
@@ -172,15 +176,15 @@ class SwitchRouter(Router):
                 yield (PARENT, "top_k"), (f"router 'switch' sends each token to one expert, so top_k must be 1 "
                                           f"(got {self.top_k}); for top_k > 1 use router kind 'topk'")
 
-    def route(self, x):
+    def route(self, x_ND):
         eps = self.spec.jitter
-        xr = x.to(router_dtype(x))
+        xr_ND = x_ND.to(router_dtype(x_ND))
         if self.training and eps > 0:
-            xr = xr * torch.empty_like(xr).uniform_(1.0 - eps, 1.0 + eps)
-        logits = self.linear(xr)
-        probs = expert_softmax(logits)
-        weights, indices = probs.topk(1, dim=-1)
-        return RouterOutput(indices, weights, logits, probs)
+            xr_ND = xr_ND * torch.empty_like(xr_ND).uniform_(1.0 - eps, 1.0 + eps)
+        logits_NE = self.linear(xr_ND)
+        probs_NE = expert_softmax(logits_NE)
+        weights_N1, indices_N1 = probs_NE.topk(1, dim=-1)
+        return RouterOutput(indices_N1, weights_N1, logits_NE, probs_NE)
 
 
 class SigmoidRouter(Router):
@@ -245,23 +249,23 @@ class SigmoidRouter(Router):
             self.expert_bias.zero_()
             self.load_counts.zero_()
 
-    def route(self, x):
-        logits = self.linear(x)
-        scores = logits.sigmoid()
-        choice = scores + self.expert_bias.to(scores.dtype)
+    def route(self, x_ND):
+        logits_NE = self.linear(x_ND)
+        scores_NE = logits_NE.sigmoid()
+        choice_NE = scores_NE + self.expert_bias.to(scores_NE.dtype)
         if self.spec.n_group > 1:
-            choice = self.within_best_groups(choice)
-        _, indices = choice.topk(self.spec.top_k, dim=-1)
-        weights = scores.gather(-1, indices)
+            choice_NE = self.within_best_groups(choice_NE)
+        _, indices_NK = choice_NE.topk(self.spec.top_k, dim=-1)
+        weights_NK = scores_NE.gather(-1, indices_NK)
         if self.spec.top_k > 1:
-            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
-        weights = weights * self.spec.routed_scaling_factor
+            weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights_NK.dtype).tiny)
+        weights_NK = weights_NK * self.spec.routed_scaling_factor
         if self.training:
             with torch.no_grad():
-                flat = indices.reshape(-1)
-                self.load_counts.scatter_add_(0, flat, torch.ones_like(flat))
-        probs = scores / scores.sum(dim=-1, keepdim=True)
-        return RouterOutput(indices, weights, logits, probs)
+                chosen = indices_NK.reshape(-1)                              # [N*K]
+                self.load_counts.scatter_add_(0, chosen, torch.ones_like(chosen))
+        probs_NE = scores_NE / scores_NE.sum(dim=-1, keepdim=True)
+        return RouterOutput(indices_NK, weights_NK, logits_NE, probs_NE)
 
     def within_best_groups(self, choice_NE: torch.Tensor) -> torch.Tensor:
         """``choice`` with the experts outside each token's ``topk_group`` best groups set to -inf."""
@@ -281,17 +285,17 @@ class SigmoidRouter(Router):
         initialised), so the bias stays identical on all ranks.  A step with
         no routed tokens since the last call leaves the bias unchanged.
         """
-        counts = self.load_counts.clone()
+        counts_E = self.load_counts.clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts)
+            torch.distributed.all_reduce(counts_E)
         self.load_counts.zero_()
-        total = int(counts.sum())
+        total = int(counts_E.sum())
         if total == 0 or self.spec.bias_update_speed == 0:
             return
-        load = counts.double() / total
-        delta = self.spec.bias_update_speed * torch.sign(1.0 / self.spec.n_experts - load)
-        delta = delta - delta.mean()
-        self.expert_bias.add_(delta.to(self.expert_bias.dtype))
+        load_E = counts_E.double() / total
+        delta_E = self.spec.bias_update_speed * torch.sign(1.0 / self.spec.n_experts - load_E)
+        delta_E = delta_E - delta_E.mean()
+        self.expert_bias.add_(delta_E.to(self.expert_bias.dtype))
 
 
 class NoisyTopKRouter(Router):
@@ -332,31 +336,31 @@ class NoisyTopKRouter(Router):
         """Standard-normal noise, one draw per (token, expert), drawn in token-major order."""
         return torch.randn(like.shape, dtype=like.dtype, device=like.device)
 
-    def route(self, x):
-        logits = self.linear(x)
-        noisy = logits
+    def route(self, x_ND):
+        logits_NE = self.linear(x_ND)
+        noisy_NE = logits_NE
         if self.training:
-            noise_std = F.softplus(self.linear(x, self.noise_weight))
-            noisy = logits + noise_std * self.sample_noise(logits)
+            noise_std_NE = F.softplus(self.linear(x_ND, self.noise_weight))
+            noisy_NE = logits_NE + noise_std_NE * self.sample_noise(logits_NE)
         k = self.spec.top_k
-        top, indices = noisy.topk(k, dim=-1)
+        top_NK, indices_NK = noisy_NE.topk(k, dim=-1)
         if k > 1:
-            weights = top.softmax(dim=-1)
+            weights_NK = top_NK.softmax(dim=-1)
         else:
-            weights = expert_softmax(noisy).gather(-1, indices)
-        return RouterOutput(indices, weights, logits, expert_softmax(logits))
+            weights_NK = expert_softmax(noisy_NE).gather(-1, indices_NK)
+        return RouterOutput(indices_NK, weights_NK, logits_NE, expert_softmax(logits_NE))
 
 
 
 
-def expert_softmax(logits: torch.Tensor) -> torch.Tensor:
+def expert_softmax(logits_NE: torch.Tensor) -> torch.Tensor:
     """Softmax over the experts (last dim) of ``[N, E]`` logits, fast for expert-major storage."""
-    if logits.dim() == 2 and logits.stride(0) == 1 and logits.shape[0] > 1:
-        return logits.t().softmax(dim=0).t()
-    return logits.softmax(dim=-1)
+    if logits_NE.dim() == 2 and logits_NE.stride(0) == 1 and logits_NE.shape[0] > 1:
+        return logits_NE.t().softmax(dim=0).t()
+    return logits_NE.softmax(dim=-1)
 
 
-def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, n_experts: int,
+def load_balancing_loss(probs_NE: torch.Tensor, indices_NK: torch.Tensor, n_experts: int,
                         n_groups: int = 1, counts: torch.Tensor | None = None) -> torch.Tensor:
     """Switch load-balancing loss ``E * sum_i f_i * P_i``, equal to 1 at perfect balance.
 
@@ -368,23 +372,24 @@ def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, n_experts: i
     (``[E]``, only with ``n_groups = 1``): assignments per expert, if the
     caller has them already.
     """
-    n, k = indices.shape
+    n, k = indices_NK.shape
     if n % n_groups:
         raise ValueError(f"{n} tokens cannot be split into {n_groups} sequences")
+    per_group = (n // n_groups) * k                        # assignments of one sequence (or of the batch)
     if counts is None or n_groups != 1:
-        idx = indices.reshape(n_groups, (n // n_groups) * k)
-        counts = torch.zeros(n_groups, n_experts, dtype=probs.dtype, device=probs.device)
-        counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=probs.dtype))
-    f = counts.to(probs.dtype).view(n_groups, n_experts) / ((n // n_groups) * k)
-    p = probs.reshape(n_groups, n // n_groups, n_experts).mean(dim=1)
-    return n_experts * (f * p).sum(dim=-1).mean()
+        indices_GA = indices_NK.reshape(n_groups, per_group)
+        counts = torch.zeros(n_groups, n_experts, dtype=probs_NE.dtype, device=probs_NE.device)
+        counts.scatter_add_(1, indices_GA, torch.ones_like(indices_GA, dtype=probs_NE.dtype))
+    f_GE = counts.to(probs_NE.dtype).view(n_groups, n_experts) / per_group
+    p_GE = probs_NE.reshape(n_groups, n // n_groups, n_experts).mean(dim=1)
+    return n_experts * (f_GE * p_GE).sum(dim=-1).mean()
 
 
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+def router_z_loss(logits_NE: torch.Tensor) -> torch.Tensor:
     """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2 (in the router's fp32+)."""
-    return torch.logsumexp(logits.to(router_dtype(logits)), dim=-1).square().mean()
+    return torch.logsumexp(logits_NE.to(router_dtype(logits_NE)), dim=-1).square().mean()
 
 
-def mean_entropy(probs: torch.Tensor) -> torch.Tensor:
+def mean_entropy(probs_NE: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of the entropy (nats) of each token's router distribution."""
-    return torch.special.entr(probs).sum(dim=-1).mean()
+    return torch.special.entr(probs_NE).sum(dim=-1).mean()

@@ -9,6 +9,7 @@ whose fields say everything about their YAML keys::
         n_heads: int = param(doc="Query heads.", minimum=1)            # required: no default
         dropout: float = param(0.0, doc="Dropout on the output.", minimum=0, maximum=1)
         router: Kind = choice("router", default="topk", doc="The router.")   # a kind of another category
+        expert_kind: str = kind_name("mlp", default="swiglu", doc="...")      # only the name of a kind
         d_model: int = context()                  # not in YAML: handed down by the section above
 
 From these fields come the JSON Schema (:mod:`.schema`), the typed object
@@ -30,7 +31,7 @@ import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 from .registry import RegistryError
 
@@ -50,6 +51,8 @@ class Param:
     doc: str
     key: str | None = None                  # the YAML key, where it is not the field name
     category: str | None = None             # a kind chosen from this registry category
+    names: str | None = None                # the name (only) of a kind of this registry category
+    allow: Any = None                       # names: which of its kinds may be named (impl -> bool), None all
     bounds: tuple = ()                       # (("minimum", 1), ("exclusiveMaximum", 1.0), ...)
     keywords: tuple = ()                     # other JSON Schema keywords: (("pattern", "^x$"), ...)
     yaml_default: Any = field(default_factory=lambda: MISSING)   # choices: the default kind's name
@@ -87,6 +90,52 @@ def choice(category: str, *, doc: str, default: str | None | Any = MISSING, key:
     """
     meta = Param(doc=doc, key=key, category=category, yaml_default=default)
     return _field(None if default is not MISSING else MISSING, MISSING, meta)
+
+
+def kind_name(category: str, *, doc: str, default: str | Any = MISSING, key: str | None = None,
+              allow: Callable[[type], bool] | None = None) -> Any:
+    """A string naming a registered kind of ``category``, without its parameters (e.g. the kind of an MoE's experts).
+
+    ``allow(impl)`` keeps the kinds it is true for (every kind when None).  The schema lists the allowed names of
+    the catalog in use, plug-ins included; the built value is a :class:`KindName`.
+    """
+    return _field(default, MISSING, Param(doc=doc, key=key, names=category, allow=allow))
+
+
+def allowed_kinds(catalog, meta: Param) -> list[str]:
+    """The names a :func:`kind_name` parameter accepts in ``catalog``, sorted."""
+    reg = catalog[meta.names]
+    return [n for n in reg.names() if meta.allow is None or meta.allow(reg.get(n))]
+
+
+class KindName(str):
+    """The value of a :func:`kind_name` parameter: the name as written (a plain ``str`` to every reader), with the
+    class it names (``impl``) and what :meth:`spec` needs to build that kind's spec where the name was written."""
+
+    def __new__(cls, name: str, impl: Any, category: str, catalog, ctx: Mapping[str, Any]):
+        out = super().__new__(cls, name)
+        out.impl, out.category, out._catalog, out._ctx = impl, category, catalog, dict(ctx)
+        return out
+
+    def __reduce__(self):
+        return KindName, (str(self), self.impl, self.category, self._catalog, self._ctx)
+
+    def spec(self, raw: Mapping[str, Any] | None = None) -> "Kind":
+        """The spec of the named kind with the YAML parameters ``raw`` (the others at their defaults), its
+        :func:`context` fields taken from the sections around the name (a BuildError when a required one is
+        missing)."""
+        return build(self.impl.Spec, raw, self._catalog, self._ctx, kind=str(self), impl=self.impl,
+                     category=self.category)
+
+
+def _named_kind(catalog, meta: Param, name: Any, ctx: Mapping[str, Any]) -> KindName | None:
+    if name is None:
+        return None
+    impl = kind_class(catalog, meta.names, name)
+    if meta.allow is not None and not meta.allow(impl):
+        raise BuildError(f"{meta.names} kind '{name}' cannot be named here (expected one of: "
+                         f"{', '.join(allowed_kinds(catalog, meta))})")
+    return KindName(name, impl, meta.names, catalog, ctx)
 
 
 def context(source: str | None = None) -> Any:
@@ -236,6 +285,8 @@ def build(cls, raw: Mapping[str, Any] | None, catalog=None, ctx: Mapping[str, An
         key = meta.key or f.name
         if meta.category is not None:
             value = build_choice(catalog, meta.category, raw.get(key), meta.yaml_default, below)
+        elif meta.names is not None and (key in raw or default_of(f) is not MISSING):
+            value = _named_kind(catalog, meta, raw[key] if key in raw else default_of(f), below)
         elif key in raw:
             value = convert(th[f.name], raw[key], catalog, below)
         else:
@@ -261,7 +312,7 @@ def to_yaml(obj: Any) -> Any:
         return out
     if isinstance(obj, tuple):
         return [to_yaml(v) for v in obj]
-    return obj
+    return str(obj) if isinstance(obj, KindName) else obj
 
 
 # ---------------------------------------------------------------- checks
@@ -341,9 +392,10 @@ def checks(cls, raw: Any, path: tuple, catalog, clean, ctx: Mapping[str, Any] | 
         fixed = {"kind": kind[0], "impl": kind[1]} if kind else {}
         try:
             obj = build(cls, raw, catalog, ctx, **fixed)
-        except BuildError:
+            found = list(obj.check())
+        except BuildError:          # a part it builds or reads cannot be built: that part's own check says why
             return out
-        out += [(join(path, tuple(rel)), message) for rel, message in obj.check()]
+        out += [(join(path, tuple(rel)), message) for rel, message in found]
     return out
 
 
@@ -371,11 +423,13 @@ def context_problems(root, catalog) -> list[str]:
             if "param" not in f.metadata:
                 continue
             meta = f.metadata["param"]
-            if meta.category is not None:
-                for kind in catalog[meta.category]:
-                    impl = catalog[meta.category].get(kind)
-                    origin = catalog[meta.category].origin(kind)
-                    walk(impl.Spec, frozenset(names), f"{meta.category} kind '{kind}' ({origin})")
+            if meta.category is not None or meta.names is not None:     # a kind is built here from either
+                category = meta.category or meta.names
+                kinds = catalog[category].names() if meta.category is not None else allowed_kinds(catalog, meta)
+                for kind in kinds:
+                    impl = catalog[category].get(kind)
+                    origin = catalog[category].origin(kind)
+                    walk(impl.Spec, frozenset(names), f"{category} kind '{kind}' ({origin})")
             else:
                 tp, _ = strip_none(th[f.name])
                 if typing.get_origin(tp) is tuple and typing.get_args(tp):
@@ -411,6 +465,7 @@ def snake(name: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
-__all__ = ["PARENT", "BuildError", "Kind", "Literal", "Param", "build", "build_choice", "checks", "choice",
-           "context", "context_problems", "declared", "default_of", "divisors", "hints", "is_declared", "join", "param", "params",
-           "required", "round_up", "snake", "strip_none", "to_yaml", "yaml_key"]
+__all__ = ["PARENT", "BuildError", "Kind", "KindName", "Literal", "Param", "allowed_kinds", "build", "build_choice",
+           "checks", "choice", "context", "context_problems", "declared", "default_of", "divisors", "hints",
+           "is_declared", "join", "kind_name", "param", "params", "required", "round_up", "snake", "strip_none",
+           "to_yaml", "yaml_key"]

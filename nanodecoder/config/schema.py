@@ -31,7 +31,7 @@ from jsonschema.validators import extend
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from .declare import default_of, hints, is_declared, params, required, snake, strip_none
+from .declare import allowed_kinds, default_of, hints, is_declared, params, required, snake, strip_none
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
@@ -128,6 +128,8 @@ class Generator:
     def field(self, f, meta, tp) -> dict:
         if meta.category is not None:
             out = self.ref(self.kind_block(meta.category))
+        elif meta.names is not None:              # the registered names (plug-ins included) this one allows
+            out = {"enum": [*allowed_kinds(self.catalog, meta), *([None] if strip_none(tp)[1] else [])]}
         else:
             out = self.type(tp, dict(meta.bounds))
         out.update(dict(meta.keywords))

@@ -1,5 +1,5 @@
-"""From a blueprint with a ``finetune:`` section to the task and the run spec (the command-line layer calls
-this where a pre-training run prepares its token data)."""
+"""From a blueprint with a ``finetune:`` section to the task and the run spec (the run's fine-tuning strategy,
+``api/run.py``, calls this where a pre-training run prepares its token data)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,27 +7,19 @@ from pathlib import Path
 
 from ..config import BlueprintError
 from ..config.declare import to_yaml
-from ..data import load_tokenizer
 from ..model import build_model
 from ..model.params import count_params
-from ..train.rundir import RunDir
-from .source import ReadBlueprint, check_against_source, open_source
+from .source import SourceRun, check_against_source
 
 
-def prepare_finetune(bp, spec, base_dir: Path, read_blueprint: ReadBlueprint, resume=None):
-    """``(task, RunSpec)``: the source run's tokenizer (or, resuming, the run's own copy of it), the
-    checks that the blueprint fits the source run, and the task with its data read and encoded.
+def prepare_finetune(bp, spec, base_dir: Path, tokenizer, source: SourceRun | None = None):
+    """``(task, RunSpec)``: the checks that the blueprint fits the source run, and the task with its data read and
+    encoded.
 
-    ``spec``: the blueprint's RunSpec (its vocabulary may still be ``auto``); ``read_blueprint``
-    reads the source run's saved blueprint."""
+    ``spec``: the blueprint's RunSpec, its vocabulary resolved with ``tokenizer`` (the source run's, or resuming
+    the run's own copy of it); ``source``: the run it starts from, its spec read (``finetune.source.open_source``;
+    None when resuming)."""
     ft = spec.finetune
-    source = None
-    if resume is None:
-        source = open_source(ft.source, base_dir, ft.from_checkpoint, read_blueprint)
-        tokenizer = source.tokenizer
-    else:
-        tokenizer = load_tokenizer(Path(resume.path) / RunDir.TOKENIZER)
-    spec = spec.with_vocab(tokenizer.vocab_size)
     if source is not None:
         check_against_source(bp, spec, source)
     task_cls = ft.impl

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..config import BlueprintError, dotted
 from ..config.declare import to_yaml
@@ -13,14 +13,10 @@ from ..data import load_tokenizer
 from ..train.rundir import RunDir, RunDirError
 from ..config.loader import blueprint_path
 
-#: reads a run's saved blueprint into ``(Blueprint, RunSpec)`` (the command-line layer's loader)
-ReadBlueprint = Callable[[Path], tuple[Any, Any]]
-
-
 @dataclass
 class SourceRun:
     run: RunDir
-    spec: Any            # the source run's RunSpec, its vocabulary resolved
+    spec: Any            # the source run's RunSpec, its vocabulary resolved (set by the caller, which reads blueprints)
     tokenizer: object
     checkpoint: Path
     which: str = "latest"     # what the blueprint asked for (the source may still be training: re-resolved)
@@ -42,8 +38,9 @@ def _newest_run(folder: Path) -> Path | None:
     return None
 
 
-def open_source(raw_path: str, base_dir: Path, which: str, read_blueprint: ReadBlueprint) -> SourceRun:
-    """A run directory, or a folder of runs (``runs/dense_gpt``: the newest with a checkpoint)."""
+def open_source(raw_path: str, base_dir: Path, which: str) -> SourceRun:
+    """A run directory, or a folder of runs (``runs/dense_gpt``: the newest with a checkpoint); the caller sets
+    its ``spec`` from ``run / RunDir.BLUEPRINT`` (the api layer reads blueprints: no callback down here)."""
     path = blueprint_path(raw_path, base_dir)
     if not (path / RunDir.BLUEPRINT).is_file() and path.is_dir():
         path = _newest_run(path) or path
@@ -54,8 +51,7 @@ def open_source(raw_path: str, base_dir: Path, which: str, read_blueprint: ReadB
     run = RunDir.open(path)
     checkpoint = run.checkpoints.for_reading(which)    # best: latest where the run has none
     tokenizer = load_tokenizer(run / RunDir.TOKENIZER)
-    _, spec = read_blueprint(run / RunDir.BLUEPRINT)
-    return SourceRun(run, spec.with_vocab(tokenizer.vocab_size), tokenizer, checkpoint, which)
+    return SourceRun(run, None, tokenizer, checkpoint, which)
 
 
 def diff(a, b, prefix: tuple = ()) -> list[tuple]:

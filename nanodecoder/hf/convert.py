@@ -351,6 +351,7 @@ def _layer_view(spec: ModelSpec) -> list:
     rows = []
     for b in spec.blocks:
         row = to_yaml(b)
+        row["positional"] = to_yaml(b.positional)          # the layer's own (not a YAML key of the block)
         a, m = b.attention, b.mlp
         if a.kind == "causal":
             row["attention"].update(head_dim=a.head_size, n_kv_heads=a.kv_heads, bias=sorted(a.biased))
@@ -369,7 +370,9 @@ def _strip(tree):
 
 
 def comparable(spec: ModelSpec) -> dict:
-    top = {k: v for k, v in to_yaml(spec).items() if k not in ("block", "overrides", "pad_vocab_to")}
+    # every layer's positional is in its row; the model's counts beside them only where it adds to the input
+    skip = ("block", "overrides", "pad_vocab_to") + (() if spec.positional.additive else ("positional",))
+    top = {k: v for k, v in to_yaml(spec).items() if k not in skip}
     top["final_norm"] = to_yaml(spec.final)
     return _strip({**top, "layers": _layer_view(spec)})
 

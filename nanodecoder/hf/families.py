@@ -21,7 +21,7 @@ import torch
 
 from ..components.positional import yarn_mscale
 from .rules import (HFError, Rule, concat, experts_down, experts_up, fused_experts, interleaved, permuted, same,
-                    shared_experts_down, shared_experts_up, transposed)
+                    reordered, shared_experts_down, shared_experts_up, shifted, transposed)
 
 
 
@@ -276,7 +276,7 @@ def attention_rules(a, ours: str, hf: str) -> list[Rule]:
         rules += [same(f"{ours}{x}_bias", f"{hf}{x}_proj.bias") for x in sorted(a.biased & set("qkv"))]
     if "o" in a.biased:
         rules.append(same(ours + "out.bias", hf + "o_proj.bias"))
-    if a.qk_norm:
+    if a.qk_norm and a.qk_norm_weight:
         rules += [same(ours + "q_norm.weight", hf + "q_norm.weight"), same(ours + "k_norm.weight", hf + "k_norm.weight")]
     return rules
 
@@ -814,6 +814,253 @@ def _gpt2_rules(spec, names: set[str], config: dict | None = None) -> list[Rule]
     return rules
 
 
+# ---- Gemma 3 (text)
+#: Gemma3TextConfig's defaults for the keys we read.  The RoPE keys are read as its ``convert_rope_params_to_dict``
+#: does (:func:`_gemma3_ropes`), and 4.x's ``sliding_window_pattern`` where ``layer_types`` is absent (6: every
+#: sixth layer global); attention_dropout is training only, and attn_logit_softcapping is not read: Gemma3Attention
+#: never passes it to its attention functions (Gemma 3 has no attention soft-cap), so neither do we.
+_GEMMA3 = {"vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+           "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+           "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6,
+           "tie_word_embeddings": True, "attention_bias": False, "query_pre_attn_scalar": 256,
+           "sliding_window": 4096, "layer_types": None, "final_logit_softcapping": None,
+           "use_bidirectional_attention": False}
+#: Gemma3TextConfig.default_theta per layer type, and the 4.x key of each type's theta
+_GEMMA3_THETA = {"full_attention": ("rope_theta", 1_000_000.0), "sliding_attention": ("rope_local_base_freq", 10_000.0)}
+
+
+def _gemma3_ropes(config: dict) -> dict[str, dict]:
+    """Our ``positional:`` for each layer type: ``rope_parameters`` by layer type (transformers 5), else 4.x's
+    ``rope_theta`` and ``rope_scaling`` for the global (full-attention) layers and ``rope_local_base_freq`` for the
+    local (sliding) ones; theta 1e6 and 1e4 where they are absent."""
+    given = config.get("rope_parameters") or {}
+    flat = sorted(k for k in given if k not in _GEMMA3_THETA)
+    if flat:
+        raise HFError(f"config.json: gemma3_text's rope_parameters has one entry per layer type (full_attention, "
+                      f"sliding_attention), not {', '.join(flat)}")
+    out = {}
+    for layer_type, (theta_key, theta) in _GEMMA3_THETA.items():
+        params = dict(given.get(layer_type) or {"rope_type": "default"})
+        if layer_type == "full_attention" and config.get("rope_scaling"):
+            params.update(config["rope_scaling"])
+        params.setdefault("rope_theta", config.get(theta_key) or theta)
+        out[layer_type] = rope_section({**config, "rope_scaling": None, "rope_parameters": params})
+    return out
+
+
+def _gemma3_model(config):
+    _check_common(config, SLIDING_LAYERS)
+    if config["use_bidirectional_attention"]:
+        raise HFError("config.json: use_bidirectional_attention true is not implemented (our decoder attends "
+                      "causally)")
+    if config["hidden_activation"] != "gelu_pytorch_tanh":
+        raise HFError(f"config.json: hidden_activation '{config['hidden_activation']}' is not implemented for "
+                      "gemma3_text (gelu_pytorch_tanh: our geglu)")
+    n = int(_get(config, "num_hidden_layers"))
+    types = config["layer_types"]
+    if types is None:
+        pattern = int(config.get("sliding_window_pattern") or 6)
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    types = list(types)
+    windows = layer_windows(config, types)
+    if len(types) != n:
+        raise HFError(f"config.json: layer_types has {len(types)} entries for num_hidden_layers {n}")
+    heads, eps = int(_get(config, "num_attention_heads")), float(_get(config, "rms_norm_eps"))
+    # Gemma's (1 + weight) norms are ours with weight + 1, and the softmax scale query_pre_attn_scalar ** -0.5 is
+    # folded into the query norm's weight (the rules): the attention itself is the plain head_dim ** -0.5 one
+    attn: dict[str, Any] = {"kind": "causal", "n_heads": heads, "n_kv_heads": int(_get(config, "num_key_value_heads")),
+                            "head_dim": int(_get(config, "head_dim")), "qk_norm": True, "qk_norm_eps": eps}
+    if config["attention_bias"]:
+        attn["bias"] = True
+    ropes = _gemma3_ropes(config)
+
+    def attention(window):
+        return attn if window is None else dict(attn, window=int(window))
+    model = decoder_section(config, ropes[types[0]], attention(windows[0]))
+    model.update(embed_scale=True, norm_placement="sandwich")
+    if config["final_logit_softcapping"] is not None:
+        model["logit_softcap"] = float(config["final_logit_softcapping"])
+    model["block"]["mlp"] = {"kind": "geglu", "hidden_size": int(_get(config, "intermediate_size"))}
+    rest = [i for i, t in enumerate(types) if t != types[0]]     # the other type's layers: window and RoPE
+    if rest:
+        override = {"layers": rest, "attention": attention(windows[rest[0]])}
+        if ropes[types[rest[0]]] != ropes[types[0]]:
+            override["positional"] = ropes[types[rest[0]]]
+        model["overrides"] = [override]
+    return model
+
+
+def _gemma3_config(spec):
+    a, norm, m = spec.block.attention, spec.block.norm, spec.block.mlp
+    if spec.norm_placement != "sandwich" or not spec.embed_scale or norm.kind != "rmsnorm" or m.kind != "geglu" \
+            or a.kind != "causal" or not a.qk_norm:
+        raise HFError("the gemma3_text family has sandwich rmsnorms, scaled embeddings, a geglu MLP and causal "
+                      "attention with q/k norms")
+    window, types = windows_config(spec, "gemma3_text")
+    ropes: dict[str, dict] = {}
+    for i, (b, t) in enumerate(zip(spec.blocks, types)):
+        if b.positional.kind != "rope":
+            raise HFError(f"layer {i} has positional kind '{b.positional.kind}'; the gemma3_text family has RoPE in "
+                          "every layer")
+        ropes.setdefault(t, rope_config(b.positional)["rope_parameters"])
+    for t in SLIDING_LAYERS:                  # a type no layer has: the other's RoPE (transformers needs both)
+        ropes.setdefault(t, next(iter(ropes.values())))
+    return {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": spec.vocab_size,
+            "hidden_size": spec.d_model, "intermediate_size": m.hidden, "num_hidden_layers": spec.n_layers,
+            "num_attention_heads": a.n_heads, "num_key_value_heads": a.kv_heads, "head_dim": a.head_size,
+            "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": spec.context_length,
+            "rms_norm_eps": norm.eps, "tie_word_embeddings": spec.tie_embeddings, "attention_bias": bool(a.biased),
+            "attention_dropout": 0.0, "query_pre_attn_scalar": a.head_size, "sliding_window": window,
+            "layer_types": types, "final_logit_softcapping": spec.logit_softcap,
+            "attn_logit_softcapping": None, "use_bidirectional_attention": False,
+            "rope_parameters": ropes, "dtype": "float32"}
+
+
+_GEMMA3_NORMS = (("norm1", "input_layernorm"), ("post_norm1", "post_attention_layernorm"),
+                 ("norm2", "pre_feedforward_layernorm"), ("post_norm2", "post_feedforward_layernorm"))
+
+
+def _gemma3_rules(spec, names: set[str], config: dict | None = None) -> list[Rule]:
+    """Every norm weight shifted by one (Gemma's ``1 + weight``); the query norm also carries
+    ``sqrt(head_dim / query_pre_attn_scalar)``, the ratio of Gemma's softmax scale to ours."""
+    rules = [same("wte.weight", "model.embed_tokens.weight"), shifted("norm.weight", "model.norm.weight")]
+    if not spec.tie_embeddings:
+        rules.append(same("head.weight", HEAD))
+    for i, b in enumerate(spec.blocks):
+        ours, hf = f"blocks.{i}.", f"model.layers.{i}."
+        a, m = b.attention, b.mlp
+        factor = (a.head_size / float(config["query_pre_attn_scalar"])) ** 0.5 if config else 1.0
+        rules += [shifted(f"{ours}{x}.weight", f"{hf}{y}.weight") for x, y in _GEMMA3_NORMS]
+        rules += [r for r in attention_rules(a, ours + "attn.", hf + "self_attn.") if "_norm." not in r.ours]
+        rules += [shifted(ours + "attn.q_norm.weight", hf + "self_attn.q_norm.weight", factor=factor),
+                  shifted(ours + "attn.k_norm.weight", hf + "self_attn.k_norm.weight"),
+                  concat(ours + "mlp.up.weight", [hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"],
+                         [m.hidden] * 2),
+                  same(ours + "mlp.down.weight", hf + "mlp.down_proj.weight")]
+    return rules
+
+
+# ---- Llama 4 (text)
+#: Llama4TextConfig's defaults for the keys we read (rope_theta: its default_theta).  Its MoE layers are refused
+#: (see _llama4_model), so the router and expert keys are not read beyond moe_layers / interleave_moe_layer_step.
+_LLAMA4 = {"vocab_size": 202_048, "hidden_size": 5120, "intermediate_size_mlp": 16_384, "num_hidden_layers": 48,
+           "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128, "hidden_act": "silu",
+           "max_position_embeddings": 131_072, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+           "rope_theta": 500_000.0, "moe_layers": None, "interleave_moe_layer_step": 1, "use_qk_norm": True,
+           "no_rope_layers": None, "no_rope_layer_interval": 4, "attention_chunk_size": 8192, "layer_types": None,
+           "attn_temperature_tuning": True, "floor_scale": 8192, "attention_bias": False}
+CHUNKED_LAYERS = ("full_attention", "chunked_attention")
+
+
+def _llama4_layers(config: dict) -> tuple[list[int], list[str]]:
+    """Each layer's RoPE flag (1: rotates, 0: NoPE) and attention type, as ``Llama4TextConfig.__post_init__``
+    derives them where config.json leaves them out."""
+    n = int(_get(config, "num_hidden_layers"))
+    rope = list(config["no_rope_layers"] or [int((i + 1) % int(config["no_rope_layer_interval"]) != 0)
+                                             for i in range(n)])
+    chunk = config["attention_chunk_size"]
+    types = list(config["layer_types"] or ["chunked_attention" if r and chunk is not None else "full_attention"
+                                           for r in rope])
+    for key, values in (("no_rope_layers", rope), ("layer_types", types)):
+        if len(values) != n:
+            raise HFError(f"config.json: {key} has {len(values)} entries for num_hidden_layers {n}")
+    if "chunked_attention" in types and chunk is None:
+        raise HFError("config.json: layer_types has chunked_attention layers but attention_chunk_size is null; "
+                      "transformers cannot run that model either")
+    return rope, types
+
+
+def _llama4_model(config):
+    _silu(config)
+    _check_common(config, CHUNKED_LAYERS)
+    n = int(_get(config, "num_hidden_layers"))
+    moe = config["moe_layers"]
+    if moe is None:
+        step = int(config["interleave_moe_layer_step"])
+        moe = list(range(step - 1, n, step)) if step > 0 else []
+    if any(0 <= int(i) < n for i in moe):
+        raise HFError(f"config.json: moe_layers {list(moe)[:8]}{' ...' if len(moe) > 8 else ''} is not implemented: "
+                      "Llama 4's router multiplies each expert's input by its sigmoid score, ours weighs the "
+                      "experts' outputs (only dense llama4_text models, moe_layers [], are converted)")
+    rope, types = _llama4_layers(config)
+    limit = int(config["floor_scale"])
+    if config["attn_temperature_tuning"] and not all(rope) and int(_get(config, "max_position_embeddings")) >= limit:
+        raise HFError(f"config.json: attn_temperature_tuning true is not implemented: Llama 4 scales the queries of its "
+                      f"NoPE layers from position floor_scale - 1 = {limit - 1} on, within this model's context of "
+                      f"{config['max_position_embeddings']} (set it false only if the model was trained so)")
+    heads, eps = int(_get(config, "num_attention_heads")), float(_get(config, "rms_norm_eps"))
+    attn: dict[str, Any] = {"kind": "causal", "n_heads": heads, "n_kv_heads": int(_get(config, "num_key_value_heads")),
+                            "head_dim": int(_get(config, "head_dim"))}
+    if config["attention_bias"]:
+        attn["bias"] = True
+    positional = {1: rope_section(config), 0: {"kind": "none"}}
+
+    def attention(rotates: int, layer_type: str) -> dict:   # the L2 (weightless) q/k norm only where RoPE is
+        out = dict(attn)
+        if rotates and config["use_qk_norm"]:
+            out.update(qk_norm=True, qk_norm_weight=False, qk_norm_eps=eps)
+        if layer_type == "chunked_attention":
+            out["chunk"] = int(config["attention_chunk_size"])
+        return out
+    model = decoder_section(config, positional[rope[0]], attention(rope[0], types[0]))
+    model["block"]["mlp"] = swiglu_mlp(_get(config, "intermediate_size_mlp"))
+    kinds = list(zip(rope, types))
+    others = [k for k in dict.fromkeys(kinds) if k != kinds[0]]
+    if others:
+        model["overrides"] = [{"layers": [i for i, k in enumerate(kinds) if k == kind], "attention": attention(*kind),
+                               **({"positional": positional[kind[0]]} if kind[0] != rope[0] else {})}
+                              for kind in others]
+    return model
+
+
+def _llama4_config(spec):
+    m, a = spec.block.mlp, spec.block.attention
+    if m.kind != "swiglu" or a.kind != "causal" or spec.block.norm.kind != "rmsnorm":
+        raise HFError("the llama4_text family (dense) has causal attention, rmsnorm and a swiglu MLP in every layer")
+    rope = [int(b.positional.kind == "rope") for b in spec.blocks]
+    for i, b in enumerate(spec.blocks):
+        if b.positional.kind not in ("rope", "none"):
+            raise HFError(f"layer {i} has positional kind '{b.positional.kind}'; llama4_text layers have RoPE or none")
+    rotating = [b.positional for b in spec.blocks if b.positional.kind == "rope"]
+    chunks = {b.attention.chunk for b in spec.blocks} - {None}
+    if len(chunks) > 1:
+        raise HFError(f"the llama4_text family has one attention_chunk_size (here {sorted(chunks)})")
+    config = {"architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text", "vocab_size": spec.vocab_size,
+              "hidden_size": spec.d_model, "intermediate_size": m.hidden, "intermediate_size_mlp": m.hidden,
+              "num_hidden_layers": spec.n_layers, "num_attention_heads": a.n_heads,
+              "num_key_value_heads": a.kv_heads, "head_dim": a.head_size, "hidden_act": "silu",
+              "max_position_embeddings": spec.context_length, "rms_norm_eps": spec.block.norm.eps,
+              "tie_word_embeddings": spec.tie_embeddings, "attention_bias": bool(a.biased), "attention_dropout": 0.0,
+              "moe_layers": [], "use_qk_norm": any(b.attention.qk_norm for b in spec.blocks),
+              "no_rope_layers": rope, "attention_chunk_size": chunks.pop() if chunks else None,
+              "layer_types": ["chunked_attention" if b.attention.chunk else "full_attention" for b in spec.blocks],
+              "attn_temperature_tuning": False, "dtype": "float32"}
+    config.update(rope_config(rotating[0]) if rotating else {"rope_theta": _LLAMA4["rope_theta"]})
+    return config
+
+
+def _llama4_rules(spec, names: set[str], config: dict | None = None) -> list[Rule]:
+    """Llama 4 rotates interleaved pairs (x0, x1), (x2, x3) ... of each q and k head, our RoPE its halves: the q and k
+    rows of a rotating layer are reordered (its L2 q/k norm has no weight and does not see the order)."""
+    rules = base_rules(spec)
+    for i, b in enumerate(spec.blocks):
+        ours, hf = f"blocks.{i}.", f"model.layers.{i}."
+        a, m = b.attention, b.mlp
+        index = None
+        if b.positional.kind == "rope":
+            q, k = a.widths["q"], a.widths["k"]
+            index = torch.cat([_rope_rows(q, a.head_size, 0), q + _rope_rows(k, a.head_size, 0),
+                               torch.arange(q + k, q + k + a.widths["v"])])
+        rules += [same(ours + "norm1.weight", hf + "input_layernorm.weight"),
+                  same(ours + "norm2.weight", hf + "post_attention_layernorm.weight"),
+                  *(reordered(r, index) if index is not None and r.ours.startswith(ours + "attn.qkv.") else r
+                    for r in attention_rules(a, ours + "attn.", hf + "self_attn.")),
+                  concat(ours + "mlp.up.weight", [hf + "feed_forward.gate_proj.weight",
+                                                  hf + "feed_forward.up_proj.weight"], [m.hidden] * 2),
+                  same(ours + "mlp.down.weight", hf + "feed_forward.down_proj.weight")]
+    return rules
+
+
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     _dense_llama("llama", "LlamaForCausalLM", _LLAMA, mlp_bias=True),
     _dense_llama("mistral", "MistralForCausalLM", _MISTRAL, bias=False, window="all"),
@@ -832,6 +1079,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            aliases={"num_local_experts": "num_experts"}),
     Family("gpt_oss", "GptOssForCausalLM", _gpt_oss_model, _gpt_oss_config, _gpt_oss_rules, _GPT_OSS,
            aliases={"num_experts": "num_local_experts"}),
+    Family("gemma3_text", "Gemma3ForCausalLM", _gemma3_model, _gemma3_config, _gemma3_rules, _GEMMA3),
+    Family("llama4_text", "Llama4ForCausalLM", _llama4_model, _llama4_config, _llama4_rules, _LLAMA4),
     Family("deepseek_v3", "DeepseekV3ForCausalLM", _deepseek_model, _deepseek_config, _deepseek_rules, _DEEPSEEK,
            aliases={"num_local_experts": "n_routed_experts", "num_mtp_layers": "num_nextn_predict_layers"},
            skipped=_deepseek_skipped),

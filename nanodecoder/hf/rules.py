@@ -38,6 +38,17 @@ def same(ours: str, hf: str) -> Rule:
     return Rule(ours, (hf,), lambda ts: ts[0], lambda t: [t])
 
 
+def shifted(ours: str, hf: str, offset: float = 1.0, factor: float = 1.0) -> Rule:
+    """Ours is ``(hf + offset) * factor``, in fp32 at least: Gemma's RMSNorm multiplies by ``1 + weight``
+    (``offset`` 1), and a query norm may carry a softmax scale of its own (``factor``)."""
+    def to_ours(ts):
+        return (ts[0].to(torch.promote_types(ts[0].dtype, torch.float32)) + offset) * factor
+
+    def to_hf(t):
+        return [t.to(torch.promote_types(t.dtype, torch.float32)) / factor - offset]
+    return Rule(ours, (hf,), to_ours, to_hf)
+
+
 def transposed(ours: str, hf: str) -> Rule:
     """GPT-2's Conv1D stores ``[in, out]``; nn.Linear ``[out, in]``."""
     return Rule(ours, (hf,), lambda ts: ts[0].t(), lambda t: [t.t()])
@@ -91,6 +102,13 @@ def permuted(ours: str, hf: str, index: torch.Tensor, dim: int = 0) -> Rule:
     inverse = torch.argsort(index)
     return Rule(ours, (hf,), lambda ts: ts[0].index_select(dim, index.to(ts[0].device)),
                 lambda t: [t.index_select(dim, inverse.to(t.device))])
+
+
+def reordered(rule: Rule, index: torch.Tensor, dim: int = 0) -> Rule:
+    """``rule`` with the entries of our tensor along ``dim`` reordered: ``ours[j] = rule's[index[j]]``."""
+    inverse = torch.argsort(index)
+    return Rule(rule.ours, rule.hf, lambda ts: rule.to_ours(ts).index_select(dim, index.to(ts[0].device)),
+                lambda t: rule.to_hf(t.index_select(dim, inverse.to(t.device))))
 
 
 def shared_experts_up(ours: str, gate: str, up: str, n: int) -> Rule:

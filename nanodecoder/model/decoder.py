@@ -1,6 +1,9 @@
-"""The decoder-only transformer: embeddings, a stack of blocks, a norm and an output head.
+"""The decoder-only transformer: the token embedding (scaled with ``embed_scale``, plus the model's additive
+positions), the stack of blocks (``block.py``), the final norm, the output head (soft-capped with
+``logit_softcap``) and the loss; also what a forward returns (:class:`ModelOutput`) and the per-layer KV cache.
 
-Everything architectural lives in the components; this file only composes.
+The parts of each block (attention, MLP, norms) and the positional encodings are registered components; this file
+composes them and computes each distinct positional encoding's rotary once per forward.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .block import Block
+from .block import Block, Rotaries
 from .spec import ModelSpec
 
 
@@ -42,9 +45,12 @@ class Decoder(nn.Module):
             raise ValueError("model.vocab_size is 'auto' but no tokenizer vocabulary size is known yet")
         self.spec = spec
         self.wte = nn.Embedding(spec.vocab_size, spec.d_model)
-        self.pos = spec.positional.build()
+        self.pos = spec.positional.build()          # the model's: its embed(pos) is added to the input
+        # the other positionals some layers have (an override's: NoPE, RoPE at another theta), each built once
+        distinct = list(dict.fromkeys([spec.positional, *(b.positional for b in spec.blocks)]))
+        self.layer_positionals = nn.ModuleList(p.build() for p in distinct[1:])
         self.drop = nn.Dropout(spec.dropout)
-        self.blocks = nn.ModuleList(Block(b, spec.norm_placement) for b in spec.blocks)
+        self.blocks = nn.ModuleList(Block(b, spec.norm_placement, distinct.index(b.positional)) for b in spec.blocks)
         self.norm = spec.final.build()
         self.head = nn.Linear(spec.d_model, spec.vocab_size, bias=False)
         if spec.tie_embeddings:
@@ -85,18 +91,11 @@ class Decoder(nn.Module):
         if add is not None:
             x = x + add
         x = self.drop(x)
-        rotary = self.pos.rotary(pos)
+        rotary = Rotaries(p.rotary(pos) for p in (self.pos, *self.layer_positionals))   # each block takes its own
         aux_loss = None
         stats: dict[str, torch.Tensor] = {}
-        # runtime.activation_checkpointing (set by the runtime): keep only each block's input and recompute
-        # the block in the backward; RNG state preserved, so dropout and router noise repeat exactly
-        recompute = getattr(self, "activation_checkpointing", False) and self.training and cache is None \
-            and torch.is_grad_enabled()
-        for i, block in enumerate(self.blocks):
-            if recompute:
-                x, aux = torch.utils.checkpoint.checkpoint(block, x, rotary, use_reentrant=False)
-            else:
-                x, aux = block(x, rotary, cache[i] if cache is not None else None)
+        for i, block in enumerate(self.blocks):   # runtime.activation_checkpointing: the runtime makes each block
+            x, aux = block(x, rotary, cache[i] if cache is not None else None)    # recompute itself (runtime/core.py)
             for name, value in aux.items():
                 if name == "loss":
                     aux_loss = value if aux_loss is None else aux_loss + value

@@ -124,7 +124,7 @@ def flops_per_token(spec_or_model, context_length: int | None = None) -> float:
 def block_bytes(spec: ModelSpec, b, T: int, c: int, device: str) -> tuple[float, float]:
     """``(bytes per sequence, bytes per micro-batch)`` one block saves for the backward: its norms (each keeps
     its input), the attention and the MLP (each keeps its input: a norm's output, in the compute dtype)."""
-    a = b.attention.saved_bytes(T, c, device, spec.positional.rotates_heads)
+    a = b.attention.saved_bytes(T, c, device, b.positional.rotates_heads)
     norms = len(NORMS[spec.norm_placement]) * b.norm.saved_bytes_per_token()
     return (T * (norms + a.per_token + b.mlp.saved_bytes_per_token(c, device)) + a.per_sequence,
             a.per_batch + b.mlp.saved_bytes_per_batch(c, device))

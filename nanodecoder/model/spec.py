@@ -13,7 +13,7 @@ import math
 from typing import Literal
 
 from ..components import model_catalog
-from ..config.declare import Kind, build, choice, declared, param, round_up
+from ..config.declare import Kind, _lookup, build, choice, declared, param, params, round_up
 from ..config.registry import Catalog
 
 
@@ -30,13 +30,18 @@ class LayerRange:
 
 @declared
 class BlockSpec:
-    """The parts of one transformer block (pre-norm residual: x + attn(norm(x)), x + mlp(norm(x)))."""
-    norm: Kind = choice("norm", default="layernorm", doc="Norm before attention and before the MLP.")
+    """The parts of one transformer block: its norms (where they sit is the model's ``norm_placement``), attention
+    and MLP, each on a residual branch."""
+    norm: Kind = choice("norm", default="layernorm", doc="The norm kind of every norm of the block (before and/or "
+                                                         "after attention and the MLP: model.norm_placement).")
     attention: Kind = choice("attention", doc="The attention layer.")
     mlp: Kind = choice("mlp", doc="The feed-forward layer (dense or moe).")
+    #: not a YAML key: the positional encoding this layer's attention uses, set in ``ModelSpec.blocks`` (the model's
+    #: ``positional`` or an override's, its hand-downs taken from this block); null in ``model.block``
+    positional: Kind | None = None
 
 
-PARTS = ("norm", "attention", "mlp")
+PARTS = ("norm", "attention", "mlp", "positional")
 
 
 @declared
@@ -49,12 +54,23 @@ class OverrideSpec:
     attention: Kind | None = choice("attention", default=None,
                                     doc="Attention for these layers (replaces the whole block).")
     mlp: Kind | None = choice("mlp", default=None, doc="MLP for these layers (replaces the whole block).")
+    positional: Kind | None = choice(
+        "positional", default=None, doc="Positional encoding of these layers' attention (null: model.positional), "
+                                        "e.g. none for Llama 4's NoPE layers, or rope at another theta or scaling "
+                                        "(Gemma 3's global layers); not learned, which is added to the input once.")
 
     def indices(self, n_layers: int) -> list[int]:
         return list(self.layers) if isinstance(self.layers, tuple) else self.layers.indices(n_layers)
 
     def parts(self) -> dict[str, Kind]:
         return {p: getattr(self, p) for p in PARTS if getattr(self, p) is not None}
+
+    def check(self):
+        if self.positional is not None and self.positional.additive:
+            kind = self.positional.kind
+            yield ("positional",), (f"{kind} positions are added to the input once, before the first layer, so only "
+                                    f"model.positional may be {kind}; give these layers rope or none, or make "
+                                    f"model.positional {kind}")
 
 
 def layer_coverage(overrides: tuple[OverrideSpec, ...], n_layers: int) -> dict[tuple[int, ...], int]:
@@ -124,7 +140,8 @@ class ModelSpec:
     block: BlockSpec = param(doc="The block used in every layer unless an override says otherwise.")
     overrides: tuple[OverrideSpec, ...] = param(
         (), doc="Per-layer variations, e.g. MoE every 2nd layer or the first layer dense.")
-    positional: Kind = choice("positional", default="learned", doc="Positional encoding.")
+    positional: Kind = choice("positional", default="learned", doc="Positional encoding of every layer unless an "
+                                                                   "override gives its layers their own.")
     final_norm: Kind | None = choice("norm", default=None, doc="Norm before the output head (null: the block "
                                                                "norm).")
     init: Kind = choice("init", default="gpt2", doc="Weight initialisation scheme.")
@@ -138,7 +155,12 @@ class ModelSpec:
             for i in ov.indices(self.n_layers):
                 if 0 <= i < self.n_layers:
                     layers[i].update(ov.parts())
-        return tuple(BlockSpec(**parts) for parts in layers)
+        made: dict[tuple, BlockSpec] = {}             # layers of the same parts share one BlockSpec
+        for parts in layers:
+            key = tuple(parts.values())
+            if key not in made:
+                made[key] = self._layer_block(parts)
+        return tuple(made[tuple(parts.values())] for parts in layers)
 
     @functools.cached_property
     def layer_groups(self) -> tuple[tuple[BlockSpec, int], ...]:
@@ -150,8 +172,20 @@ class ModelSpec:
             parts = {p: getattr(self.block, p) for p in PARTS}
             for j in covering:
                 parts.update(self.overrides[j].parts())
-            groups.append((BlockSpec(**parts), count))
+            groups.append((self._layer_block(parts), count))
         return tuple(groups)
+
+    def _layer_block(self, parts: dict) -> BlockSpec:
+        """One layer's block from its parts: its positional (the model's where no override gives one) with the
+        hand-downs taken from this block, so that RoPE's head_dim is this layer's attention's ``rotary_size`` (a
+        positional is built where it is declared, inside model.positional or an override, before any layer's
+        attention is known)."""
+        block = BlockSpec(**{**parts, "positional": None})
+        positional = parts["positional"] or self.positional
+        ctx = {**{f.name: getattr(self, f.name) for f, _ in params(ModelSpec)}, "block": block}
+        handed = {f.name: _lookup(ctx, f.metadata["context"] or f.name)
+                  for f in dataclasses.fields(positional) if "context" in f.metadata}
+        return dataclasses.replace(block, positional=dataclasses.replace(positional, **handed))
 
     @property
     def final(self) -> Kind:
@@ -191,8 +225,7 @@ class ModelSpec:
                                        "(stop: null goes to the end)")
             elif stop is not None and stop <= start:
                 yield at + ("stop",), f"stop {stop} selects no layer; it must be greater than start ({start})"
-        if self.positional.rotates_heads:
-            yield from self._rotary_checks()
+        yield from self._rotary_checks()
         yield from self._size_checks()
 
     def _size_checks(self):
@@ -215,25 +248,50 @@ class ModelSpec:
                     yield at + (part,), (f"one layer's {spec.kind} {part} would hold {spec.n_params:,} fp32 weights, "
                                          f"{_beyond}; lower model.d_model or this layer's sizes")
 
+    def _pairings(self) -> list[tuple[tuple, tuple]]:
+        """``(where the attention is defined, where the positional is)`` of every pairing some layer has, relative
+        paths (``("block",)`` / ``("overrides", j)``; ``("positional",)`` / ``("overrides", j, "positional")``),
+        ordered by the attention's definition (the block first)."""
+        pairs = set()
+        for covering in layer_coverage(self.overrides, self.n_layers):
+            attn, pos = ("block",), ("positional",)
+            for j in covering:
+                if self.overrides[j].attention is not None:
+                    attn = ("overrides", j)
+                if self.overrides[j].positional is not None:
+                    pos = ("overrides", j, "positional")
+            pairs.add((attn, pos))
+        return sorted(pairs, key=lambda p: (len(p[0]), p[0][1:], len(p[1]), p[1][1:]))
+
     def _rotary_checks(self):
-        seen: dict[int, tuple] = {}
-        for at, definition in self.definitions():
-            attn = definition.attention
-            origin = attn.rotary_origin if attn is not None else None
-            if origin is None:
-                continue              # no attention here, or its own check reports the problem
+        """RoPE's checks, per positional: a layer it rotates needs an even rotary size, and the layers that share one
+        positional the same size."""
+        first: dict[tuple, tuple[int, tuple]] = {}        # positional -> (size, attention) of its first layer
+        told: set[tuple] = set()
+        for attn_at, pos_at in self._pairings():
+            positional = self.positional if pos_at == ("positional",) else self.overrides[pos_at[1]].positional
+            attn = (self.block if attn_at == ("block",) else self.overrides[attn_at[1]]).attention
+            origin = attn.rotary_origin
+            if not positional.rotates_heads or origin is None:
+                continue              # no rotation here, or the attention's own check reports the problem
             key, how, fix = origin
-            where = at + ("attention", key)
+            where = attn_at + ("attention", key)
             if attn.rotary_size % 2:
-                yield where, f"RoPE needs an even head dimension, but {how}; {fix}"
+                if where not in told:
+                    told.add(where)
+                    yield where, f"RoPE needs an even head dimension, but {how}; {fix}"
                 continue
-            seen.setdefault(attn.rotary_size, at)
-            if len(seen) > 1 and attn.rotary_size not in list(seen)[:1]:
-                first, first_at = next(iter(seen.items()))
-                shown = "model." + ".".join(f"[{p}]" if isinstance(p, int) else p for p in first_at)
-                yield where, (f"with RoPE every layer needs the same head dimension; this block gives "
-                              f"{attn.rotary_size}, {shown.replace('.[', '[')}.attention gives {first}")
-                return
+            size, first_at = first.setdefault(pos_at, (attn.rotary_size, attn_at))
+            if size != attn.rotary_size and pos_at not in told:
+                told.add(pos_at)
+                which = "every layer" if pos_at == ("positional",) else f"every layer of {_shown(pos_at)}"
+                yield where, (f"with RoPE {which} needs the same head dimension; this block gives "
+                              f"{attn.rotary_size}, {_shown(first_at)}.attention gives {size}")
+
+
+def _shown(at: tuple) -> str:
+    """``("overrides", 0)`` -> ``model.overrides[0]``."""
+    return "model" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in at)
 
 
 def build_model_spec(model: dict, vocab_size: int | None = None, catalog: Catalog | None = None) -> ModelSpec:

@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
-from ..model import Decoder, unwrap
+from ..model import unwrap
 from . import distributed as dist_
 from .compile import compile_errors, compile_model, eager, transformer_blocks
 from .hardware import Launch, MemoryBudget, available_memory
@@ -42,6 +43,39 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Recomputed:
+    """A transformer block recomputed in the backward (activation checkpointing): its training forward keeps only
+    the block's input, and ``torch.utils.checkpoint`` (non-reentrant) runs the forward again when the gradients
+    are needed, with the RNG state of the first run, so dropout and router noise repeat exactly.  Evaluation,
+    sampling (a KV cache) and forwards without gradients run the block as it is.
+
+    :func:`checkpoint_blocks` gives a block this behaviour by subclassing its class in place (as FSDP2's
+    ``fully_shard`` does), so the module tree, parameter names, state dicts, optimizer rules and checkpoints are
+    those of the plain model; torch's ``checkpoint_wrapper`` keeps the state-dict keys but renames every
+    parameter (``blocks.0._checkpoint_wrapped_module.*``), which the optimizer's saved parameter names and the
+    name patterns of ``train.optimizer.rules`` would see."""
+
+    def forward(self, x: torch.Tensor, rotaries=None, cache=None):
+        if self.training and cache is None and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(super().forward, x, rotaries, use_reentrant=False)
+        return super().forward(x, rotaries, cache)
+
+
+_RECOMPUTED: dict[type, type] = {}
+
+
+def checkpoint_blocks(model: nn.Module) -> list[nn.Module]:
+    """Make each transformer block of ``model`` a :class:`Recomputed` one (in place, once); returns the blocks."""
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        cls = type(block)
+        if not isinstance(block, Recomputed):
+            if cls not in _RECOMPUTED:
+                _RECOMPUTED[cls] = type(f"Recomputed{cls.__name__}", (Recomputed, cls), {"__module__": __name__})
+            block.__class__ = _RECOMPUTED[cls]
+    return blocks
 
 
 @dataclass
@@ -113,13 +147,13 @@ class Runtime:
 
     # ---- the model ---------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> nn.Module:
-        """device -> precision -> compile -> data-parallel wrap; returns the module to train."""
+        """device -> precision -> activation checkpointing -> compile -> data-parallel wrap; returns the module
+        to train."""
         if self.data_parallel != "fsdp":      # FSDP2 moves each unit to the device as it shards it
             model = model.to(self.device)
         # precision: weights stay fp32 (master copy); autocast() and the GradScaler do the rest
-        for module in model.modules():    # read by Decoder.hidden's block loop (training with gradients only)
-            if isinstance(module, Decoder):
-                module.activation_checkpointing = self.activation_checkpointing
+        if self.activation_checkpointing:   # before compile and FSDP2, which then wrap the recomputed blocks
+            checkpoint_blocks(model)
         if self.compile:   # one process: the whole model; data parallel: each block (overlap, sharding)
             compile_model(model, self.compile_mode, per_block=self.data_parallel is not None)
         if self.data_parallel == "ddp":

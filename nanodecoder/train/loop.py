@@ -1,9 +1,10 @@
 """A training run: drive a :class:`Trainer` and keep its run directory up to date.
 
-``run_training`` logs metrics rows, evaluates, plots, saves checkpoints (and the
-best one), stops cleanly on Ctrl-C / SIGTERM after saving a checkpoint, stops
-on a non-finite loss naming the step, writes the final sample, and prints the
-start and end summaries.
+:class:`TrainingLoop` takes the optimizer steps and hands each one to its hooks (``hooks.py``: metrics rows,
+evaluation and plots, periodic evaluations, checkpoints and the best one, the time budget, the final sample); it
+stops cleanly on Ctrl-C / SIGTERM (the checkpoint hook saves the step), stops on a non-finite loss naming the
+step, and prints the start and end summaries.  Resuming (:func:`resume_trainer`) and the architecture checks of
+a resume are here too.
 """
 from __future__ import annotations
 
@@ -15,20 +16,18 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
 from ..config.diff import ABSENT, differences
 from ..config.loader import dotted
-from ..model.generate import sample_text
 from .checkpoint import CheckpointError, load_model_weights, load_state
 from .metrics import MetricsLog, MoEMonitor
-from .plots import plot_expert_load, plot_losses
 from .rundir import RunDir
 from .schedule import build_schedule
-from .summary import end_summary, start_summary
-from .trainer import NonFiniteLoss, Trainer
+from .summary import end_summary
+from .trainer import NonFiniteLoss, StepOutput, Trainer
 from .wandb_log import finish_wandb
 
 EXIT_OK, EXIT_NONFINITE = 0, 3
@@ -246,170 +245,150 @@ def _free_at_least(trainer: Trainer, total: int, steps: int) -> int:
     return trainer.total_steps
 
 
-def run_training(trainer: Trainer, run: RunDir, *, logging, sample, name: str, params, tokenizer,
-                 wandb_run=None, resumed_from: Path | None = None, train_tokens: int = 0,
-                 out: Callable[[str], None] = print, evals: tuple = ()) -> RunResult:
-    """``evals``: periodic evaluations (``nanodecoder.eval.PeriodicEval``) logged as their own eval rows."""
-    spec = trainer.spec
-    runtime = trainer.runtime
-    main = runtime.is_main          # only rank 0 writes metrics, plots, checkpoints, samples and prints
-    if not main:
-        out = _quiet
-    metrics = MetricsLog(run / RunDir.METRICS, wandb_run) if main else _NoMetrics()
-    metrics.truncate_after(trainer.step_count)
-    out(start_summary(name=name, run_dir=run, params=params, trainer=trainer, runtime=trainer.runtime,
-                      train_tokens=train_tokens, resumed_from=str(resumed_from) if resumed_from else None))
-    progress = _Progress(logging.progress and main, trainer.total_steps, trainer.step_count, silent=not main)
-    budget = TimeBudget(trainer, spec) if spec.time_budget else None
-    moe = MoEMonitor(logging.empty_expert_warn_after, warn=progress.echo)
-    t_start = time.perf_counter()
-    elapsed0 = trainer.elapsed_s
-    last_eval: dict | None = None
-    status, code = "completed", EXIT_OK
+@dataclass
+class Step:
+    """One finished optimizer step as the hooks see it; the hooks fill in what it asks of the rest of the step."""
+    number: int                     # optimizer steps taken (1-based)
+    total: int                      # the run's length now (a time budget may change it)
+    result: StepOutput
+    seconds: float                  # the step's own time
+    out_of_time: bool = False       # the time budget is spent: log, evaluate and checkpoint as at the last step
+    stop: Stop | None = None        # the run ends after this step (a checkpoint is saved first)
+    best: bool = False              # this step's evaluation is the best so far
+    paused: bool = False            # a hook spent time that is not training throughput (eval, checkpoint)
 
-    def save(best: bool = False) -> Path | None:
-        trainer.elapsed_s = elapsed0 + time.perf_counter() - t_start
-        model_state = runtime.model_state(trainer.raw_model)    # every rank: FSDP gathers the shards
+
+@dataclass(frozen=True)
+class Stop:
+    status: str                     # "interrupted" | "out of time"
+    code: int                       # the process's exit code
+    message: str                    # printed when the run stops
+
+
+class Hook:
+    """Something the loop does around the optimizer steps (``hooks.py``: logging, evaluation, periodic evals,
+    checkpoints, the time budget, the final sample).  Hooks run in their list's order."""
+
+    def start(self, loop: TrainingLoop) -> None:
+        """Before the first step (the metrics log is open, the start summary printed)."""
+
+    def after_step(self, loop: TrainingLoop, step: Step) -> None:
+        """After each optimizer step."""
+
+    def end(self, loop: TrainingLoop) -> None:
+        """After the last step, before the end summary (``loop.status`` is known)."""
+
+
+class TrainingLoop:
+    """Drive a :class:`Trainer` for a run folder: optimizer steps until the run's length, each followed by the
+    hooks; Ctrl-C / SIGTERM (a stop request, saved by the checkpoint hook) and a non-finite loss end it early.
+    Only rank 0 writes metrics, plots, checkpoints and samples, and prints."""
+
+    def __init__(self, trainer: Trainer, run: RunDir, hooks: Sequence[Hook], *, logging, wandb_run=None,
+                 out: Callable[[str], None] = print):
+        self.trainer, self.run, self.hooks, self.wandb_run = trainer, run, list(hooks), wandb_run
+        self.main = trainer.runtime.is_main
+        self.out = out if self.main else _quiet
+        self.logging = logging
+        self.metrics = MetricsLog(run / RunDir.METRICS, wandb_run) if self.main else _NoMetrics()
+        self.progress: _Progress | None = None
+        self.moe: MoEMonitor | None = None
+        self.status, self.code = "completed", EXIT_OK
+        self.last_eval: dict | None = None
+        self.elapsed0 = trainer.elapsed_s
+        self.t_start = self.t_log = time.perf_counter()
+        self.steps_since_log = 0
+
+    def elapsed(self) -> float:
+        """Wall time of the whole run, earlier sessions included."""
+        return self.elapsed0 + time.perf_counter() - self.t_start
+
+    def restart_throughput_clock(self) -> None:
+        self.t_log, self.steps_since_log = time.perf_counter(), 0
+
+    def save(self, best: bool = False) -> Path | None:
+        """A checkpoint of the current step (every rank takes part: FSDP gathers the shards)."""
+        trainer = self.trainer
+        trainer.elapsed_s = self.elapsed()
+        model_state = trainer.runtime.model_state(trainer.raw_model)
         state = trainer.state_dict()
-        if not main:
+        if not self.main:
             return None
-        return run.checkpoints.save(trainer.step_count, trainer.raw_model, state, best=best,
-                                    model_state=model_state)
+        return self.run.checkpoints.save(trainer.step_count, trainer.raw_model, state, best=best,
+                                         model_state=model_state)
 
-    try:
-        with GracefulStop() as stop:
-            t_log, steps_since_log = time.perf_counter(), 0
-            while trainer.step_count < trainer.total_steps:
-                t_step = clock()
-                result = trainer.step()
-                dt = clock() - t_step
-                trainer.train_time_s += dt
-                step = trainer.step_count
-                total = trainer.total_steps
-                if budget is not None:
-                    event = budget.after_step(dt)
-                    if trainer.total_steps != total:
-                        total = trainer.total_steps
-                        progress.set_total(total)
-                    if event is not None:
-                        metrics.write({"kind": "budget", "step": step, "total_steps": total,
-                                       "ms_per_step": 1000 * budget.per_step, "time_budget_s": budget.seconds,
-                                       "final": event == "final"})
-                        progress.echo(budget_line(spec.time_budget, event, step, total, budget))
-                    out_of_time = runtime.any_rank(budget.out_of_time()) and step < total   # all ranks alike
-                else:
-                    out_of_time = False
-                stopping = runtime.any_rank(stop.signum is not None)   # all ranks stop at the same step
-                steps_since_log += 1
-                progress.update(1)
-                paused = False
-                if spec.is_log_step(step, total) or out_of_time:
-                    trainer.check_deferred()
-                    now = time.perf_counter()
-                    row = train_row(trainer, result, moe, steps_since_log, now - t_log, elapsed0 + now - t_start)
-                    metrics.write(row)
-                    progress.update(0, loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:,.0f}",
-                                    **({"mfu": f"{row['mfu']:.1%}"} if row.get("mfu") is not None else {}))
-                    t_log, steps_since_log = now, 0
-                best = False
-                if spec.is_eval_step(step, total) or out_of_time:
-                    last_eval = trainer.evaluate()
-                    best = last_eval["val_loss"] < trainer.best_val_loss
-                    if best:
-                        trainer.best_val_loss, trainer.best_step = last_eval["val_loss"], step
-                    metrics.write({"kind": "eval", "step": step, "tokens": trainer.tokens_seen, **last_eval,
-                                   "best_val_loss": trainer.best_val_loss})
-                    progress.echo(f"step {step}: val loss {last_eval['val_loss']:.4f}"
-                                  + (f", {last_eval['val_bpb']:.4f} bpb" if last_eval["val_bpb"] else "")
-                                  + "".join(f", {k} {v:.4f}" for k, v in last_eval.items()  # e.g. val_acc
-                                            if k not in ("val_loss", "val_bpb") and isinstance(v, float))
-                                  + (" (best)" if best else ""))
-                    if logging.plots and main:
-                        _plots(run, metrics.rows, moe, name, step)
-                    paused = True
-                for extra in evals:
-                    if extra.due(step, spec, total) or out_of_time:
-                        row = metrics.write({"kind": "eval", "step": step, "tokens": trainer.tokens_seen,
-                                             **extra(trainer)})
-                        progress.echo(f"step {step}: {extra.line(row)}")
-                        paused = True
-                if spec.is_checkpoint_step(step, total) or (best and spec.keep_best) or stopping or out_of_time:
-                    save(best=best and spec.keep_best)
-                    paused = True
-                if out_of_time:
-                    status = "out of time"
-                    progress.echo(f"time budget {spec.time_budget} spent after step {step} of {total}: stopped, "
-                                  "checkpoint saved")
-                    break
-                if stopping:
-                    signum = stop.signum or signal.SIGTERM      # another rank's signal
-                    status = "interrupted"
-                    code = 128 + signum
-                    progress.echo(f"{signal.Signals(signum).name} received: checkpoint saved at step {step}; "
-                                  f"continue with: python -m nanodecoder.run --resume {run}")
-                    break
-                if paused:  # eval/checkpoint time is not training throughput
-                    t_log, steps_since_log = time.perf_counter(), 0
-    except NonFiniteLoss as e:
-        status, code = "non-finite", EXIT_NONFINITE
-        progress.echo(f"error: {e}")
-    finally:
-        progress.close()
-        metrics.close()
-    wall = elapsed0 + time.perf_counter() - t_start
-    if status == "completed" and sample.enabled:
-        _write_samples(trainer, tokenizer, sample, run)
-    files = [f for f in (RunDir.METRICS, RunDir.LOSS_PLOT, RunDir.LOAD_PLOT, RunDir.SAMPLES, "ckpt/")
-             if (run / f.rstrip("/")).exists()]
-    out(end_summary(status=status, trainer=trainer, run_dir=run, wall_s=wall, last_eval=last_eval, files=files))
-    if main:
-        run.update_meta(status=status, step=trainer.step_count, best_val_loss=_finite(trainer.best_val_loss),
-                        best_step=trainer.best_step, wall_s=wall)
-    if wandb_run is not None:
-        finish_wandb(wandb_run, {"best_val_loss": _finite(trainer.best_val_loss), "status": status}, code)
-    return RunResult(status, trainer.step_count, trainer.best_val_loss, trainer.best_step, last_eval,
-                     run.path, wall, code)
+    def start(self, summary: str) -> None:
+        trainer = self.trainer
+        self.metrics.truncate_after(trainer.step_count)
+        self.out(summary)
+        self.progress = _Progress(self.logging.progress and self.main, trainer.total_steps, trainer.step_count,
+                                  silent=not self.main)
+        self.moe = MoEMonitor(self.logging.empty_expert_warn_after, warn=self.progress.echo)
+        self.t_start = time.perf_counter()
+        self.elapsed0 = trainer.elapsed_s
+        for hook in self.hooks:
+            hook.start(self)
+
+    def run_steps(self) -> None:
+        trainer, runtime = self.trainer, self.trainer.runtime
+        try:
+            with GracefulStop() as signals:
+                self.restart_throughput_clock()
+                while trainer.step_count < trainer.total_steps:
+                    t_step = clock()
+                    result = trainer.step()
+                    dt = clock() - t_step
+                    trainer.train_time_s += dt
+                    step = Step(trainer.step_count, trainer.total_steps, result, dt)
+                    if runtime.any_rank(signals.signum is not None):    # all ranks stop at the same step
+                        signum = signals.signum or signal.SIGTERM          # another rank's signal
+                        step.stop = Stop("interrupted", 128 + signum,
+                                         f"{signal.Signals(signum).name} received: checkpoint saved at step "
+                                         f"{step.number}; continue with: python -m nanodecoder.run --resume "
+                                         f"{self.run}")
+                    for hook in self.hooks:
+                        hook.after_step(self, step)
+                    if step.stop is not None:
+                        self.status, self.code = step.stop.status, step.stop.code
+                        self.progress.echo(step.stop.message)
+                        break
+                    if step.paused:   # eval/checkpoint time is not training throughput
+                        self.restart_throughput_clock()
+        except NonFiniteLoss as e:
+            self.status, self.code = "non-finite", EXIT_NONFINITE
+            self.progress.echo(f"error: {e}")
+        finally:
+            self.progress.close()
+            self.metrics.close()
+
+    def finish(self) -> RunResult:
+        trainer, run = self.trainer, self.run
+        wall = self.elapsed()
+        for hook in self.hooks:
+            hook.end(self)
+        files = [f for f in (RunDir.METRICS, RunDir.LOSS_PLOT, RunDir.LOAD_PLOT, RunDir.SAMPLES, "ckpt/")
+                 if (run / f.rstrip("/")).exists()]
+        self.out(end_summary(status=self.status, trainer=trainer, run_dir=run, wall_s=wall,
+                             last_eval=self.last_eval, files=files))
+        if self.main:
+            run.update_meta(status=self.status, step=trainer.step_count,
+                            best_val_loss=_finite(trainer.best_val_loss), best_step=trainer.best_step, wall_s=wall)
+        if self.wandb_run is not None:
+            finish_wandb(self.wandb_run, {"best_val_loss": _finite(trainer.best_val_loss), "status": self.status},
+                         self.code)
+        return RunResult(self.status, trainer.step_count, trainer.best_val_loss, trainer.best_step, self.last_eval,
+                         run.path, wall, self.code)
+
+    def __call__(self, summary: str) -> RunResult:
+        """The whole session: ``summary`` (the start summary) printed, the steps, the end."""
+        self.start(summary)
+        self.run_steps()
+        return self.finish()
 
 
 def _quiet(text: str) -> None:
     pass
 
 
-def train_row(trainer: Trainer, result, moe: MoEMonitor, steps: int, seconds: float, elapsed: float) -> dict:
-    """The metrics row of a log step (the only place the step's loss is synced from the device)."""
-    seconds = max(seconds, 1e-9)
-    row = {"kind": "train", "step": trainer.step_count, "tokens": trainer.tokens_seen,
-           "loss": result.loss.item(), "lr": result.lr,
-           "tokens_per_s": steps * trainer.tokens_per_step / seconds, "ms_per_step": 1000 * seconds / steps,
-           "elapsed_s": elapsed}
-    row["flops_per_s"], row["mfu"] = trainer.runtime.mfu(row["tokens_per_s"], trainer.flops_per_token)
-    if result.grad_norm is not None:
-        row["grad_norm"] = result.grad_norm.item()
-    if result.aux_loss is not None:
-        row["aux_loss"] = result.aux_loss.item()
-    if trainer.skipped:
-        row["skipped_steps"] = trainer.skipped
-    row.update(moe.metrics(result.stats, trainer.step_count))
-    return row
-
-
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
-
-
-def _plots(run: RunDir, rows, moe: MoEMonitor, name: str, step: int) -> None:
-    plot_losses(rows, run / RunDir.LOSS_PLOT, title=name)
-    if moe.load:
-        plot_expert_load(moe.load, run / RunDir.LOAD_PLOT, step)
-
-
-def _write_samples(trainer: Trainer, tokenizer, sample, run: RunDir) -> None:
-    with trainer.runtime.eager():   # every rank (FSDP forwards are collective); rank 0 writes
-        texts = sample_text(trainer.raw_model, tokenizer, sample.prompt, max_new_tokens=sample.max_new_tokens,
-                            temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p,
-                            seed=sample.seed, num_samples=sample.num_samples, device=trainer.runtime.device)
-    if not trainer.runtime.is_main:
-        return
-    header = (f"# step {trainer.step_count}, temperature {sample.temperature}, top_k {sample.top_k}, "
-              f"top_p {sample.top_p}, seed {sample.seed}\n")
-    (run / RunDir.SAMPLES).write_text(header + "\n\n---\n\n".join(texts) + "\n")

@@ -38,6 +38,8 @@ from nanodecoder.model.block import NORMS
 from nanodecoder.model.params import count_params
 from nanodecoder.model.spec import build_model_spec
 from nanodecoder.train.checkpoint import load_model_weights, model_tensors, save_weights_only
+from test_attention_kernels import TemperatureAttention, UnplannedAttention  # noqa: E402  (tests/components)
+from test_moe_plugin_experts import GainSoftplusMLP  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- test plug-ins
@@ -106,8 +108,11 @@ class UnreportedTemperatureRouter(TemperatureRouter):
 
 def conformance_catalog():
     catalog = make_catalog(*REGISTERS, plugins=False)
-    catalog["norm"].add("dyt", DyT, origin="plug-in 'conformance'")
-    catalog["router"].add("temperature", TemperatureRouter, origin="plug-in 'conformance'")
+    # names of their own, so that a kind the project or a plug-in adds under a common name never collides
+    catalog["norm"].add("conformance_dyt", DyT, origin="plug-in 'conformance'")
+    catalog["router"].add("conformance_temperature", TemperatureRouter, origin="plug-in 'conformance'")
+    catalog["attention"].add("conformance_temperature", TemperatureAttention, origin="plug-in 'conformance'")
+    catalog["mlp"].add("conformance_gain_softplus", GainSoftplusMLP, origin="plug-in 'conformance'")
     return catalog
 
 
@@ -155,7 +160,10 @@ def cases():
                 yield pytest.param(category, name, example, spec_cls.HOST, id=f"{category}.{name}[{i}]")
 
 
-CASES = list(cases())
+#: beyond each kind's own EXAMPLES: an MoE whose experts are a plug-in MLP kind (one module per expert)
+PLUGIN_EXPERTS = {"n_experts": 4, "top_k": 2, "expert_kind": "conformance_gain_softplus", "expert_hidden": 32,
+                  "n_shared_experts": 1}
+CASES = list(cases()) + [pytest.param("mlp", "moe", PLUGIN_EXPERTS, {}, id="mlp.moe[plug-in experts]")]
 
 
 def spec_for(category, name, example, host):
@@ -354,6 +362,17 @@ def test_with_a_capacity_the_plan_is_the_dropless_upper_bound():
 
 
 # ---------------------------------------------------------------------------------------------- a wrong contract
+def test_an_attention_kind_that_forgets_what_its_transform_keeps_fails_the_suite():
+    catalog = make_catalog(*REGISTERS, plugins=False)
+    catalog["attention"].add("unplanned", UnplannedAttention, origin="plug-in 'wrong'")
+    spec = build_model_spec(model_with("attention", "unplanned", {"n_heads": 4}, {}), catalog=catalog)
+    check_forward_backward(spec)
+    check_meta_count(spec)
+    check_kv_cache(spec)
+    with pytest.raises(AssertionError):
+        check_saved_bytes("attention", spec)
+
+
 def test_a_kind_with_a_wrong_contract_fails_the_suite():
     catalog = make_catalog(*REGISTERS, plugins=False)
     catalog["router"].add("unreported", UnreportedTemperatureRouter, origin="plug-in 'wrong'")

@@ -336,7 +336,7 @@ def test_register():
     regs = new_catalog()
     register(regs)
     assert regs["mlp"].get("moe") is MoE
-    assert regs["router"].names() == ["noisy_topk", "sigmoid", "switch", "topk"]
+    assert {"noisy_topk", "sigmoid", "switch", "topk"} <= set(regs["router"].names())     # and any added later
     assert [regs["router"].get(k) for k in ("noisy_topk", "sigmoid", "switch", "topk")] == [
         NoisyTopKRouter, SigmoidRouter, SwitchRouter, TopKRouter]
 

@@ -59,7 +59,7 @@ def test_plug_in_kinds_are_checked_against_their_own_declaration():
     block["norm"] = {"kind": "scalenrm"}
     assert messages(schema, {"model": {**MODEL, "block": block}}) == [
         "model.block.norm.kind: unknown norm kind 'scalenrm'; did you mean 'scalenorm'? "
-        "(expected one of: layernorm, rmsnorm, scalenorm)"]
+        f"(expected one of: {', '.join(catalog['norm'].names())})"]
     assert schema["$defs"]["norm.scalenorm"]["properties"]["eps"] == {"type": "number", "description": "Epsilon.",
                                                                       "default": 1e-5}
 

@@ -70,13 +70,14 @@ def test_sft_resumes_exactly(tmp_path):
 
 
 def test_the_weights_start_from_the_source_run(tmp_path):
-    from nanodecoder.cli.blueprint import load_blueprint, run_spec
-    from nanodecoder.cli.run import read_source_blueprint
-    from nanodecoder.finetune import prepare_finetune
+    from nanodecoder.api.run import Finetuning, Run
+    from nanodecoder.cli.blueprint import load_blueprint
     from nanodecoder.runtime import RuntimeSpec, setup_runtime
     src, bp_path = sft_blueprint(tmp_path)
     bp = load_blueprint(bp_path)
-    task, spec = prepare_finetune(bp, run_spec(bp), tmp_path, read_source_blueprint)
+    run = Run(bp, tmp_path)
+    assert isinstance(run.strategy, Finetuning)
+    task, spec = run.prepare()
     trainer = task.make_trainer(spec, setup_runtime(RuntimeSpec(profile="cpu")))
     saved = load_file(str(src / "ckpt/step_000001/model.safetensors"))
     assert all(torch.equal(trainer.raw_model.state_dict()[k], v) for k, v in saved.items())

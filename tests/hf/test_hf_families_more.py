@@ -62,8 +62,13 @@ MODEL_TYPE = {"gpt_oss": "gpt_oss", "llama_yarn": "llama", "qwen3_yarn": "qwen3"
 
 
 def tiny_hf(name, folder, seed=0):
+    return save_random(CONFIGS[name](), folder, seed)
+
+
+def save_random(config, folder, seed=0):
+    """transformers' model of ``config``, every parameter and state buffer randomised, saved in ``folder``."""
     torch.manual_seed(seed)
-    hf = transformers.AutoModelForCausalLM.from_config(CONFIGS[name]()).eval()
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():       # HF starts norms at 1, biases, sinks and balancing biases at 0: that would hide swaps
         for p in hf.parameters():
             p.copy_(torch.randn_like(p) * 0.5)

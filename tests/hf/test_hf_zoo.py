@@ -17,7 +17,8 @@ from nanodecoder.model import build_model, build_model_spec  # noqa: E402
 # zoo blueprint -> (its Hugging Face model_type, layers kept for the count: past every distinct leading layer)
 ZOO = {"gpt2_124m": ("gpt2", 2), "gpt2_medium": ("gpt2", 2), "llama3_1_8b": ("llama", 2),
        "qwen3_8b": ("qwen3", 2), "mixtral_8x7b": ("mixtral", 2), "qwen3_30b_a3b": ("qwen3_moe", 2),
-       "olmoe_1b_7b": ("olmoe", 2), "gpt_oss_120b": ("gpt_oss", 2), "deepseek_v3": ("deepseek_v3", 4)}
+       "olmoe_1b_7b": ("olmoe", 2), "gpt_oss_120b": ("gpt_oss", 2), "deepseek_v3": ("deepseek_v3", 4),
+       "gemma3_4b": ("gemma3_text", 6)}
 
 
 def hf_config(name: str):

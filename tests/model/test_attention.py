@@ -201,7 +201,7 @@ def test_cpu_autocast_projects_in_bf16_and_attends_in_fp32(monkeypatch, heads, k
     """Under CPU bf16 autocast the projections run in bf16 and the attention kernel gets fp32 q, k, v (torch's
     bf16 CPU attention is slower than its fp32 one); forward and gradients stay close to the fp32 layer's."""
     import torch.nn.functional as F
-    import nanodecoder.components.attention as A
+    import nanodecoder.components.attention_kernels as A
     attn = make(heads, kv).float()
     x = torch.randn(B, T, D, generator=torch.Generator().manual_seed(2), requires_grad=True)
     seen, real = [], F.scaled_dot_product_attention

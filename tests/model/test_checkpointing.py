@@ -10,6 +10,7 @@ import torch
 from nanodecoder.model import build_model
 from nanodecoder.model.spec import build_model_spec
 from nanodecoder.runtime import Runtime
+from nanodecoder.runtime.core import Recomputed
 
 BASE = {"vocab_size": 64, "context_length": 32, "d_model": 32, "n_layers": 3, "positional": {"kind": "rope"},
         "block": {"norm": {"kind": "rmsnorm"}, "attention": {"kind": "causal", "n_heads": 4, "n_kv_heads": 2}}}
@@ -33,7 +34,8 @@ def twins(mlp: dict):
     checkpointed = copy.deepcopy(plain)
     Runtime(device=torch.device("cpu")).apply(plain)
     Runtime(device=torch.device("cpu"), activation_checkpointing=True).apply(checkpointed)
-    assert checkpointed.activation_checkpointing and not plain.activation_checkpointing
+    assert all(isinstance(b, Recomputed) for b in checkpointed.blocks)
+    assert not any(isinstance(b, Recomputed) for b in plain.blocks)
     return plain.train(), checkpointed.train()
 
 
@@ -86,3 +88,27 @@ def test_evaluation_and_sampling_do_not_recompute():
         torch.testing.assert_close(checkpointed(idx).logits, plain(idx).logits)
         cache = checkpointed.new_kv_cache(1)
         assert checkpointed(idx, cache=cache, logits_to_keep=1).logits.shape == (1, 1, 64) and cache.pos == 8
+
+
+def test_recomputed_blocks_keep_names_and_give_bit_identical_loss_and_gradients():
+    """The runtime makes each block recompute itself (no attribute on the model): the module tree, parameter
+    names and state-dict keys stay the plain model's (checkpoints, optimizer rules and saved optimizer parameter
+    names are unchanged), and a dropout model's loss and gradients are bit for bit the plain model's."""
+    plain, checkpointed = twins(MLPS["dense with dropout"])
+    assert [n for n, _ in checkpointed.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert list(checkpointed.state_dict()) == list(plain.state_dict())
+    assert not hasattr(checkpointed, "activation_checkpointing")
+    idx = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(4))
+    a, b = step(plain, idx), step(checkpointed, idx)
+    assert torch.equal(a.loss, b.loss)
+    grads = dict(checkpointed.named_parameters())
+    for n, p in plain.named_parameters():
+        assert torch.equal(grads[n].grad, p.grad), n
+    # the recomputation really happens: the forward saves only each block's input for the backward
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        checkpointed(idx, idx.roll(-1, 1))
+    plain_saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: plain_saved.append(t) or t, lambda t: t):
+        plain(idx, idx.roll(-1, 1))
+    assert 0 < len(saved) < len(plain_saved) / 2

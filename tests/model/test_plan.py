@@ -19,6 +19,7 @@ from nanodecoder.model import plan as P
 from nanodecoder.model.params import count_blueprint
 from nanodecoder.model.spec import build_model_spec
 from nanodecoder.resources import blueprints_dir
+from nanodecoder.runtime.core import checkpoint_blocks
 
 BASE = {"vocab_size": 96, "context_length": 64, "d_model": 64, "n_layers": 2, "tie_embeddings": False}
 #: architectures covering every path the activation estimate distinguishes
@@ -49,9 +50,21 @@ CASES = {
     "MLA without a query latent": "{positional: {kind: rope}, block: {norm: {kind: rmsnorm}, attention: {kind: "
                                   "mla, n_heads: 4, kv_lora_rank: 32, qk_nope_head_dim: 16, qk_rope_head_dim: 8, "
                                   "v_head_dim: 24}, mlp: {kind: gelu}}}",
+    # layer 1 without RoPE (NoPE): its q is a view of the qkv projection, no rotated copy
+    "per-layer positional": "{positional: {kind: rope}, block: {norm: {kind: rmsnorm}, attention: {kind: causal, "
+                            "n_heads: 4, n_kv_heads: 2}, mlp: {kind: swiglu}}, overrides: [{layers: [1], "
+                            "positional: {kind: none}}]}",
     "window (SDPA mask)": "{block: {attention: {kind: causal, n_heads: 4, window: 8}, mlp: {kind: gelu}}}",
     "dropout": "{dropout: 0.1, block: {attention: {kind: causal, n_heads: 4, dropout: 0.1}, "
                "mlp: {kind: gelu, dropout: 0.1}}}",
+    "chunked, weightless qk-norm (llama-4-like)": "{positional: {kind: rope}, block: {norm: {kind: rmsnorm}, "
+                                                  "attention: {kind: causal, n_heads: 4, n_kv_heads: 2, chunk: 16, "
+                                                  "qk_norm: true, qk_norm_weight: false}, mlp: {kind: swiglu}}, "
+                                                  "overrides: [{layers: [1], attention: {kind: causal, n_heads: 4, "
+                                                  "n_kv_heads: 2}}]}",
+    "projection qk-norm, partial biases": "{block: {norm: {kind: rmsnorm}, attention: {kind: causal, n_heads: 4, "
+                                          "bias: [k, v], qk_norm: true, qk_norm_scope: projection}, "
+                                          "mlp: {kind: gelu}}}",
 }
 
 
@@ -153,7 +166,7 @@ def test_activation_estimate_matches_what_autograd_saves(case, precision):
 def test_with_checkpointing_each_block_keeps_only_its_input():
     spec = spec_of("llama (GQA, RoPE)", n_layers=3)
     model = build_model(spec).train()
-    model.activation_checkpointing = True
+    checkpoint_blocks(model)                    # what the runtime does with activation_checkpointing
     B, T = 3, 64
     measured = saved_bytes(model, torch.randint(0, spec.vocab_size, (B, T)))
     a = P.activations(spec, T, B, "fp32", "cpu")
@@ -163,15 +176,19 @@ def test_with_checkpointing_each_block_keeps_only_its_input():
 
 
 def test_fused_attention_keeps_no_square_matrix_but_the_explicit_path_does():
-    """Per token, plain causal attention (SDPA's fused kernel) costs the same at any context; a window, sinks
-    or soft-capping take our explicit path, which keeps [T, T] probabilities: its cost per token grows with T."""
-    def per_token(case, T):
-        return P.activations(spec_of(case, context_length=T), T, 1, "bf16", "cuda").blocks / T
-    assert per_token("gpt2", 1024) == per_token("gpt2", 64)
-    for case in ("window (SDPA mask)", "gpt-oss-like"):
+    """Per token, plain causal attention (SDPA's fused kernel) costs the same at any context, and so do windows,
+    sinks and soft-capping on CUDA (FlexAttention); on the CPU those take the explicit kernel, which keeps [T, T]
+    probabilities: its cost per token grows with T."""
+    def per_token(case, T, device):
+        return P.activations(spec_of(case, context_length=T), T, 1, "bf16", device).blocks / T
+    for device in ("cpu", "cuda"):
+        assert per_token("gpt2", 1024, device) == per_token("gpt2", 64, device)
+    for case in ("window (SDPA mask)", "gemma-like", "gpt-oss-like"):
         heads = spec_of(case).block.attention.n_heads
-        grown = per_token(case, 1024) - per_token(case, 64)
-        assert grown > 2 * heads * (1024 - 64) * (4 + 2)   # 2 layers, fp32 probabilities + their bf16 copy
+        grown = per_token(case, 1024, "cpu") - per_token(case, 64, "cpu")
+        assert grown > heads * (1024 - 64) * 2           # bf16 probabilities of every layer (MoE padding aside)
+        flex = per_token(case, 1024, "cuda") - per_token(case, 64, "cuda")
+        assert abs(flex) < 0.01 * grown
 
 
 # ------------------------------------------------------------------------------------ memory

@@ -38,9 +38,9 @@ class DyT(Component):
 
 def test_a_norm_kind_nobody_listed_gets_the_norm_role():
     catalog = make_catalog(register, plugins=False)
-    catalog["norm"].add("dyt", DyT, origin="plug-in 'test'")
+    catalog["norm"].add("test_dyt", DyT, origin="plug-in 'test'")
     holder = nn.Module()
-    holder.norm = component_spec("norm", {"kind": "dyt"}, catalog, d_model=8).build()
+    holder.norm = component_spec("norm", {"kind": "test_dyt"}, catalog, d_model=8).build()
     holder.proj = nn.Linear(8, 8)
     roles = param_roles(holder)
     for p in holder.norm.parameters():

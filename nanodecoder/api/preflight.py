@@ -1,5 +1,5 @@
 """What a training run refuses before step 1, checked in one place: at the start of training and by ``--dry-run``
-(so the two cannot disagree).
+(so the two cannot disagree; both are :class:`~nanodecoder.api.run.Run`'s, whose strategy checks its own data).
 
 :func:`preflight` runs every check that needs no prepared data -- nothing is tokenized, downloaded or written:
 
@@ -23,8 +23,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import DataError, Tokenizer, check_source, check_vocab, tokenizer_before_data
-from ..data.builtin import builtin_file, is_builtin
+from ..data import DataError, Tokenizer
 from ..data.sources import file_type
 from ..eval import PeriodicEval, build_periodic_evals, load_items
 from ..eval.hellaswag import SOURCE as HELLASWAG_SOURCE
@@ -52,6 +51,7 @@ class Preflight:
     problems: list[str] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)   # checks that need the prepared data
     tokenizer: Tokenizer | None = None                   # the tokenizer, where known without the corpus
+    text_waits: str | None = None   # the tokenizer an eval text waits for, where it is not known yet (None: none)
 
     def raise_problems(self) -> None:
         if self.problems:
@@ -61,9 +61,10 @@ class Preflight:
         return "checks that wait for the prepared data: " + ("; ".join(self.waiting) or "none")
 
 
-def preflight(spec, base_dir: Path, *, name: str, resume: RunDir | None = None, env=None) -> Preflight:
-    """Every check of the module docstring for the RunSpec ``spec`` (``name``: the run's name; ``resume``: the
-    run folder being continued)."""
+def preflight(spec, base_dir: Path, *, name: str, inputs, resume: RunDir | None = None, env=None) -> Preflight:
+    """Every check of the module docstring for the RunSpec ``spec`` (``name``: the run's name; ``inputs``: the
+    run's strategy, whose ``check_inputs(out, attempt)`` checks the data it learns from; ``resume``: the run
+    folder being continued)."""
     out = Preflight()
 
     def attempt(check, *args):
@@ -82,29 +83,7 @@ def preflight(spec, base_dir: Path, *, name: str, resume: RunDir | None = None, 
             attempt(writable_folder, runs / name, f"logging.runs_dir (<runs_dir>/{name})")
     else:
         attempt(writable_folder, Path(resume.path), "the run folder")
-    finetune = spec.finetune is not None
-    if finetune:      # the source run, its tokenizer and the records are read (not tokenized) by both paths
-        for key in ("data", "val_data"):
-            raw = getattr(spec.finetune, key, None)
-            if raw and is_builtin(raw):          # a file shipped with the package (data/builtin.py)
-                attempt(builtin_file, raw, spec.finetune.impl.builtin_data, f"finetune.{key}")
-            elif raw:
-                attempt(regular_file, raw, base_dir, f"finetune.{key}")
-    elif spec.data is not None:
-        attempt(check_source, spec.data, base_dir)
-        out.tokenizer = attempt(tokenizer_before_data, spec.data)
-        kind = spec.data.tokenizer.kind
-        if out.tokenizer is not None:
-            if spec.model.vocab_size != "auto":
-                attempt(check_vocab, out.tokenizer, spec.model.vocab_size)
-            if spec.sample.enabled:
-                attempt(check_prompt, out.tokenizer, spec.sample.prompt)
-        else:
-            if spec.model.vocab_size != "auto":
-                out.waiting.append(f"model.vocab_size against the {kind} tokenizer's vocabulary")
-            if spec.sample.enabled:
-                out.waiting.append(f"sample.prompt against the {kind} tokenizer's vocabulary")
-        out.waiting.append("the train and val split sizes against model.context_length")
+    inputs.check_inputs(out, attempt)      # the data a run learns from: its strategy's checks
     if spec.eval is not None:
         if spec.eval.hellaswag is not None:
             hs = spec.eval.hellaswag
@@ -116,9 +95,8 @@ def preflight(spec, base_dir: Path, *, name: str, resume: RunDir | None = None, 
             text = attempt(read_text, path) if path is not None else None
             if text is not None and out.tokenizer is not None:
                 attempt(_encodes, out.tokenizer, text, path)
-            elif text is not None and not finetune:
-                out.waiting.append(f"eval.text.data against the {spec.data.tokenizer.kind} tokenizer"
-                                   if spec.data is not None else "eval.text.data against the tokenizer")
+            elif text is not None and out.text_waits is not None:
+                out.waiting.append(f"eval.text.data against {out.text_waits}")
     return out
 
 

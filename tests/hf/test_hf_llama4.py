@@ -1,0 +1,116 @@
+"""Llama 4 (``llama4_text``, dense) against transformers itself: tiny random models, every tensor randomised.  NoPE
+layers (a positional per layer), chunked attention on the RoPE layers, the weightless L2 q/k norm, interleaved RoPE
+pairs, llama3 RoPE scaling with equal low and high frequency factors; what it cannot express is refused."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from nanodecoder.cli.sample import load_run_model  # noqa: E402
+from nanodecoder.hf import FAMILIES, export_hf, import_hf  # noqa: E402
+from nanodecoder.model import build_model, build_model_spec  # noqa: E402
+from test_hf_families_more import assert_logits_match  # noqa: E402
+from test_hf_gemma3 import exported, refusal, save_tiny  # noqa: E402
+from test_hf_interop import V, assert_same_greedy_tokens, hf_tokenizer_kind, ours_logits  # noqa: E402,F401
+
+BASE = dict(vocab_size=V, hidden_size=32, intermediate_size=16, intermediate_size_mlp=48, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+            attention_chunk_size=5, moe_layers=[])
+CONFIGS = {
+    # layer 3 NoPE (the default interval 4), the others chunked with the L2 q/k norm; Llama 4's published scaling
+    "llama4": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0,
+                                    "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+                                    "original_max_position_embeddings": 16}),
+    # NoPE first, biases, no q/k norm, tied head, plain RoPE
+    "nope_first": dict(no_rope_layers=[0, 1, 1, 0], use_qk_norm=False, attention_bias=True, tie_word_embeddings=True),
+}
+
+
+def tiny(folder, name="llama4", **changes):
+    return save_tiny(transformers.Llama4TextConfig(**{**BASE, **CONFIGS[name], **changes}), folder)
+
+
+def imported(tmp_path):
+    run = import_hf(tmp_path / "hf", tmp_path / "run")
+    return load_run_model(run.path)[0], run
+
+
+IDX = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_import_matches_transformers(tmp_path, name):
+    hf = tiny(tmp_path / "hf", name)
+    model, _ = imported(tmp_path)
+    assert_logits_match(hf, model, IDX)                      # the full forward and token by token through the cache
+    assert_same_greedy_tokens(hf, model, IDX[:1, :4])
+    rope = hf.config.no_rope_layers
+    spec = model.spec
+    assert [b.positional.kind for b in spec.blocks] == ["rope" if r else "none" for r in rope]
+    assert [b.attention.chunk for b in spec.blocks] == [5 if r else None for r in rope]
+    assert [b.attention.qk_norm for b in spec.blocks] == [bool(r and hf.config.use_qk_norm) for r in rope]
+    assert not any(b.attention.qk_norm_weight and b.attention.qk_norm for b in spec.blocks)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_export_loads_in_transformers(tmp_path, name):
+    hf = tiny(tmp_path / "hf", name)
+    config = exported(tmp_path, imported(tmp_path)[1], hf)
+    assert config.model_type == "llama4_text"
+    for key in ("no_rope_layers", "layer_types", "attention_chunk_size", "use_qk_norm", "rope_parameters"):
+        assert getattr(config, key) == getattr(hf.config, key), key
+
+
+def test_a_hand_written_blueprint_exports_to_llama4(tmp_path):
+    """NoPE layers, chunked attention and the weightless q/k norm written in a blueprint pick the llama4_text family
+    (no other family has them)."""
+    attn = {"kind": "causal", "n_heads": 4, "n_kv_heads": 2}
+    raw = {"vocab_size": V, "context_length": 64, "d_model": 32, "n_layers": 4, "tie_embeddings": False,
+           "positional": {"kind": "rope", "theta": 500000.0},
+           "block": {"norm": {"kind": "rmsnorm", "eps": 1e-5},
+                     "attention": {**attn, "chunk": 6, "qk_norm": True, "qk_norm_weight": False, "qk_norm_eps": 1e-5},
+                     "mlp": {"kind": "swiglu", "hidden_size": 48}},
+           "overrides": [{"layers": {"start": 1, "every": 2}, "attention": attn, "positional": {"kind": "none"}}]}
+    model = build_model(build_model_spec(raw), seed=0).eval()
+    out = tmp_path / "out"
+    export_hf(model, None, out)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert back.config.no_rope_layers == [1, 0, 1, 0] and back.config.attention_chunk_size == 6
+    assert back.config.layer_types == ["chunked_attention", "full_attention"] * 2
+    with torch.no_grad():
+        assert (back(IDX).logits - ours_logits(model, IDX)).abs().max().item() <= 1e-4
+
+
+def test_defaults_are_those_of_transformers():
+    cls = transformers.Llama4TextConfig
+    declared = {f.name: f.default for f in dataclasses.fields(cls)}
+    for key, ours in FAMILIES["llama4_text"].defaults.items():
+        assert (cls.default_theta if key == "rope_theta" else declared[key]) == ours, key
+
+
+@pytest.mark.parametrize("changes, message", [
+    # the router scales each expert's input by a sigmoid score; our MoE weighs outputs
+    ({"moe_layers": [1]}, "moe_layers [1] is not implemented"),
+    ({"moe_layers": None, "interleave_moe_layer_step": 2}, "moe_layers [1, 3] is not implemented"),
+    # the NoPE layers' query temperature starts at position floor_scale - 1, inside this context
+    ({"floor_scale": 32}, "attn_temperature_tuning true is not implemented"),
+    ({"attention_chunk_size": None}, "attention_chunk_size is null"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not implemented"),
+])
+def test_refusals_are_one_clear_line(tmp_path, capsys, changes, message):
+    tiny(tmp_path / "hf")
+    assert message in refusal(tmp_path, capsys, changes)
+
+
+def test_temperature_tuning_below_floor_scale_changes_nothing(tmp_path):
+    """With the whole context below floor_scale - 1 the NoPE layers' query scale is 1 at every position: the
+    config.json's attn_temperature_tuning true is then the same model, imported exactly."""
+    hf = tiny(tmp_path / "hf", floor_scale=65)
+    assert hf.config.attn_temperature_tuning and not all(hf.config.no_rope_layers)
+    model, _ = imported(tmp_path)
+    assert_logits_match(hf, model, IDX)
