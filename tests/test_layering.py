@@ -6,7 +6,7 @@ A module may import its own package and the layers below it.  The root package (
 the public ``nanodecoder.load``) is the face of the api layer: it may import ``api/``, and only the command line
 imports it.  The command
 modules users type (``nanodecoder.run``, ``nanodecoder.sample``,
-``nanodecoder.eval.__main__``, ``nanodecoder.finetune.answer``) are thin files of
+``nanodecoder.eval.__main__``, ``nanodecoder.finetune.answer``, ``nanodecoder.compare``) are thin files of
 the command-line layer wherever they sit.  Imports inside functions are kept
 only for heavy optional parts (plots, W&B, torch.distributed, torch.compile's
 internals).  The import graph is read from the source (``ast``), nothing is run.
@@ -22,7 +22,7 @@ LAYERS = {"config": 0, "resources": 0, "": 0, "components": 1, "model": 2, "data
           "train": 4, "eval": 5, "finetune": 6, "hf": 6, "api": 7, "cli": 8}
 ROOT = "nanodecoder"      # the root package: the public face of the api layer
 COMMANDS = {"nanodecoder.run", "nanodecoder.sample", "nanodecoder.eval.__main__", "nanodecoder.finetune.answer",
-            "nanodecoder.hf.__main__"}
+            "nanodecoder.hf.__main__", "nanodecoder.compare"}
 #: what runtime/ may take from the config core: its public package, the declaration helpers, shipped files
 RUNTIME_CONFIG = {"nanodecoder.config", "nanodecoder.config.declare", "nanodecoder.resources"}
 #: heavy optional imports that may stay inside the function that needs them

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -22,14 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import build_trainer  # noqa: E402
 
-
-def timed(trainer, runtime, steps: int) -> float:
-    runtime.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        trainer.step()
-    runtime.synchronize()
-    return (time.perf_counter() - t0) / steps
+from nanodecoder.api.throughput import alternate  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -53,15 +45,11 @@ def main(argv=None) -> int:
             bp, spec, runtime, trainer = build_trainer(path, args.overrides + own)
         except user_errors() as e:
             return fail(e)
-        for _ in range(args.warmup):
-            trainer.step()
-        runs[f"{label} {bp.name}"] = (trainer, runtime, [])
+        runs[f"{label} {bp.name}"] = (trainer, runtime)
         print(f"{label}: {bp.name}" + (f" with {' '.join(own)}" if own else ""))
-    for _ in range(args.rounds):
-        for trainer, runtime, times in runs.values():
-            times.append(timed(trainer, runtime, args.steps))
+    measured = alternate(list(runs.values()), rounds=args.rounds, steps=args.steps, warmup=args.warmup)
     rates = {}
-    for name, (trainer, _, times) in runs.items():
+    for (name, (trainer, _)), times in zip(runs.items(), measured):
         ms = 1000 * statistics.median(times)
         rates[name] = trainer.tokens_per_step / (ms / 1000)
         print(f"{name:<26} {ms:9.1f} ms/step  {rates[name]:>10,.0f} tokens/s  (median of {len(times)} rounds)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from .hellaswag import NORMALIZATION, evaluate_hellaswag, load_items, score_items
 from .periodic import PeriodicEval, build_periodic_evals
 from .spec import EvalSpec, HellaSwagEvalSpec, TextEvalSpec
-from .text import evaluate_text, windows
+from .text import evaluate_text, evaluate_tokens, windows
 
 __all__ = ["EvalSpec", "HellaSwagEvalSpec", "NORMALIZATION", "PeriodicEval", "TextEvalSpec", "build_periodic_evals",
-           "evaluate_hellaswag", "evaluate_text", "load_items", "score_items", "windows"]
+           "evaluate_hellaswag", "evaluate_text", "evaluate_tokens", "load_items", "score_items", "windows"]

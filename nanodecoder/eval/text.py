@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -45,26 +46,33 @@ def windows(n_tokens: int, context_length: int, stride: int) -> list[tuple[int, 
     return out
 
 
-@torch.no_grad()
 def evaluate_text(model, tokenizer, text: str, *, stride: int | None = None, batch_size: int = 8,
                   device: torch.device | str = "cpu", name: str = "text") -> dict:
     """``{task, tokens, bytes, loss, bpb, perplexity, stride}`` of ``model`` on ``text``."""
-    decoder = unwrap(model)
-    ctx = decoder.spec.context_length
-    stride = stride or ctx
     try:
         ids = list(tokenizer.encode(text))
     except (DataError, ValueError) as e:
         raise DataError(f"{name}: the {tokenizer.kind} tokenizer cannot encode it: {e}") from None
-    n_bytes = len(text.encode("utf-8"))
+    return evaluate_tokens(model, tokenizer, ids, len(text.encode("utf-8")), stride=stride, batch_size=batch_size,
+                           device=device, name=name)
+
+
+@torch.no_grad()
+def evaluate_tokens(model, tokenizer, ids, n_bytes: int | None, *, stride: int | None = None, batch_size: int = 8,
+                    device: torch.device | str = "cpu", name: str = "text") -> dict:
+    """:func:`evaluate_text` of text already encoded: ``ids`` (e.g. a prepared split's tokens) spelling
+    ``n_bytes`` UTF-8 bytes (None when unknown, e.g. token shards: then ``bpb`` is None)."""
+    decoder = unwrap(model)
+    ctx = decoder.spec.context_length
+    stride = stride or ctx
+    data = torch.as_tensor(np.asarray(ids, dtype=np.int64))
     if tokenizer.eot_id is not None:
-        ids = [tokenizer.eot_id] + ids
-    elif ids:
-        n_bytes -= len(tokenizer.decode(ids[:1]).encode("utf-8"))
-    if len(ids) < 2 or n_bytes <= 0:
-        raise DataError(f"{name}: too short to evaluate ({len(ids)} tokens)")
-    data = torch.tensor(ids, dtype=torch.long)
-    spans = windows(len(ids), ctx, stride)
+        data = torch.cat([torch.tensor([tokenizer.eot_id]), data])
+    elif len(data) and n_bytes is not None:
+        n_bytes -= len(tokenizer.decode([int(data[0])]).encode("utf-8"))
+    if len(data) < 2 or (n_bytes is not None and n_bytes <= 0):
+        raise DataError(f"{name}: too short to evaluate ({len(data)} tokens)")
+    spans = windows(len(data), ctx, stride)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -87,4 +95,5 @@ def evaluate_text(model, tokenizer, text: str, *, stride: int | None = None, bat
         model.train(was_training)
     loss = total / count
     return {"task": "text", "tokens": count, "bytes": n_bytes, "loss": loss,
-            "bpb": total / (math.log(2) * n_bytes), "perplexity": math.exp(min(loss, 700.0)), "stride": stride}
+            "bpb": None if n_bytes is None else total / (math.log(2) * n_bytes),
+            "perplexity": math.exp(min(loss, 700.0)), "stride": stride}
