@@ -17,7 +17,7 @@ from .mlp import ClampedSwiGLUMLP, GeGLUMLP, GeluMLP, ReLU2MLP, SwiGLUMLP
 from .moe import MoE
 from .norms import LayerNorm, RMSNorm
 from .positional import LearnedPositional, LinearScaling, Llama3Scaling, NoPositional, RoPE, YarnScaling
-from .routers import NoisyTopKRouter, SigmoidRouter, SwitchRouter, TopKRouter
+from .routers import NoisyTopKRouter, SigmoidRouter, SigmoidTopKRouter, SwitchRouter, TopKRouter
 
 
 def register(catalog: Catalog) -> None:
@@ -44,6 +44,7 @@ def register(catalog: Catalog) -> None:
     catalog["router"].add("topk", TopKRouter)
     catalog["router"].add("switch", SwitchRouter)
     catalog["router"].add("sigmoid", SigmoidRouter)
+    catalog["router"].add("sigmoid_topk", SigmoidTopKRouter)
     catalog["router"].add("noisy_topk", NoisyTopKRouter)
     catalog["init"].add("gpt2", GPT2Init)
     catalog["init"].add("switch", SwitchInit)

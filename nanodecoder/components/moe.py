@@ -10,7 +10,9 @@
    (``moe_dispatch.py``);
 3. every routed expert runs on its contiguous slice (``torch._grouped_mm`` or
    a per-expert loop, ``moe_experts.py``), outputs are weighted and summed
-   back to token order (gathers only, see ``moe_dispatch.py``);
+   back to token order (gathers only, see ``moe_dispatch.py``); with
+   ``weight_input`` (Llama 4) each expert's input rows are weighted instead
+   and the outputs summed with weight 1;
 4. ``n_shared_experts`` always-on experts (DeepSeek style, same hidden size)
    run on every token and are added.
 
@@ -50,7 +52,7 @@ from ..config.declare import BuildError, Kind, choice, context, declared, kind_n
 from .base import Component
 from .contracts import FP32, INDEX, MLPKind
 from .mlp import batched_activation
-from .moe_dispatch import DropPolicy, combine, expert_capacity, gather_tokens, plan_dispatch
+from .moe_dispatch import DropPolicy, combine, expert_capacity, gather_tokens, plan_dispatch, weigh_rows
 from .moe_experts import CPU_LOW_PRECISION_ROWS, ExpertKernel, ExpertModules, Experts, grouped_mm_shapes_ok
 from .routers import load_balancing_loss, mean_entropy, router_z_loss
 
@@ -102,6 +104,10 @@ class MoE(Component):
         z_loss_coef: float = param(0.001, doc="Weight of the router z-loss, mean over tokens of logsumexp(logits)^2 "
                                               "in fp32.", minimum=0)
         bias: bool = param(False, doc="Biases in the expert projections.")
+        weight_input: bool = param(
+            False, doc="Multiply each routed expert's input by the token's routing weight and sum the outputs with "
+                       "weight 1 (Llama 4), instead of weighing the outputs (which, for a nonlinear expert, is "
+                       "another function).")
         dispatch: ExpertKernel = param(
             "auto", doc="Expert compute path, same weights and results either way: grouped_mm (torch._grouped_mm; "
                         "needs d_model and the expert hidden size to be multiples of 4), loop (one matmul per "
@@ -117,7 +123,9 @@ class MoE(Component):
                     {"n_experts": 4, "top_k": 1, "expert_hidden": 32, "n_shared_experts": 1, "expert_kind": "gelu",
                      "bias": True, "lb_loss_type": "sequence"},
                     {"n_experts": 4, "top_k": 2, "expert_hidden": 32, "capacity_factor": 1.25,
-                     "eval_capacity_factor": None})
+                     "eval_capacity_factor": None},
+                    {"n_experts": 4, "top_k": 2, "expert_hidden": 32, "n_shared_experts": 1, "weight_input": True,
+                     "router": {"kind": "sigmoid_topk"}})
 
         expert_capable = False          # an MoE is no expert kind (contracts.MLPKind)
 
@@ -176,11 +184,13 @@ class MoE(Component):
 
         def saved_bytes_per_token(self, c: int, device: str) -> float:
             """The router's (fp32), then for each of the k assignments what its expert saves (the expert kind's
-            own contract: its gathered input and activations), its output, its weight and four index entries; and
-            the shared experts'."""
+            own contract: its gathered input and activations), its output and its weight (with weight_input: its
+            unscaled fp32 input row and fp32 weight, for the weight's gradient), and four index entries; and the
+            shared experts'."""
             D, expert = self.dim, self.expert
+            weighed = (D + 1) * FP32 if self.weight_input else (D + 1) * c
             routed = self.router.saved_bytes_per_token() + self.top_k * (
-                expert.saved_bytes_per_token(c, device) + D * c + c + FP32 + 4 * INDEX)
+                expert.saved_bytes_per_token(c, device) + weighed + FP32 + 4 * INDEX)
             if not self.n_shared_experts:
                 return routed
             if self.batched:
@@ -288,8 +298,11 @@ class MoE(Component):
         x_ND = rearrange(x_BTD, "b t d -> (b t) d")                          # N = B*T tokens
         r = self.router(x_ND)                       # indices, weights: [N, K]; logits, probs: [N, E]
         plan = plan_dispatch(r.indices, s.n_experts, self.capacity(x_ND.shape[0]), s.drop_policy)
-        ys_MD = self.experts.forward_sorted(gather_tokens(x_ND, plan, s.drop_policy), plan.counts)
-        y_ND = combine(ys_MD, r.weights, plan, s.drop_policy)
+        xs_MD = gather_tokens(x_ND, plan, s.drop_policy)
+        if s.weight_input:
+            xs_MD = weigh_rows(xs_MD, r.weights, plan, s.drop_policy)
+        ys_MD = self.experts.forward_sorted(xs_MD, plan.counts)
+        y_ND = combine(ys_MD, r.weights, plan, s.drop_policy, weigh=not s.weight_input)
         if self.shared is not None:
             y_ND = y_ND + self.shared.forward_all(x_ND)
         return rearrange(y_ND, "(b t) d -> b t d", b=x_BTD.shape[0]), self._aux(r, plan, x_BTD.shape[0])

@@ -149,17 +149,20 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ys_MD, w_S, slot_M, token_M, row_S, k, policy):
         n = row_S.shape[0] // k
-        w_M = w_S.index_select(0, slot_M).to(ys_MD.dtype)
-        ctx.save_for_backward(ys_MD, w_M, slot_M, token_M)
-        ctx.n_slots, ctx.w_dtype = row_S.shape[0], w_S.dtype
-        weighted_MD = _with_zero_row(ys_MD * w_M.unsqueeze(-1), row_S.shape[0])
+        w_M = None if w_S is None else w_S.index_select(0, slot_M).to(ys_MD.dtype)
+        # the outputs are kept only for the weights' gradient (none with weight 1)
+        ctx.save_for_backward(ys_MD if ctx.needs_input_grad[1] else None, w_M, slot_M, token_M)
+        ctx.n_slots, ctx.w_dtype = row_S.shape[0], None if w_S is None else w_S.dtype
+        weighted_MD = _with_zero_row(ys_MD if w_M is None else ys_MD * w_M.unsqueeze(-1), row_S.shape[0])
         return sum_choices(weighted_MD.index_select(0, row_S), n, k, policy)
 
     @staticmethod
     def backward(ctx, dy_ND):
         ys_MD, w_M, slot_M, token_M = ctx.saved_tensors
         dy_MD = dy_ND.index_select(0, token_M)
-        d_ys_MD = dy_MD * w_M.unsqueeze(-1) if ctx.needs_input_grad[0] else None
+        d_ys_MD = None
+        if ctx.needs_input_grad[0]:
+            d_ys_MD = dy_MD if w_M is None else dy_MD * w_M.unsqueeze(-1)
         d_w_S = None
         if ctx.needs_input_grad[1]:
             d_w_M = (dy_MD * ys_MD).sum(-1).to(ctx.w_dtype)
@@ -173,8 +176,16 @@ def gather_tokens(x_ND: torch.Tensor, plan: DispatchPlan, policy: str = "priorit
 
 
 def combine(ys_MD: torch.Tensor, weights_NK: torch.Tensor, plan: DispatchPlan,
-            policy: str = "priority") -> torch.Tensor:
-    """Gate-weighted sum of the ``[M, D]`` expert outputs back in token order ``[N, D]``."""
+            policy: str = "priority", weigh: bool = True) -> torch.Tensor:
+    """Gate-weighted sum of the ``[M, D]`` expert outputs back in token order ``[N, D]``; ``weigh`` False: each
+    output with weight 1 (the weights were applied to the experts' inputs, :func:`weigh_rows`)."""
     k = weights_NK.shape[-1]
-    return _Combine.apply(ys_MD, priority_layout(weights_NK, policy), plan.slot, plan.token, plan.row,
-                          k, policy)
+    w_S = priority_layout(weights_NK, policy) if weigh else None
+    return _Combine.apply(ys_MD, w_S, plan.slot, plan.token, plan.row, k, policy)
+
+
+def weigh_rows(xs_MD: torch.Tensor, weights_NK: torch.Tensor, plan: DispatchPlan,
+               policy: str = "priority") -> torch.Tensor:
+    """The ``[M, D]`` rows of the sorted buffer, each times the weight of its assignment (in the rows' dtype)."""
+    w_M = priority_layout(weights_NK, policy).index_select(0, plan.slot)
+    return xs_MD * w_M.to(xs_MD.dtype).unsqueeze(-1)

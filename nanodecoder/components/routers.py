@@ -1,4 +1,4 @@
-"""MoE routers: ``topk``, ``switch``, ``sigmoid`` and ``noisy_topk``.
+"""MoE routers: ``topk``, ``switch``, ``sigmoid``, ``sigmoid_topk`` and ``noisy_topk``.
 
 A router maps flattened tokens ``x: [N, D]`` to a :class:`RouterOutput`:
 the ``k`` chosen experts per token, their combine weights, the clean logits
@@ -22,6 +22,10 @@ Weight conventions, per router (``k`` = ``top_k``):
                 buffer updated by :meth:`SigmoidRouter.update_bias`, never by
                 the optimizer); weights = selected ``s`` (without bias)
                 normalised to sum 1, times ``routed_scaling_factor``.
+``sigmoid_topk`` Llama 4: top-k of the raw logits; weights = sigmoid of the k
+                chosen logits, not normalised (so also at k = 1 the router
+                learns); no balancing bias.  Llama 4's MoE multiplies each
+                expert's input by this weight (``weight_input``).
 ``noisy_topk``  Shazeer et al. 2017: in training, logits + softplus(x W_noise)
                 * N(0, 1); top-k of the noisy logits; weights = softmax over
                 the k selected noisy logits.  Never noisy in eval.
@@ -296,6 +300,24 @@ class SigmoidRouter(Router):
         delta_E = self.spec.bias_update_speed * torch.sign(1.0 / self.spec.n_experts - load_E)
         delta_E = delta_E - delta_E.mean()
         self.expert_bias.add_(delta_E.to(self.expert_bias.dtype))
+
+
+class SigmoidTopKRouter(Router):
+    """Llama 4 router: the k largest logits choose the experts; their weights are the sigmoids of those logits,
+    not normalised."""
+
+    @declared
+    class Spec(Router.Spec):
+        EXAMPLES = ({},)
+
+        def saved_bytes_per_token(self) -> float:
+            """Its fp32 input, the probabilities (softmax of the logits), the chosen indices and the k sigmoids."""
+            return (self.dim + self.n_experts) * FP32 + self.top_k * (INDEX + FP32)
+
+    def route(self, x_ND):
+        logits_NE = self.linear(x_ND)
+        top_NK, indices_NK = logits_NE.topk(self.spec.top_k, dim=-1)
+        return RouterOutput(indices_NK, top_NK.sigmoid(), logits_NE, expert_softmax(logits_NE))
 
 
 class NoisyTopKRouter(Router):

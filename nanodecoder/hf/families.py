@@ -941,9 +941,9 @@ def _gemma3_rules(spec, names: set[str], config: dict | None = None) -> list[Rul
 
 
 # ---- Llama 4 (text)
-#: Llama4TextConfig's defaults for the keys we read (rope_theta: its default_theta).  Its MoE layers are refused
-#: (see _llama4_model), so the router and expert keys are not read beyond moe_layers / interleave_moe_layer_step.
-_LLAMA4 = {"vocab_size": 202_048, "hidden_size": 5120, "intermediate_size_mlp": 16_384, "num_hidden_layers": 48,
+#: Llama4TextConfig's defaults for the keys we read (rope_theta: its default_theta).
+_LLAMA4 = {"vocab_size": 202_048, "hidden_size": 5120, "intermediate_size": 8192, "intermediate_size_mlp": 16_384,
+           "num_hidden_layers": 48, "num_local_experts": 16, "num_experts_per_tok": 1, "router_aux_loss_coef": 0.001,
            "num_attention_heads": 40, "num_key_value_heads": 8, "head_dim": 128, "hidden_act": "silu",
            "max_position_embeddings": 131_072, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
            "rope_theta": 500_000.0, "moe_layers": None, "interleave_moe_layer_step": 1, "use_qk_norm": True,
@@ -970,18 +970,34 @@ def _llama4_layers(config: dict) -> tuple[list[int], list[str]]:
     return rope, types
 
 
-def _llama4_model(config):
-    _silu(config)
-    _check_common(config, CHUNKED_LAYERS)
+def _llama4_moe_layers(config: dict) -> set[int]:
+    """The MoE layers: ``moe_layers``, else every ``interleave_moe_layer_step``-th layer ending each step (layers
+    step - 1, 2 * step - 1, ...), as ``Llama4TextConfig.__post_init__`` derives them."""
     n = int(_get(config, "num_hidden_layers"))
     moe = config["moe_layers"]
     if moe is None:
         step = int(config["interleave_moe_layer_step"])
-        moe = list(range(step - 1, n, step)) if step > 0 else []
-    if any(0 <= int(i) < n for i in moe):
-        raise HFError(f"config.json: moe_layers {list(moe)[:8]}{' ...' if len(moe) > 8 else ''} is not implemented: "
-                      "Llama 4's router multiplies each expert's input by its sigmoid score, ours weighs the "
-                      "experts' outputs (only dense llama4_text models, moe_layers [], are converted)")
+        if step < 1:
+            raise HFError(f"config.json: interleave_moe_layer_step {step} must be >= 1 where moe_layers is not given "
+                          "(1: every layer is an MoE); or give moe_layers")
+        moe = range(step - 1, n, step)
+    return {int(i) for i in moe if 0 <= int(i) < n}
+
+
+def _llama4_moe(config: dict) -> dict:
+    """Llama 4's MoE: a sigmoid_topk router whose weights scale the experts' inputs, swiglu experts of
+    intermediate_size and one shared expert of the same size."""
+    mlp = moe_mlp(config, _get(config, "num_local_experts"), _get(config, "num_experts_per_tok"),
+                  _get(config, "intermediate_size"), renormalize=False)
+    mlp.update(router={"kind": "sigmoid_topk"}, weight_input=True, n_shared_experts=1)
+    return mlp
+
+
+def _llama4_model(config):
+    _silu(config)
+    _check_common(config, CHUNKED_LAYERS)
+    n = int(_get(config, "num_hidden_layers"))
+    moe = _llama4_moe_layers(config)
     rope, types = _llama4_layers(config)
     limit = int(config["floor_scale"])
     if config["attn_temperature_tuning"] and not all(rope) and int(_get(config, "max_position_embeddings")) >= limit:
@@ -1003,20 +1019,36 @@ def _llama4_model(config):
             out["chunk"] = int(config["attention_chunk_size"])
         return out
     model = decoder_section(config, positional[rope[0]], attention(rope[0], types[0]))
-    model["block"]["mlp"] = swiglu_mlp(_get(config, "intermediate_size_mlp"))
+    mlps = {False: swiglu_mlp(_get(config, "intermediate_size_mlp")), True: _llama4_moe(config) if moe else None}
+    model["block"]["mlp"] = mlps[0 in moe]
     kinds = list(zip(rope, types))
     others = [k for k in dict.fromkeys(kinds) if k != kinds[0]]
-    if others:
-        model["overrides"] = [{"layers": [i for i, k in enumerate(kinds) if k == kind], "attention": attention(*kind),
-                               **({"positional": positional[kind[0]]} if kind[0] != rope[0] else {})}
-                              for kind in others]
+    overrides = [{"layers": [i for i, k in enumerate(kinds) if k == kind], "attention": attention(*kind),
+                  **({"positional": positional[kind[0]]} if kind[0] != rope[0] else {})} for kind in others]
+    other_mlp = [i for i in range(n) if (i in moe) != (0 in moe)]
+    if other_mlp:
+        overrides.append({"layers": other_mlp, "mlp": mlps[0 not in moe]})
+    if overrides:
+        model["overrides"] = overrides
     return model
 
 
+def _is_llama4_moe(m) -> bool:
+    """``m`` is an MoE as Llama 4's: swiglu experts without biases, one shared expert, a sigmoid_topk router
+    without a bias whose weights scale the experts' inputs."""
+    return (m.kind == "moe" and m.expert_kind == "swiglu" and not m.bias and m.n_shared_experts == 1
+            and m.weight_input and m.router.kind == "sigmoid_topk" and not m.router.bias)
+
+
 def _llama4_config(spec):
-    m, a = spec.block.mlp, spec.block.attention
-    if m.kind != "swiglu" or a.kind != "causal" or spec.block.norm.kind != "rmsnorm":
-        raise HFError("the llama4_text family (dense) has causal attention, rmsnorm and a swiglu MLP in every layer")
+    a = spec.block.attention
+    if a.kind != "causal" or spec.block.norm.kind != "rmsnorm" or \
+            not all(b.mlp.kind == "swiglu" or _is_llama4_moe(b.mlp) for b in spec.blocks):
+        raise HFError("the llama4_text family has causal attention, rmsnorm and in every layer a swiglu MLP or an "
+                      "MoE of swiglu experts with one shared expert, weight_input true and a sigmoid_topk router")
+    moe = [i for i, b in enumerate(spec.blocks) if b.mlp.kind == "moe"]
+    dense = [b.mlp for b in spec.blocks if b.mlp.kind != "moe"]
+    m = spec.blocks[moe[0]].mlp if moe else dense[0]
     rope = [int(b.positional.kind == "rope") for b in spec.blocks]
     for i, b in enumerate(spec.blocks):
         if b.positional.kind not in ("rope", "none"):
@@ -1026,16 +1058,20 @@ def _llama4_config(spec):
     if len(chunks) > 1:
         raise HFError(f"the llama4_text family has one attention_chunk_size (here {sorted(chunks)})")
     config = {"architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text", "vocab_size": spec.vocab_size,
-              "hidden_size": spec.d_model, "intermediate_size": m.hidden, "intermediate_size_mlp": m.hidden,
+              "hidden_size": spec.d_model, "intermediate_size": m.hidden,
+              "intermediate_size_mlp": dense[0].hidden if dense else m.hidden,
               "num_hidden_layers": spec.n_layers, "num_attention_heads": a.n_heads,
               "num_key_value_heads": a.kv_heads, "head_dim": a.head_size, "hidden_act": "silu",
               "max_position_embeddings": spec.context_length, "rms_norm_eps": spec.block.norm.eps,
               "tie_word_embeddings": spec.tie_embeddings, "attention_bias": bool(a.biased), "attention_dropout": 0.0,
-              "moe_layers": [], "use_qk_norm": any(b.attention.qk_norm for b in spec.blocks),
+              "moe_layers": moe, "use_qk_norm": any(b.attention.qk_norm for b in spec.blocks),
               "no_rope_layers": rope, "attention_chunk_size": chunks.pop() if chunks else None,
               "layer_types": ["chunked_attention" if b.attention.chunk else "full_attention" for b in spec.blocks],
               "attn_temperature_tuning": False, "dtype": "float32"}
     config.update(rope_config(rotating[0]) if rotating else {"rope_theta": _LLAMA4["rope_theta"]})
+    if moe:
+        config.update(num_local_experts=m.n_experts, num_experts_per_tok=m.top_k,
+                      router_aux_loss_coef=m.lb_loss_coef, output_router_logits=False)
     return config
 
 
@@ -1054,10 +1090,18 @@ def _llama4_rules(spec, names: set[str], config: dict | None = None) -> list[Rul
         rules += [same(ours + "norm1.weight", hf + "input_layernorm.weight"),
                   same(ours + "norm2.weight", hf + "post_attention_layernorm.weight"),
                   *(reordered(r, index) if index is not None and r.ours.startswith(ours + "attn.qkv.") else r
-                    for r in attention_rules(a, ours + "attn.", hf + "self_attn.")),
-                  concat(ours + "mlp.up.weight", [hf + "feed_forward.gate_proj.weight",
-                                                  hf + "feed_forward.up_proj.weight"], [m.hidden] * 2),
-                  same(ours + "mlp.down.weight", hf + "feed_forward.down_proj.weight")]
+                    for r in attention_rules(a, ours + "attn.", hf + "self_attn."))]
+        o, e = ours + "mlp.", hf + "feed_forward."
+        if m.kind == "moe":       # experts as ours: gate_up_proj [E, D, 2I] gate | up, down_proj [E, I, D]
+            rules += [same(o + "router.weight", e + "router.weight"),
+                      same(o + "experts.up", e + "experts.gate_up_proj"),
+                      same(o + "experts.down", e + "experts.down_proj"),
+                      shared_experts_up(o + "shared.up", e + "shared_expert.gate_proj.weight",
+                                        e + "shared_expert.up_proj.weight", 1),
+                      shared_experts_down(o + "shared.down", e + "shared_expert.down_proj.weight", 1)]
+        else:
+            rules += [concat(o + "up.weight", [e + "gate_proj.weight", e + "up_proj.weight"], [m.hidden] * 2),
+                      same(o + "down.weight", e + "down_proj.weight")]
     return rules
 
 

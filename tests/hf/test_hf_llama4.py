@@ -1,6 +1,7 @@
-"""Llama 4 (``llama4_text``, dense) against transformers itself: tiny random models, every tensor randomised.  NoPE
+"""Llama 4 (``llama4_text``) against transformers itself: tiny random models, every tensor randomised.  NoPE
 layers (a positional per layer), chunked attention on the RoPE layers, the weightless L2 q/k norm, interleaved RoPE
-pairs, llama3 RoPE scaling with equal low and high frequency factors; what it cannot express is refused."""
+pairs, llama3 RoPE scaling with equal low and high frequency factors, MoE layers (sigmoid top-k router scaling the
+experts' inputs, one shared expert) among dense ones; what it cannot express is refused."""
 from __future__ import annotations
 
 import dataclasses
@@ -28,6 +29,11 @@ CONFIGS = {
                                     "original_max_position_embeddings": 16}),
     # NoPE first, biases, no q/k norm, tied head, plain RoPE
     "nope_first": dict(no_rope_layers=[0, 1, 1, 0], use_qk_norm=False, attention_bias=True, tie_word_embeddings=True),
+    # Maverick-style: every 2nd layer (1, 3) an MoE, top-1 (Scout and Maverick route to one expert)
+    "moe_interleaved_top1": dict(moe_layers=None, interleave_moe_layer_step=2, num_local_experts=4,
+                                 num_experts_per_tok=1),
+    # the first layer an MoE (the base block of ours), layer 2 dense; top-2
+    "moe_top2": dict(moe_layers=[0, 1, 3], num_local_experts=4, num_experts_per_tok=2),
 }
 
 
@@ -55,6 +61,14 @@ def test_import_matches_transformers(tmp_path, name):
     assert [b.attention.chunk for b in spec.blocks] == [5 if r else None for r in rope]
     assert [b.attention.qk_norm for b in spec.blocks] == [bool(r and hf.config.use_qk_norm) for r in rope]
     assert not any(b.attention.qk_norm_weight and b.attention.qk_norm for b in spec.blocks)
+    assert [i for i, b in enumerate(spec.blocks) if b.mlp.kind == "moe"] == hf.config.moe_layers
+    for b in spec.blocks:
+        m = b.mlp
+        if m.kind == "moe":
+            assert (m.n_experts, m.top_k, m.hidden, m.n_shared_experts) == (4, hf.config.num_experts_per_tok, 16, 1)
+            assert m.weight_input and m.router.kind == "sigmoid_topk"
+        else:
+            assert m.hidden == 48                                          # intermediate_size_mlp
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -62,7 +76,10 @@ def test_export_loads_in_transformers(tmp_path, name):
     hf = tiny(tmp_path / "hf", name)
     config = exported(tmp_path, imported(tmp_path)[1], hf)
     assert config.model_type == "llama4_text"
-    for key in ("no_rope_layers", "layer_types", "attention_chunk_size", "use_qk_norm", "rope_parameters"):
+    keys = ("no_rope_layers", "layer_types", "attention_chunk_size", "use_qk_norm", "rope_parameters", "moe_layers")
+    if hf.config.moe_layers:
+        keys += ("num_local_experts", "num_experts_per_tok", "intermediate_size")
+    for key in keys:
         assert getattr(config, key) == getattr(hf.config, key), key
 
 
@@ -86,6 +103,42 @@ def test_a_hand_written_blueprint_exports_to_llama4(tmp_path):
         assert (back(IDX).logits - ours_logits(model, IDX)).abs().max().item() <= 1e-4
 
 
+def test_a_hand_written_moe_blueprint_exports_to_llama4(tmp_path):
+    """Llama 4's MoE written in a blueprint (sigmoid_topk router, weight_input, one shared expert) over dense layers
+    picks the llama4_text family; transformers computes what we do, and the weights route as ours."""
+    moe = {"kind": "moe", "n_experts": 4, "top_k": 2, "expert_hidden": 16, "n_shared_experts": 1,
+           "weight_input": True, "router": {"kind": "sigmoid_topk"}}
+    raw = {"vocab_size": V, "context_length": 64, "d_model": 32, "n_layers": 3, "tie_embeddings": False,
+           "positional": {"kind": "rope", "theta": 500000.0},
+           "block": {"norm": {"kind": "rmsnorm", "eps": 1e-5}, "attention": {"kind": "causal", "n_heads": 4},
+                     "mlp": {"kind": "swiglu", "hidden_size": 48}},
+           "overrides": [{"layers": [0, 2], "mlp": moe}]}
+    model = build_model(build_model_spec(raw), seed=0).eval()
+    with torch.no_grad():                        # the shared and routed experts differ, the router is not uniform
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    out = tmp_path / "out"
+    export_hf(model, None, out)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert back.config.model_type == "llama4_text" and back.config.moe_layers == [0, 2]
+    assert (back.config.intermediate_size, back.config.intermediate_size_mlp) == (16, 48)
+    with torch.no_grad():
+        assert (back(IDX).logits - ours_logits(model, IDX)).abs().max().item() <= 1e-4
+
+
+def test_weighing_the_outputs_is_another_model(tmp_path):
+    """The check that the input scaling matters: the same weights with the router's weights applied to the
+    experts' outputs (our default) give other logits than transformers'."""
+    hf = tiny(tmp_path / "hf", "moe_interleaved_top1")
+    model, _ = imported(tmp_path)
+    assert_logits_match(hf, model, IDX)
+    for b in model.blocks:
+        if b.mlp.spec.kind == "moe":
+            b.mlp.spec = dataclasses.replace(b.mlp.spec, weight_input=False)
+    with torch.no_grad():
+        assert (ours_logits(model, IDX) - hf(IDX).logits).abs().max().item() > 1e-3
+
+
 def test_defaults_are_those_of_transformers():
     cls = transformers.Llama4TextConfig
     declared = {f.name: f.default for f in dataclasses.fields(cls)}
@@ -94,9 +147,8 @@ def test_defaults_are_those_of_transformers():
 
 
 @pytest.mark.parametrize("changes, message", [
-    # the router scales each expert's input by a sigmoid score; our MoE weighs outputs
-    ({"moe_layers": [1]}, "moe_layers [1] is not implemented"),
-    ({"moe_layers": None, "interleave_moe_layer_step": 2}, "moe_layers [1, 3] is not implemented"),
+    # transformers cannot derive the MoE layers either (a range with step 0)
+    ({"moe_layers": None, "interleave_moe_layer_step": 0}, "interleave_moe_layer_step 0 must be >= 1"),
     # the NoPE layers' query temperature starts at position floor_scale - 1, inside this context
     ({"floor_scale": 32}, "attn_temperature_tuning true is not implemented"),
     ({"attention_chunk_size": None}, "attention_chunk_size is null"),
