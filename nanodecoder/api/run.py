@@ -29,7 +29,6 @@ from ..finetune import dry_run as finetune_dry_run
 from ..finetune import prepare_finetune
 from ..finetune.source import open_source
 from ..model import build_model
-from ..model.params import count_params
 from ..model.plan import flops_per_token, param_report
 from ..runtime import RuntimeSetupError, describe_plan, setup_runtime
 from ..train.checkpoint import write_atomic_text
@@ -319,7 +318,7 @@ class Run:
         hooks = standard_hooks(trainer, logging=spec.logging, sample=spec.sample, tokenizer=prep.tokenizer,
                                name=bp.name, evals=evals)
         loop = TrainingLoop(trainer, run, hooks, logging=spec.logging, wandb_run=wandb_run)
-        result = loop(start_summary(name=bp.name, run_dir=run, params=count_params(trainer.raw_model),
+        result = loop(start_summary(name=bp.name, run_dir=run, params=runtime.count_params(trainer.raw_model),
                                     trainer=trainer, runtime=runtime, train_tokens=strategy.train_tokens(prep),
                                     resumed_from=str(resumed_from) if resumed_from else None))
         exit_code = result.exit_code

@@ -21,7 +21,9 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..model import unwrap
+from ..model.params import ParamReport, count_params
 from . import distributed as dist_
+from . import expert_parallel as ep_
 from .compile import compile_errors, compile_model, eager, transformer_blocks
 from .hardware import Launch, MemoryBudget, available_memory
 from .profiles import Profile, RuntimeSetupError
@@ -95,7 +97,9 @@ class Runtime:
     host_memory_cached: bool = False        # glibc keeps freed memory (profile's cache_host_memory)
     activation_checkpointing: bool = False  # recompute each block in the backward (profile's setting)
     local_world_size: int = 1               # processes on this node (they share its host memory)
+    expert_parallel: ep_.ExpertParallelGroups | None = None   # runtime.expert_parallel > 1: its process groups
     scaler: Any = field(default=None, repr=False)
+    full_params: ParamReport | None = field(default=None, repr=False)   # counted before the experts were split
 
     def __post_init__(self):
         if self.precision == "fp16" and self.scaler is None:
@@ -151,6 +155,8 @@ class Runtime:
         to train."""
         if self.data_parallel != "fsdp":      # FSDP2 moves each unit to the device as it shards it
             model = model.to(self.device)
+        if self.expert_parallel is not None:  # slices of the initialised weights, before anything wraps them
+            self._split_experts(model)
         # precision: weights stay fp32 (master copy); autocast() and the GradScaler do the rest
         if self.activation_checkpointing:   # before compile and FSDP2, which then wrap the recomputed blocks
             checkpoint_blocks(model)
@@ -163,6 +169,21 @@ class Runtime:
         return model
 
     prepare_model = apply
+
+    def _split_experts(self, model: nn.Module) -> None:
+        n = self.expert_parallel.size
+        self.full_params = count_params(model)
+        try:
+            ep_.apply_expert_parallel(model, self.expert_parallel.ep, self.expert_parallel.expert_dp)
+        except ValueError as e:
+            raise RuntimeSetupError(str(e)) from None
+        if not ep_.expert_parallel_params(model):
+            raise RuntimeSetupError(f"{ep_.KEY}: {n} needs a model with MoE layers (this one has none); "
+                                    f"use --set {ep_.KEY}=1")
+
+    def count_params(self, model: nn.Module) -> ParamReport:
+        """The model's parameter counts, those of the whole model also when its experts are split."""
+        return self.full_params if self.full_params is not None else count_params(model)
 
     def memory_budget(self, env=None) -> MemoryBudget:
         """What this process may still allocate on its device (see ``hardware.available_memory``)."""
@@ -199,10 +220,19 @@ class Runtime:
         with compile_errors(self.compile):
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def clip_grad_norm(self, optimizer, params, max_norm: float) -> torch.Tensor:
-        """Unscale (fp16), clip to ``max_norm``; the global norm before clipping as a plain tensor."""
+    def finish_grads(self, model: nn.Module) -> None:
+        """After the last micro-step of an optimizer step (every rank): expert-parallel gradients averaged over
+        all ranks, as DDP averages the others (``model``: the unwrapped module)."""
+        if self.expert_parallel is not None:
+            ep_.sync_expert_grads(model, self.world_size, self.expert_parallel.expert_dp)
+
+    def clip_grad_norm(self, optimizer, params, max_norm: float, model: nn.Module | None = None) -> torch.Tensor:
+        """Unscale (fp16), clip to ``max_norm``; the global norm before clipping as a plain tensor.  Split experts
+        (``model``, unwrapped, needed then) count in the norm over all ranks."""
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
+        if self.expert_parallel is not None:
+            return ep_.clip_grad_norm(model, self.expert_parallel, max_norm)
         return dist_.plain_norm(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
     def optimizer_step(self, optimizer) -> None:
@@ -252,16 +282,32 @@ class Runtime:
     # ---- full state for checkpoints ----------------------------------------------------------
     def model_state(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """Unsharded weights on the main rank, None elsewhere (every rank must call it)."""
+        if self.expert_parallel is not None:
+            return ep_.gather_full_experts_state(unwrap(model))
         return dist_.full_model_state(model, self.is_main)
 
     def load_model_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        dist_.load_full_model_state(model, state)
+        if self.expert_parallel is not None:
+            ep_.load_local_experts(unwrap(model), state)
+        else:
+            dist_.load_full_model_state(model, state)
+
+    def full_state_shapes(self, model: nn.Module) -> dict[str, tuple[int, ...]]:
+        """The shapes of :meth:`model_state`'s tensors (a checkpoint's), without communication."""
+        if self.expert_parallel is not None:
+            return ep_.full_state_shapes(unwrap(model))
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
     def optimizer_state(self, model: nn.Module, optimizer, names: list[str]) -> dict[str, Any] | None:
+        if self.expert_parallel is not None:
+            return ep_.gather_full_optimizer_state(unwrap(model), optimizer)
         return dist_.full_optimizer_state(model, optimizer, names, self.is_main)
 
     def load_optimizer_state(self, model: nn.Module, optimizer, state: dict[str, Any], names: list[str]) -> None:
-        dist_.load_full_optimizer_state(model, optimizer, state, names)
+        if self.expert_parallel is not None:
+            ep_.load_local_optimizer_state(unwrap(model), optimizer, state)
+        else:
+            dist_.load_full_optimizer_state(model, optimizer, state, names)
 
     def state_dict(self) -> dict[str, Any]:
         return {"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {}
@@ -298,4 +344,7 @@ class Runtime:
             extra.append(", compiled")
         if self.is_distributed:
             extra.append(f", {self.data_parallel} rank {self.rank}/{self.world_size}")
+        if self.expert_parallel is not None:
+            n = self.expert_parallel.size
+            extra.append(f", experts split: ep {n} x dp {self.world_size // n}")
         return f"{where}, {self.precision}{''.join(extra)}"

@@ -72,8 +72,12 @@ def broadcast_text(text: str, src: int = 0) -> str:
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel.  Buffers are not broadcast each forward: the MoE balancing bias
-    is kept identical by its own all-reduce, and per-rank load counts must stay per rank."""
+    is kept identical by its own all-reduce, and per-rank load counts must stay per rank.  Parameters
+    marked ``expert_parallel`` (each rank's own experts) are neither broadcast nor reduced by DDP."""
     from torch.nn.parallel import DistributedDataParallel
+    split = [n for n, p in model.named_parameters() if getattr(p, "expert_parallel", False)]
+    if split:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, split)
     with warnings.catch_warnings():     # torch 2.13 deprecates the flag but advises it for rank-local buffers
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,

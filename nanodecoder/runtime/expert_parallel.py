@@ -52,13 +52,18 @@ class ExpertParallelGroups:
         return self.ep.size()
 
 
+def check_degree(n: int, world: int) -> None:
+    """ValueError (naming the key) unless ``n`` expert-parallel ranks divide the ``world`` processes."""
+    if n < 1 or world % n:
+        raise ValueError(f"{KEY}: {n} must divide the number of processes ({world}); "
+                         f"choose one of {divisors(world)}")
+
+
 def expert_parallel_groups(n: int, device_type: str = "cpu") -> ExpertParallelGroups:
     """The ``(dp, ep)`` DeviceMesh of the default process group, as :class:`ExpertParallelGroups`
     (collective: every rank calls it)."""
     world = dist.get_world_size()
-    if n < 1 or world % n:
-        raise ValueError(f"{KEY}: {n} must divide the number of processes ({world}); "
-                         f"choose one of {divisors(world)}")
+    check_degree(n, world)
     mesh = init_device_mesh(device_type, (world // n, n), mesh_dim_names=("dp", "ep"))
     return ExpertParallelGroups(mesh.get_group("ep"), mesh.get_group("dp"), world)
 
@@ -277,6 +282,65 @@ def load_local_experts(model: nn.Module, full_state: dict[str, torch.Tensor]) ->
     model.load_state_dict(local, strict=True)
 
 
-__all__ = ["ExpertParallelExperts", "ExpertParallelGroups", "apply_expert_parallel", "clip_grad_norm",
-           "expert_parallel_groups", "expert_parallel_modules", "expert_parallel_params", "gather_full_experts_state",
+def full_state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The shapes of the single-process state dict of an expert-parallel model (no communication)."""
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for key, m in _expert_keys(model).items():
+        shapes[key] = (m.n_experts, *shapes[key][1:])
+    return shapes
+
+
+def _indexed_expert_params(model: nn.Module, optimizer) -> dict[int, tuple[nn.Parameter, ExpertParallelExperts]]:
+    owner = {id(p): m for _, m in expert_parallel_modules(model) for p in m.parameters(recurse=False)}
+    flat = [p for g in optimizer.param_groups for p in g["params"]]
+    return {i: (p, owner[id(p)]) for i, p in enumerate(flat) if id(p) in owner}
+
+
+@torch.no_grad()
+def gather_full_optimizer_state(model: nn.Module, optimizer) -> dict | None:
+    """``optimizer.state_dict()`` with every expert parameter's per-parameter tensors (those shaped like the
+    local slice: AdamW's moments, momentum buffers) gathered along the expert dimension, as one process would
+    hold them, on global rank 0; None elsewhere (collective: every rank calls it)."""
+    main = dist.get_rank() == 0
+    state = optimizer.state_dict()
+    state = {"state": dict(state["state"]), "param_groups": state["param_groups"]}
+    for i, (p, m) in sorted(_indexed_expert_params(model, optimizer).items()):
+        if 0 not in dist.get_process_group_ranks(m.group) or i not in state["state"]:
+            continue
+        entry = dict(state["state"][i])          # a copy: the optimizer's own state stays local
+        for name in sorted(entry):
+            local = entry[name]
+            if not (isinstance(local, torch.Tensor) and local.shape == p.shape):
+                continue                          # e.g. AdamW's step: the same on every rank
+            local = local.contiguous()
+            parts = [torch.empty_like(local) for _ in range(m.group.size())] if main else None
+            dist.gather(local, parts, group=m.group, group_dst=dist.get_group_rank(m.group, 0))
+            if main:
+                entry[name] = torch.cat(parts)
+        state["state"][i] = entry
+    return state if main else None
+
+
+def load_local_optimizer_state(model: nn.Module, optimizer, full_state: dict) -> None:
+    """Load a single-process (full) optimizer state into the optimizer of an expert-parallel model: each
+    expert parameter's full-size tensors as this rank's slice."""
+    state = {"state": dict(full_state["state"]), "param_groups": full_state["param_groups"]}
+    for i, (p, m) in _indexed_expert_params(model, optimizer).items():
+        key = i if i in state["state"] else str(i)
+        if key not in state["state"]:
+            continue
+        entry = dict(state["state"][key])
+        for name, full in entry.items():
+            if isinstance(full, torch.Tensor) and full.dim() == p.dim() and full.shape[1:] == p.shape[1:]:
+                if full.shape[0] != m.n_experts:
+                    raise ValueError(f"optimizer state {name} of an expert parameter holds {full.shape[0]} "
+                                     f"experts, the model {m.n_experts}")
+                entry[name] = full[m.local_experts]
+        state["state"][key] = entry
+    optimizer.load_state_dict(state)
+
+
+__all__ = ["ExpertParallelExperts", "ExpertParallelGroups", "apply_expert_parallel", "check_degree", "clip_grad_norm",
+           "expert_parallel_groups", "expert_parallel_modules", "expert_parallel_params", "full_state_shapes",
+           "gather_full_experts_state", "gather_full_optimizer_state", "load_local_optimizer_state",
            "grad_norm", "load_local_experts", "replicated_params", "source_to_expert_order", "sync_expert_grads"]

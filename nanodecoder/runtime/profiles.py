@@ -62,6 +62,11 @@ class Profile:
         "ddp", doc="How a job launched with torchrun (WORLD_SIZE > 1) splits the work: 'ddp' "
                    "(DistributedDataParallel, a full replica per process) or 'fsdp' (FSDP2 fully_shard per block: "
                    "parameters, gradients and optimizer state sharded). A single process ignores it.")
+    expert_parallel: int = param(
+        1, doc="Processes that split the routed experts of every MoE layer between them (expert parallelism over "
+               "torchrun, DDP only): each holds n_experts / N experts of every layer and tokens travel to their "
+               "experts' process and back (all_to_all); must divide the number of processes and every MoE layer's "
+               "n_experts, with a built-in expert_kind. 1: every process holds every expert.", minimum=1)
     threads: int | None = param(None, doc="CPU threads for torch (torch.set_num_threads) per process; null keeps "
                                           "torch's default (torchrun sets OMP_NUM_THREADS=1 per process).", minimum=1)
     peak_flops: float | None = param(None, doc="Peak FLOP/s of one device for the MFU figure; null takes the "
@@ -98,6 +103,8 @@ class Profile:
                  mark("tf32", "TF32 on" if self.tf32 else "TF32 off"),
                  mark("compile", f"compile ({self.compile_mode})" if self.compile else "eager"),
                  mark("data_parallel", f"{self.data_parallel} under torchrun")]
+        if self.expert_parallel > 1:
+            parts.append(mark("expert_parallel", f"experts split over {self.expert_parallel} processes"))
         if self.threads:
             parts.append(mark("threads", f"{self.threads} threads"))
         if self.peak_flops:

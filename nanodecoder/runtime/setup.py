@@ -6,6 +6,7 @@ from typing import Mapping
 
 import torch
 
+from . import expert_parallel
 from .core import Runtime
 from .distributed import init_process_group
 from .hardware import (Launch, keep_freed_host_memory, peak_flops, pick_device, pick_precision, planned_precision,
@@ -22,7 +23,21 @@ def _check(profile: Profile, launch: Launch) -> tuple[torch.device, str, str | N
         raise RuntimeSetupError("FSDP with fp16 loss scaling is not supported (each rank would see only its "
                                 "shard's overflows); use --set runtime.precision=bf16 on a GPU with bf16, or "
                                 "--set runtime.precision=fp32, or --profile multi_gpu_compile (DDP)")
+    if profile.expert_parallel > 1:
+        _check_expert_parallel(profile.expert_parallel, launch.world_size, data_parallel, precision)
     return device, precision, data_parallel
+
+
+def _check_expert_parallel(n: int, world: int, data_parallel: str | None, precision: str) -> None:
+    try:
+        expert_parallel.check_degree(n, world)
+    except ValueError as e:
+        raise RuntimeSetupError(f"{e} (launch with torchrun --nproc_per_node=N)" if world == 1 else str(e)) from None
+    if data_parallel == "fsdp":
+        raise RuntimeSetupError(f"{expert_parallel.KEY} with data_parallel fsdp is not built yet; use ddp")
+    if precision == "fp16":
+        raise RuntimeSetupError(f"{expert_parallel.KEY} with fp16 loss scaling is not supported (each rank "
+                                "would see only its experts' overflows); use --set runtime.precision=bf16 or fp32")
 
 
 def setup_runtime(spec: RuntimeSpec | None = None, *, env: Mapping[str, str] | None = None) -> Runtime:
@@ -38,15 +53,18 @@ def setup_runtime(spec: RuntimeSpec | None = None, *, env: Mapping[str, str] | N
         torch.cuda.set_device(device)
     set_tf32(device, profile.tf32)
     cached = profile.cache_host_memory and device.type == "cpu" and keep_freed_host_memory()
+    groups = None
     if launch.world_size > 1:
         init_process_group(device, launch.rank, launch.world_size, profile.timeout_s)
+        if profile.expert_parallel > 1:
+            groups = expert_parallel.expert_parallel_groups(profile.expert_parallel, device.type)
     peak, source = peak_flops(profile, device, precision)
     return Runtime(device=device, precision=precision, rank=launch.rank, world_size=launch.world_size,
                    threads=torch.get_num_threads(), local_rank=launch.local_rank, data_parallel=data_parallel,
                    compile=profile.compile, compile_mode=profile.compile_mode, peak_flops=peak,
                    peak_source=source, profile=profile, host_memory_cached=cached,
                    activation_checkpointing=profile.activation_checkpointing,
-                   local_world_size=launch.local_world_size)
+                   local_world_size=launch.local_world_size, expert_parallel=groups)
 
 
 @dataclass(frozen=True)

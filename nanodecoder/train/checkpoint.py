@@ -287,12 +287,15 @@ def _aliases(f: Path, meta: dict[str, str]) -> dict[str, str]:
     return aliases
 
 
-def load_model_weights(model: nn.Module, path: Path, *, verify: bool = True, load=None) -> dict:
+def load_model_weights(model: nn.Module, path: Path, *, verify: bool = True, load=None,
+                       shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
     """Load a checkpoint's weights into ``model`` (an unwrapped module); explain any mismatch.
 
     The names and shapes are checked from the file's header before its data is hashed or read, so a file that
     does not fit the model is refused at once, whatever size it claims.
-    ``load(full_state_dict)`` replaces ``model.load_state_dict(..., strict=True)`` (sharded models)."""
+    ``load(full_state_dict)`` replaces ``model.load_state_dict(..., strict=True)`` (sharded models), ``shapes``
+    the names and shapes of the model's full state dict (those of ``model.state_dict()`` unless given: a model
+    whose experts are split between processes holds slices)."""
     path = Path(path)
     manifest = read_manifest(path)
     if verify:
@@ -306,11 +309,11 @@ def load_model_weights(model: nn.Module, path: Path, *, verify: bool = True, loa
         raise
     aliases = _aliases(f, meta)
     shape_of = {**stored, **{alias: stored[src] for alias, src in aliases.items() if src in stored}}
-    expected = model.state_dict()
+    expected = shapes if shapes is not None else {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(shape_of))
     unexpected = sorted(set(shape_of) - set(expected))
-    shapes = sorted(f"{n}: checkpoint {shape_of[n]} vs model {tuple(expected[n].shape)}"
-                    for n in set(stored) & set(expected) if shape_of[n] != tuple(expected[n].shape))
+    shapes = sorted(f"{n}: checkpoint {shape_of[n]} vs model {tuple(expected[n])}"
+                    for n in set(stored) & set(expected) if shape_of[n] != tuple(expected[n]))
     if missing or unexpected or shapes:
         lines = [f"checkpoint {path} does not match this model's architecture:"]
         for label, items in (("missing in checkpoint", missing), ("not in model", unexpected),

@@ -104,7 +104,7 @@ def resume_trainer(trainer: Trainer, run: RunDir, which: str = "latest") -> Path
     the trainer's model and state.  Checkpoints after it are moved to ``ckpt/superseded/`` (rank 0), since
     the run continues from this one."""
     path = run.checkpoints.resolve(which)
-    load_model_weights(trainer.raw_model, path,
+    load_model_weights(trainer.raw_model, path, shapes=trainer.runtime.full_state_shapes(trainer.raw_model),
                        load=lambda full: trainer.runtime.load_model_state(trainer.raw_model, full))
     trainer.load_state_dict(load_state(path))
     if trainer.runtime.is_main:

@@ -124,9 +124,10 @@ class Trainer:
             if out.aux_loss is not None:
                 aux = out.aux_loss.detach()
                 aux_sum = aux if aux_sum is None else aux_sum + aux
+        self.runtime.finish_grads(self.raw_model)      # expert-parallel gradients: averaged over all ranks
         grad_norm = None
         if spec.clip is not None:
-            grad_norm = self.runtime.clip_grad_norm(self.optimizer, self.params, spec.clip)
+            grad_norm = self.runtime.clip_grad_norm(self.optimizer, self.params, spec.clip, model=self.raw_model)
         ce_sum, obj_sum, aux_sum = self.runtime.mean_over_ranks(ce_sum, obj_sum, aux_sum)  # all ranks agree
         check = obj_sum if grad_norm is None or self.runtime.scales_loss else obj_sum + grad_norm
         result = StepOutput(loss=ce_sum / spec.grad_accum, lr=lr, grad_norm=grad_norm, stats=out.stats,

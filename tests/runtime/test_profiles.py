@@ -113,8 +113,8 @@ def test_a_bad_profile_file_is_reported_like_a_bad_blueprint(tmp_path):
         "true or false",
         f"  {bad}: timeout_s (line 10): 0 is out of range; expected a value >= 1",
         f"  {bad}: sharding (line 12): unknown key 'sharding' (allowed here: activation_checkpointing, "
-        "cache_host_memory, check_memory, compile, compile_mode, data_parallel, description, device, peak_flops, "
-        "precision, tf32, threads, timeout_s)"]
+        "cache_host_memory, check_memory, compile, compile_mode, data_parallel, description, device, expert_parallel, "
+        "peak_flops, precision, tf32, threads, timeout_s)"]
     bad.write_text(bad.read_text().replace("sharding: full", "timeout_s: 60"))
     with pytest.raises(BlueprintError, match=r"timeout_s \(line 12\): duplicate key 'timeout_s' \(first on line 10\)"):
         load_profile("mine", path=bad)
