@@ -21,8 +21,8 @@ from einops import rearrange
 from torch import nn
 
 from ..config.declare import Kind, context, declared, divisors, param
-from .attention_kernels import (SDPA, ByDevice, CPUFloat32, Explicit, Flex, Kernel, Ledger, QKNorm, Rotate, Transform,
-                                visible)
+from .attention_kernels import (SDPA, ByDevice, CPUFloat32, Explicit, Flex, Kernel, Ledger, QKNorm, QueryTemperature,
+                                Rotate, Transform, visible)
 from .base import Component, mark_residual
 from .contracts import FP32, AttentionBytes, AttentionKind, dropout_mask, mean_keys
 
@@ -52,6 +52,12 @@ class CausalSelfAttention(Component):
                         "(OLMoE).")
         qk_norm_weight: bool = param(True, doc="Whether the q/k RMSNorms have a learned weight; false: x / rms(x) "
                                                "only, no parameter (Llama 4's L2 norm).")
+        query_scale_floor: int | None = param(
+            None, doc="Scale the queries by 1 + query_scale * ln(1 + floor((position + 1) / query_scale_floor)), so "
+                      "attention sharpens with distance (Llama 4's attn_temperature_tuning on its NoPE layers, "
+                      "floor_scale 8192; Nakanishi 2025, arXiv 2501.19399); null: off.", minimum=1)
+        query_scale: float = param(0.1, doc="The slope of query_scale_floor's scaling (Llama 4's attn_scale).",
+                                   minimum=0)
         qk_norm_eps: float = param(1e-6, doc="Epsilon of the q/k RMSNorms (models use their rms_norm_eps: Qwen3 "
                                              "1e-6, OLMoE 1e-5).", exclusive_minimum=0)
         window: int | None = param(None, doc="Sliding-window attention: each query sees itself and the window - 1 "
@@ -74,7 +80,8 @@ class CausalSelfAttention(Component):
                     {"n_heads": 4, "n_kv_heads": 2, "qk_norm": True, "bias": ["q", "k", "v"]},
                     {"n_heads": 4, "head_dim": 8, "qk_norm": True, "qk_norm_scope": "projection", "bias": True},
                     {"n_heads": 4, "n_kv_heads": 1, "window": 6, "sinks": True, "logit_softcap": 20.0},
-                    {"n_heads": 4, "n_kv_heads": 2, "chunk": 5, "qk_norm": True, "qk_norm_weight": False})
+                    {"n_heads": 4, "n_kv_heads": 2, "chunk": 5, "qk_norm": True, "qk_norm_weight": False},
+                    {"n_heads": 4, "query_scale_floor": 3, "query_scale": 0.5})
 
         @property
         def head_size(self) -> int:
@@ -167,7 +174,8 @@ class CausalSelfAttention(Component):
             own here)."""
             norm = (QKNorm("heads" if self.qk_norm_scope == "head" else "projection", self.qk_norm_weight),) \
                 if self.qk_norm else ()
-            return (*norm, Rotate())
+            scaled = (QueryTemperature(self.query_scale_floor, self.query_scale),) if self.query_scale_floor else ()
+            return (*norm, Rotate(), *scaled)
 
         def kernel_for(self, device: str) -> type[Kernel]:
             """The score kernel on ``device``: fused SDPA for plain causal attention; FlexAttention on CUDA for
@@ -251,10 +259,11 @@ class CausalSelfAttention(Component):
     def forward(self, x_BTD: torch.Tensor, rotary=None, cache=None) -> torch.Tensor:
         s = self.spec
         q, k, v = self.project(x_BTD)
-        q, k, factor = self.transform(self.transforms[0], q, k, rotary)
+        start = cache.pos if cache is not None else 0        # the position of this call's first token
+        q, k, factor = self.transform(self.transforms[0], q, k, rotary, start)
         q_BHTE = rearrange(q, "b t (h e) -> b h t e", h=s.n_heads)
         k_BKTE, v_BKTE = (rearrange(t, "b t (k e) -> b k t e", k=s.kv_heads) for t in (k, v))
-        q_BHTE, k_BKTE, f = self.transform(self.transforms[1], q_BHTE, k_BKTE, rotary)
+        q_BHTE, k_BKTE, f = self.transform(self.transforms[1], q_BHTE, k_BKTE, rotary, start)
         pos = None
         if cache is not None:
             k_BKTE, v_BKTE, *pos = cache.update(k_BKTE, v_BKTE)
@@ -273,11 +282,12 @@ class CausalSelfAttention(Component):
                        for n, t in zip("qkv", (q, k, v)))
         return q, k, v
 
-    def transform(self, transforms, q, k, rotary):
-        """``q, k`` through ``transforms`` in order, and the product of their softmax factors."""
+    def transform(self, transforms, q, k, rotary, start: int = 0):
+        """``q, k`` through ``transforms`` in order, and the product of their softmax factors (a transform that
+        says ``positional = True`` also gets the position of the call's first token)."""
         factor = 1.0
         for t in transforms:
-            q, k, f = t(self, q, k, rotary)
+            q, k, f = t(self, q, k, rotary, start=start) if t.positional else t(self, q, k, rotary)
             factor *= f
         return q, k, factor
 

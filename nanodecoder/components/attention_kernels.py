@@ -85,8 +85,11 @@ class Ledger:
 class Transform:
     """A change of q and k between the projections and the kernel.  ``stage``: ``"projection"`` (on the
     [B, T, width] projections) or ``"heads"`` (on [B, H, T, E] heads).  ``__call__(attn, q, k, rotary)`` returns
-    ``(q, k, softmax_factor)``; ``plan(ledger, spec)`` adds what it saves."""
+    ``(q, k, softmax_factor)``; ``plan(ledger, spec)`` adds what it saves.  A transform with ``positional = True``
+    is called with ``start=``, the position of the call's first token (0 for a whole sequence, the cached
+    positions through a KV cache)."""
     stage = "heads"
+    positional = False
 
     def __call__(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, rotary):  # pragma: no cover
         raise NotImplementedError
@@ -131,6 +134,25 @@ class Rotate(Transform):
         """Nothing of its own (cos and sin are shared by every layer); rotated q and k are new, head-major."""
         if ledger.rotates:
             ledger.replace("q", "k", head_major=True)
+
+
+@dataclass(frozen=True)
+class QueryTemperature(Transform):
+    """Queries scaled by ``1 + slope * ln(1 + floor((t + 1) / floor_scale))`` at position t: Llama 4's
+    attn_temperature_tuning (its NoPE layers), which sharpens attention as the context grows (arXiv 2501.19399).
+    The product keeps only the [T] scales for the backward."""
+    floor_scale: int
+    slope: float
+    positional = True
+
+    def __call__(self, attn, q, k, rotary, *, start: int = 0):
+        pos = torch.arange(start, start + q.shape[-2], device=q.device, dtype=torch.float32)
+        scales = torch.log1p(torch.floor((pos + 1.0) / self.floor_scale)) * self.slope + 1.0
+        return (q * scales.view(-1, 1)).to(q.dtype), k, 1.0
+
+    def plan(self, ledger, spec):
+        ledger.per_batch += ledger.T * FP32
+        ledger.replace("q", head_major=True)
 
 
 # ---------------------------------------------------------------------------------------------- kernels

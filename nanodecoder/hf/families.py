@@ -948,7 +948,7 @@ _LLAMA4 = {"vocab_size": 202_048, "hidden_size": 5120, "intermediate_size": 8192
            "max_position_embeddings": 131_072, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
            "rope_theta": 500_000.0, "moe_layers": None, "interleave_moe_layer_step": 1, "use_qk_norm": True,
            "no_rope_layers": None, "no_rope_layer_interval": 4, "attention_chunk_size": 8192, "layer_types": None,
-           "attn_temperature_tuning": True, "floor_scale": 8192, "attention_bias": False}
+           "attn_temperature_tuning": True, "floor_scale": 8192, "attn_scale": 0.1, "attention_bias": False}
 CHUNKED_LAYERS = ("full_attention", "chunked_attention")
 
 
@@ -999,11 +999,9 @@ def _llama4_model(config):
     n = int(_get(config, "num_hidden_layers"))
     moe = _llama4_moe_layers(config)
     rope, types = _llama4_layers(config)
-    limit = int(config["floor_scale"])
-    if config["attn_temperature_tuning"] and not all(rope) and int(_get(config, "max_position_embeddings")) >= limit:
-        raise HFError(f"config.json: attn_temperature_tuning true is not implemented: Llama 4 scales the queries of its "
-                      f"NoPE layers from position floor_scale - 1 = {limit - 1} on, within this model's context of "
-                      f"{config['max_position_embeddings']} (set it false only if the model was trained so)")
+    # attn_temperature_tuning: the NoPE layers' queries are scaled from position floor_scale - 1 on
+    tuning = {"query_scale_floor": int(config["floor_scale"]), "query_scale": float(config["attn_scale"])} \
+        if config["attn_temperature_tuning"] else {}
     heads, eps = int(_get(config, "num_attention_heads")), float(_get(config, "rms_norm_eps"))
     attn: dict[str, Any] = {"kind": "causal", "n_heads": heads, "n_kv_heads": int(_get(config, "num_key_value_heads")),
                             "head_dim": int(_get(config, "head_dim"))}
@@ -1015,6 +1013,8 @@ def _llama4_model(config):
         out = dict(attn)
         if rotates and config["use_qk_norm"]:
             out.update(qk_norm=True, qk_norm_weight=False, qk_norm_eps=eps)
+        if not rotates:
+            out.update(tuning)
         if layer_type == "chunked_attention":
             out["chunk"] = int(config["attention_chunk_size"])
         return out
@@ -1054,6 +1054,12 @@ def _llama4_config(spec):
         if b.positional.kind not in ("rope", "none"):
             raise HFError(f"layer {i} has positional kind '{b.positional.kind}'; llama4_text layers have RoPE or none")
     rotating = [b.positional for b in spec.blocks if b.positional.kind == "rope"]
+    tunings = {(b.attention.query_scale_floor, b.attention.query_scale if b.attention.query_scale_floor else None)
+               for b in spec.blocks if b.positional.kind == "none"}
+    if any(b.attention.query_scale_floor for b in spec.blocks if b.positional.kind == "rope") or len(tunings) > 1:
+        raise HFError("llama4_text scales the queries (query_scale_floor) of every NoPE layer alike and of no RoPE "
+                      f"layer (here {sorted(tunings, key=str)} on the NoPE layers)")
+    tuning = tunings.pop() if tunings else (None, None)
     chunks = {b.attention.chunk for b in spec.blocks} - {None}
     if len(chunks) > 1:
         raise HFError(f"the llama4_text family has one attention_chunk_size (here {sorted(chunks)})")
@@ -1067,7 +1073,8 @@ def _llama4_config(spec):
               "moe_layers": moe, "use_qk_norm": any(b.attention.qk_norm for b in spec.blocks),
               "no_rope_layers": rope, "attention_chunk_size": chunks.pop() if chunks else None,
               "layer_types": ["chunked_attention" if b.attention.chunk else "full_attention" for b in spec.blocks],
-              "attn_temperature_tuning": False, "dtype": "float32"}
+              "attn_temperature_tuning": tuning[0] is not None, "floor_scale": tuning[0] or _LLAMA4["floor_scale"],
+              "attn_scale": tuning[1] if tuning[0] else 0.1, "dtype": "float32"}
     config.update(rope_config(rotating[0]) if rotating else {"rope_theta": _LLAMA4["rope_theta"]})
     if moe:
         config.update(num_local_experts=m.n_experts, num_experts_per_tok=m.top_k,

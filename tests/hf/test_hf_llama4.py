@@ -34,6 +34,8 @@ CONFIGS = {
                                  num_experts_per_tok=1),
     # the first layer an MoE (the base block of ours), layer 2 dense; top-2
     "moe_top2": dict(moe_layers=[0, 1, 3], num_local_experts=4, num_experts_per_tok=2),
+    # the NoPE layers' query temperature from position floor_scale - 1 = 3 on (8191 in the published models)
+    "temperature_tuning": dict(no_rope_layers=[1, 0, 1, 0], floor_scale=4, attn_scale=0.3),
 }
 
 
@@ -149,8 +151,6 @@ def test_defaults_are_those_of_transformers():
 @pytest.mark.parametrize("changes, message", [
     # transformers cannot derive the MoE layers either (a range with step 0)
     ({"moe_layers": None, "interleave_moe_layer_step": 0}, "interleave_moe_layer_step 0 must be >= 1"),
-    # the NoPE layers' query temperature starts at position floor_scale - 1, inside this context
-    ({"floor_scale": 32}, "attn_temperature_tuning true is not implemented"),
     ({"attention_chunk_size": None}, "attention_chunk_size is null"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not implemented"),
 ])
@@ -166,3 +166,23 @@ def test_temperature_tuning_below_floor_scale_changes_nothing(tmp_path):
     assert hf.config.attn_temperature_tuning and not all(hf.config.no_rope_layers)
     model, _ = imported(tmp_path)
     assert_logits_match(hf, model, IDX)
+
+
+def test_the_query_temperature_is_llama4s_formula_and_differs_from_none(tmp_path):
+    """Our NoPE layers scale q by 1 + attn_scale * ln(1 + floor((t + 1) / floor_scale)); without it the imported
+    model is another one (so the parity above depends on it)."""
+    from nanodecoder.components.attention_kernels import QueryTemperature
+    q = torch.randn(2, 3, 10, 4)
+    got, _, _ = QueryTemperature(4, 0.3)(None, q, q, None, start=5)
+    t = torch.arange(5, 15, dtype=torch.float64)
+    want = q.double() * (1 + 0.3 * torch.log(1 + torch.floor((t + 1) / 4))).view(-1, 1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    hf = tiny(tmp_path / "hf", "temperature_tuning")
+    model, _ = imported(tmp_path)
+    assert {b.attn.spec.query_scale_floor for b, r in zip(model.blocks, hf.config.no_rope_layers)
+            if not r} == {4}
+    hf.config.attn_temperature_tuning = False        # transformers reads it at construction: a second model
+    off = type(hf)(hf.config).eval()
+    off.load_state_dict(hf.state_dict())
+    with torch.no_grad():
+        assert (off(IDX).logits - ours_logits(model, IDX)).abs().max() > 1e-3
