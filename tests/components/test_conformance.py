@@ -24,10 +24,9 @@ from torch import nn
 
 from nanodecoder.api.blueprint import RunSpec
 from nanodecoder.api.catalog import REGISTERS
-from nanodecoder.components.base import Component
-from nanodecoder.components.contracts import CONTRACTS, FP32, NormKind
+from nanodecoder.components.contracts import CONTRACTS, FP32
 from nanodecoder.components.routers import TopKRouter
-from nanodecoder.config.declare import context, declared, param, params, yaml_key
+from nanodecoder.config.declare import declared, params, yaml_key
 from nanodecoder.config.registry import make_catalog
 from nanodecoder.config.validate import schema_of
 from nanodecoder.hf.convert import hf_family_for
@@ -40,37 +39,10 @@ from nanodecoder.model.spec import build_model_spec
 from nanodecoder.train.checkpoint import load_model_weights, model_tensors, save_weights_only
 from test_attention_kernels import TemperatureAttention, UnplannedAttention  # noqa: E402  (tests/components)
 from test_moe_plugin_experts import GainSoftplusMLP  # noqa: E402
+from test_param_roles import DyT  # noqa: E402  (tests/train, on the path by tests/conftest.py)
 
 
 # ---------------------------------------------------------------------------------------------- test plug-ins
-class DyT(Component):
-    """Dynamic tanh (Zhu et al. 2025): y = weight * tanh(alpha * x) + bias, a norm without statistics."""
-
-    @declared
-    class Spec(NormKind):
-        alpha: float = param(0.5, doc="Initial alpha.", exclusive_minimum=0)
-        dim: int = context("d_model")
-
-        @property
-        def n_params(self):
-            return 1 + 2 * self.dim
-
-    def __init__(self, spec):
-        super().__init__()
-        self.spec = spec
-        self.alpha = nn.Parameter(torch.tensor(spec.alpha))
-        self.weight = nn.Parameter(torch.ones(spec.dim))
-        self.bias = nn.Parameter(torch.zeros(spec.dim))
-
-    def reset_parameters(self):
-        nn.init.constant_(self.alpha, self.spec.alpha)
-        nn.init.ones_(self.weight)
-        nn.init.zeros_(self.bias)
-
-    def forward(self, x):
-        return self.weight * torch.tanh(self.alpha * x) + self.bias
-
-
 class TemperatureRouter(TopKRouter):
     """Top-k over softmax(logits / t) with one learned temperature t: the division keeps the logits for t's
     gradient, which this Spec reports."""

@@ -32,6 +32,11 @@ class DyT(Component):
         self.weight = nn.Parameter(torch.ones(spec.dim))
         self.bias = nn.Parameter(torch.zeros(spec.dim))
 
+    def reset_parameters(self):
+        nn.init.constant_(self.alpha, self.spec.alpha)
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
     def forward(self, x):
         return self.weight * torch.tanh(self.alpha * x) + self.bias
 
