@@ -46,11 +46,9 @@ class RandomBatches:
 def build_trainer(blueprint: str, overrides: list[str], synthetic: bool = False, vocab: int | None = None):
     """The blueprint's real Trainer (model built and placed), no run directory.  Data: the
     blueprint's, prepared, or with ``synthetic`` random tokens (``vocab``: for ``vocab_size: auto``)."""
+    from nanodecoder.api.throughput import build_timing_trainer
     from nanodecoder.cli.blueprint import run_spec
     from nanodecoder.cli.run import load, prepare
-    from nanodecoder.model import build_model
-    from nanodecoder.runtime import setup_runtime
-    from nanodecoder.train.trainer import Trainer, seed_everything
     bp, _, base_dir, _ = load(argparse.Namespace(blueprint=blueprint, overrides=overrides, resume=None))
     if synthetic:
         prep, spec = None, run_spec(bp, vocab_size=vocab)
@@ -59,15 +57,12 @@ def build_trainer(blueprint: str, overrides: list[str], synthetic: bool = False,
                                  "give it with --vocab N")
     else:
         prep, spec = prepare(bp, base_dir)
-    runtime = setup_runtime(spec.runtime)
-    seed_everything(spec.train.seed)
-    model = runtime.prepare_model(build_model(spec.model, device=runtime.build_device, seed=spec.train.seed))
-    batches = None
-    if synthetic:
-        batches = RandomBatches(runtime.local_batch(spec.train.batch_size), spec.model.context_length,
-                                spec.model.vocab_size, spec.train.seed + runtime.rank)
-    trainer = Trainer(model, spec.train, runtime, prep, context_length=spec.model.context_length,
-                      sampling=spec.data.sampling, batches=batches)
+
+    def random_batches(runtime):
+        return RandomBatches(runtime.local_batch(spec.train.batch_size), spec.model.context_length,
+                             spec.model.vocab_size, spec.train.seed + runtime.rank)
+
+    trainer, runtime = build_timing_trainer(spec, prep, batches=random_batches if synthetic else None)
     return bp, spec, runtime, trainer
 
 

@@ -1,6 +1,6 @@
 """Training throughput of several trainers measured in one process, alternating, so machine noise hits all alike.
 
-    trainers = [build_timing_trainer(spec_a, prep), build_timing_trainer(spec_b, prep)]
+    trainers = [build_timing_trainer(spec_a, prep, 20), build_timing_trainer(spec_b, prep, 20)]
     seconds = alternate(trainers, rounds=5, steps=5, warmup=3)      # per trainer: seconds/step of each round
     per_step = [statistics.median(s) for s in seconds]
 
@@ -45,14 +45,16 @@ def alternate(trainers: Sequence[tuple[object, object]], *, rounds: int, steps: 
     return times
 
 
-def build_timing_trainer(spec: RunSpec, prep, steps: int):
+def build_timing_trainer(spec: RunSpec, prep, steps: int | None = None, batches=None):
     """``(trainer, runtime)``: the real Trainer of a built run spec (vocabulary resolved) on its prepared data,
-    with no run folder, for timing ``steps`` steps or more; the time budget is off (``steps`` at least the
-    spec's own, so its schedule stays valid)."""
-    train = dataclasses.replace(spec.train, steps=max(spec.train.steps, steps), time_budget=None)
+    with no run folder.  ``steps``: for timing that many steps or more, with the time budget off (the spec's
+    steps raised to at least ``steps``, so its schedule stays valid); None keeps the spec's train section as it is.
+    ``batches(runtime)``: another batch source (``tools/bench.py --synthetic``) instead of ``prep``'s data."""
+    train = spec.train if steps is None else dataclasses.replace(spec.train, steps=max(spec.train.steps, steps),
+                                                                 time_budget=None)
     runtime = setup_runtime(spec.runtime)
     seed_everything(train.seed)
     model = runtime.prepare_model(build_model(spec.model, device=runtime.build_device, seed=train.seed))
     trainer = Trainer(model, train, runtime, prep, context_length=spec.model.context_length,
-                      sampling=spec.data.sampling)
+                      sampling=spec.data.sampling, batches=batches(runtime) if batches is not None else None)
     return trainer, runtime
