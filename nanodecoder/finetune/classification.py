@@ -15,14 +15,15 @@ bit-identical.
 """
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..data import DataError
+from ..data.units import labelled_rows
 from ..model.decoder import Decoder, ModelOutput
+from ..train.evaluation import label_accuracy
 from .records import load_examples, split_off
 from .spec import ClassificationSpec
 from .task import FinetuneTask
@@ -76,6 +77,8 @@ class ClassificationTuning(FinetuneTask):
     kind = "classification"
     Spec = ClassificationSpec
     generates_text = False
+    collate = staticmethod(labelled_rows)
+    evaluation = staticmethod(label_accuracy)
 
     def load(self) -> None:
         spec = self.spec
@@ -102,35 +105,11 @@ class ClassificationTuning(FinetuneTask):
             self.notes.append(f"{name}: {cut} text(s) cut to their first {self.context_length} tokens")
         return out
 
-    def collate(self, units: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(ids) for ids, _ in units)
-        x = torch.full((len(units), width), -1, dtype=torch.long)
-        for r, (ids, _) in enumerate(units):
-            x[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return x, torch.tensor([label for _, label in units], dtype=torch.long)
-
     def adapt_model(self, model: nn.Module) -> nn.Module:
         clf = DecoderClassifier.from_decoder(model, self.spec.n_classes)
         if self.spec.train_last_blocks is not None:
             clf.freeze_all_but_last(self.spec.train_last_blocks)
         return clf
-
-    @torch.no_grad()
-    def evaluate(self, trainer) -> dict[str, Any]:
-        model = trainer.model
-        model.eval()
-        loss_sum, correct, n = 0.0, 0, 0
-        try:
-            for batch in self.val_batches(trainer.spec.batch_size):
-                x, y = trainer._to_device(batch)
-                with trainer.runtime.autocast():
-                    out = model(x, y)
-                loss_sum += out.ce_loss.item() * len(y)
-                correct += int((out.logits.argmax(-1) == y).sum())
-                n += len(y)
-        finally:
-            model.train()
-        return {"val_loss": loss_sum / n, "val_acc": correct / n, "val_bpb": None}
 
     def describe(self) -> str:
         spec = self.spec

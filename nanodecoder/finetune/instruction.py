@@ -22,13 +22,12 @@ loss is the mean cross-entropy per response token over the held-out records
 """
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
-import torch
 
 from ..data import DataError
-from .batches import pad_rows
+from ..data.units import masked_rows
+from ..train.evaluation import token_loss
 from .records import load_instructions, split_off
 from .spec import InstructionSpec
 from .task import FinetuneTask
@@ -60,6 +59,8 @@ class InstructionTuning(FinetuneTask):
     kind = "instruction"
     Spec = InstructionSpec
     builtin_data = "instructions"
+    collate = staticmethod(masked_rows)        # prompt tokens masked out of the targets
+    evaluation = staticmethod(token_loss)      # mean cross-entropy per response token
 
     def load(self) -> None:
         spec = self.spec
@@ -97,34 +98,6 @@ class InstructionTuning(FinetuneTask):
             self.notes.append(f"{name}: {cut} record(s) cut to {self.context_length + 1} tokens, {dropped} dropped "
                               "(prompt alone fills the context)")
         return out
-
-    def collate(self, units: list[list[Encoded]]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = []
-        for unit in units:
-            ids: list[int] = []
-            labels: list[int] = []
-            for tokens, n_prompt in unit:
-                ids += tokens
-                labels += [-1] * n_prompt + tokens[n_prompt:]
-            rows.append((ids[:-1], labels[1:]))
-        return pad_rows(rows)
-
-    @torch.no_grad()
-    def evaluate(self, trainer) -> dict[str, Any]:
-        model = trainer.model
-        model.eval()
-        total = torch.zeros((), dtype=torch.float64, device=trainer.runtime.device)
-        count = 0
-        try:
-            for batch in self.val_batches(trainer.spec.batch_size):
-                x, y = trainer._to_device(batch)
-                n = int((y >= 0).sum())
-                with trainer.runtime.autocast():
-                    total += model(x, y).ce_loss.double() * n
-                count += n
-        finally:
-            model.train()
-        return {"val_loss": total.item() / count, "val_bpb": None}
 
     def describe(self) -> str:
         n_train, n_val = self.n_records

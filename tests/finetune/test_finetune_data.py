@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from nanodecoder.data import ByteTokenizer, DataError
-from nanodecoder.finetune.batches import UnitBatches
+from nanodecoder.data.units import UnitBatches
 from nanodecoder.finetune.instruction import InstructionTuning
 from nanodecoder.finetune.records import Instruction, load_examples, load_instructions
 from nanodecoder.finetune.spec import InstructionSpec, TemplateSpec

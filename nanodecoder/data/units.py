@@ -1,27 +1,37 @@
-"""Batches of fine-tuning examples, with the interface of ``nanodecoder.data.BatchSampler``.
+"""Batches of whole examples ("units"), with the interface of :class:`~nanodecoder.data.BatchSampler`.
 
-A *unit* is what becomes one row of a batch: one record, or several records
-packed into one window.  Units are visited in epochs, each in its own seeded
-order; global batch ``i`` is units ``[i*G, (i+1)*G)`` of that endless stream
-(``G = batch_size * world_size``) and a rank takes its slice, so the state is
-one counter and resuming continues with the identical batches (as for
-pre-training).  ``collate`` turns a list of units into the ``(x, y)`` tensors.
+A *unit* is what becomes one row of a batch: one fine-tuning record, or several
+records packed into one window.  Units are visited in epochs, each in its own
+seeded order; global batch ``i`` is units ``[i*G, (i+1)*G)`` of that endless
+stream (``G = batch_size * world_size``) and a rank takes its slice, so the
+state is one counter and resuming continues with the identical batches (as for
+pre-training).  A *collate* function turns a list of units into the ``(x, y)``
+tensors; the two kinds of unit the fine-tuning tasks use have theirs here:
+
+* :func:`masked_rows`: a unit is a list of ``(tokens, n_masked)`` segments,
+  concatenated into one row whose targets are -1 on the first ``n_masked``
+  tokens of each segment (an instruction's prompt), rows right-padded;
+* :func:`labelled_rows`: a unit is ``(tokens, label)``; inputs right-padded
+  with -1, one label per row.
+
+:class:`InOrder` walks a list of units once, in order (validation).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from ..data import DataError
+from .errors import DataError
 
 STATE_VERSION = 1
+Collate = Callable[[list], tuple[torch.Tensor, torch.Tensor]]
 
 
 class UnitBatches:
-    def __init__(self, units: Sequence, collate: Callable[[list], tuple[torch.Tensor, torch.Tensor]],
-                 batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, kind: str = "finetune"):
+    def __init__(self, units: Sequence, collate: Collate, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, kind: str = "finetune"):
         if not units:
             raise DataError("no training examples left to batch")
         if batch_size < 1 or not 0 <= rank < world_size:
@@ -71,6 +81,17 @@ class UnitBatches:
         self.batches = int(state["batches"])
 
 
+class InOrder:
+    """Every unit once, in order, ``batch_size`` at a time; iterable any number of times."""
+
+    def __init__(self, units: Sequence, collate: Collate, batch_size: int):
+        self.units, self.collate, self.batch_size = units, collate, batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(self.units), self.batch_size):
+            yield self.collate(self.units[i:i + self.batch_size])
+
+
 def pad_rows(rows: list[tuple[list[int], list[int]]], x_pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs, targets)`` rows right-padded to the longest: inputs with ``x_pad``, targets with -1."""
     width = max(len(x) for x, _ in rows)
@@ -80,3 +101,25 @@ def pad_rows(rows: list[tuple[list[int], list[int]]], x_pad: int = 0) -> tuple[t
         x[r, :len(xs)] = torch.tensor(xs, dtype=torch.long)
         y[r, :len(ys)] = torch.tensor(ys, dtype=torch.long)
     return x, y
+
+
+def masked_rows(units: list[list[tuple[list[int], int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token rows of segments whose first ``n_masked`` tokens are not learned (target -1)."""
+    rows = []
+    for unit in units:
+        ids: list[int] = []
+        labels: list[int] = []
+        for tokens, n_masked in unit:
+            ids += tokens
+            labels += [-1] * n_masked + tokens[n_masked:]
+        rows.append((ids[:-1], labels[1:]))
+    return pad_rows(rows)
+
+
+def labelled_rows(units: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs right-padded with -1 (never a token id), one label per row."""
+    width = max(len(ids) for ids, _ in units)
+    x = torch.full((len(units), width), -1, dtype=torch.long)
+    for r, (ids, _) in enumerate(units):
+        x[r, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return x, torch.tensor([label for _, label in units], dtype=torch.long)
