@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ..components.moe import MoE
 from ..components.moe_experts import Experts
@@ -46,6 +46,7 @@ class ExpertParallelGroups:
     ep: dist.ProcessGroup            # the N ranks that split the experts between them
     expert_dp: dist.ProcessGroup     # the W / N ranks holding the same experts
     world_size: int
+    mesh: DeviceMesh | None = None   # the 2-D ``(dp, ep)`` DeviceMesh the two groups come from
 
     @property
     def size(self) -> int:
@@ -65,7 +66,7 @@ def expert_parallel_groups(n: int, device_type: str = "cpu") -> ExpertParallelGr
     world = dist.get_world_size()
     check_degree(n, world)
     mesh = init_device_mesh(device_type, (world // n, n), mesh_dim_names=("dp", "ep"))
-    return ExpertParallelGroups(mesh.get_group("ep"), mesh.get_group("dp"), world)
+    return ExpertParallelGroups(mesh.get_group("ep"), mesh.get_group("dp"), world, mesh)
 
 
 class _Permute(torch.autograd.Function):
