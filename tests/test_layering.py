@@ -22,7 +22,7 @@ LAYERS = {"config": 0, "resources": 0, "": 0, "components": 1, "model": 2, "data
           "train": 4, "eval": 5, "finetune": 6, "hf": 6, "api": 7, "cli": 8}
 ROOT = "nanodecoder"      # the root package: the public face of the api layer
 COMMANDS = {"nanodecoder.run", "nanodecoder.sample", "nanodecoder.eval.__main__", "nanodecoder.finetune.answer",
-            "nanodecoder.hf.__main__", "nanodecoder.compare"}
+            "nanodecoder.hf.__main__", "nanodecoder.compare", "nanodecoder.ckpt"}
 #: what runtime/ may take from the config core: its public package, the declaration helpers, shipped files
 RUNTIME_CONFIG = {"nanodecoder.config", "nanodecoder.config.declare", "nanodecoder.resources"}
 #: heavy optional imports that may stay inside the function that needs them

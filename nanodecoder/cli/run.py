@@ -34,6 +34,8 @@ at a non-finite loss; 4 the run does not fit in memory (``--dry-run`` prints the
 whole plan and what does not fit; training refuses before building anything);
 a size no machine can build (a weight tensor past the 2**63 - 1 bytes torch can hold) is a
 blueprint error (2, naming the key), any smaller size that is too big for this machine a 4;
+5 under torchrun, another process died or stopped answering (``runtime.timeout_s``) during a collective
+(one line names it; ``--resume`` continues from the last complete checkpoint, with any number of processes);
 128 + N after signal N (a checkpoint was saved); 130 Ctrl-C during set-up.
 """
 from __future__ import annotations
@@ -47,7 +49,7 @@ from .. import __version__
 from ..api.run import Run
 from ..config import Blueprint
 from ..runtime import AUTO, available_profiles
-from ..train.loop import ALLOW_ARCHITECTURE_CHANGE
+from ..train.loop import ALLOW_ARCHITECTURE_CHANGE, EXIT_RANK_LOST, RankLost
 from ..train.memory import WontFit
 from ..train.rundir import RunDir
 from .blueprint import load_blueprint
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(e, EXIT_USAGE)
     except WontFit as e:
         return fail(e, EXIT_WONT_FIT)
+    except RankLost:          # the training loop printed which rank was lost and how to resume
+        return EXIT_RANK_LOST
     except KeyboardInterrupt:  # a second Ctrl-C while training, or one during set-up
         print("aborted (no checkpoint written for the current step)", file=sys.stderr)
         return 130

@@ -24,6 +24,7 @@ from ..model import unwrap
 from ..model.params import ParamReport, count_params
 from . import distributed as dist_
 from . import expert_parallel as ep_
+from . import sharded as sharded_
 from .compile import compile_errors, compile_model, eager, transformer_blocks
 from .hardware import Launch, MemoryBudget, available_memory
 from .profiles import Profile, RuntimeSetupError
@@ -308,6 +309,25 @@ class Runtime:
             ep_.load_local_optimizer_state(unwrap(model), optimizer, state)
         else:
             dist_.load_full_optimizer_state(model, optimizer, state, names)
+
+    # ---- sharded checkpoints (each rank its own part; runtime/sharded.py) ----------------------
+    @property
+    def shards_by_default(self) -> bool:
+        """``train.checkpoint_format: auto`` is sharded: FSDP or split experts (no rank holds the whole model)."""
+        return self.data_parallel == "fsdp" or self.expert_parallel is not None
+
+    def reshard(self, model: nn.Module) -> None:
+        """FSDP2 units back to their sharded parameters (an evaluation's forward leaves the root unsharded)."""
+        if self.data_parallel == "fsdp":
+            dist_.reshard(model)
+
+    def sharded_state(self, model: nn.Module, optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], list]:
+        return sharded_.sharded_state(unwrap(model), optimizer, names, self.expert_parallel)
+
+    def load_sharded_state(self, model: nn.Module, optimizer, names: list[str], metadata, read,
+                           param_groups: list | None) -> list[str]:
+        return sharded_.load_sharded_state(unwrap(model), optimizer, names, self.expert_parallel, metadata, read,
+                                           param_groups)
 
     def state_dict(self) -> dict[str, Any]:
         return {"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {}

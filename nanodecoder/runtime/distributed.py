@@ -11,6 +11,7 @@ torchrun then stops the others.
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from datetime import timedelta
 from typing import Any, Iterable
@@ -43,6 +44,28 @@ def teardown() -> None:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+_LOST = {"connection closed by peer": "its connection closed", "connection reset by peer": "its connection reset",
+         "broken pipe": "its connection broke", "timed out": "it did not answer within runtime.timeout_s",
+         "timeout": "it did not answer within runtime.timeout_s"}
+
+
+def lost_peer(error: BaseException, rank: int, world_size: int) -> str | None:
+    """``"rank 1 of 2 was lost (its connection closed)"`` when ``error`` is a collective failing because another
+    process of the job died or stopped answering (gloo / NCCL), else None.  Gloo names the peer's address, not its rank:
+    the rank is the one torch's message names, the other one of two processes, or else "another rank"."""
+    if not isinstance(error, RuntimeError):          # torch.distributed.DistError is a RuntimeError
+        return None
+    text = str(error)
+    low = text.lower()
+    why = next((v for k, v in _LOST.items() if k in low), None)
+    if why is None:
+        return None
+    named = [int(n) for n in re.findall(r"\brank[ :=]+(\d+)", text, flags=re.IGNORECASE) if int(n) != rank]
+    who = (f"rank {named[0]} of {world_size}" if named else
+           f"rank {1 - rank} of 2" if world_size == 2 else f"another rank of {world_size}")
+    return f"{who} was lost ({why})"
 
 
 def all_reduce_mean(values: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -98,6 +121,15 @@ def wrap_fsdp(model: nn.Module, device: torch.device, units: Iterable[nn.Module]
 def is_fsdp(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
     return isinstance(model, FSDPModule)
+
+
+def reshard(model: nn.Module) -> None:
+    """Every FSDP2 unit back to its sharded parameters (a forward without backward, such as an evaluation,
+    leaves the root unsharded), so that the module holds the DTensors its optimizer steps; no-op otherwise."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def grad_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:

@@ -16,6 +16,13 @@ then renamed into place; only then is ``latest`` updated, and only then are old
 checkpoints pruned.  A crash at any point leaves the previous checkpoint loadable;
 leftover ``.tmp-*`` folders are ignored and removed by the next save.
 
+A *sharded* checkpoint (``train.checkpoint_format: sharded``, the default of FSDP and expert-parallel runs)
+holds ``shards/`` instead of ``model.safetensors`` and the optimizer tensors: distributed-checkpoint (DCP)
+files that every rank writes its own part of (no rank gathers the full model or optimizer state; see
+``runtime/sharded.py``), hashed in the manifest's ``shards`` like the other files.  It reshards: any number of
+processes, any expert-parallel degree, resumes from it; sampling, evaluation, fine-tuning and export read its
+weights in one process; ``python -m nanodecoder.ckpt consolidate`` turns it into a full checkpoint.
+
 A *weights-only* checkpoint (``weights_only: true`` in its manifest; e.g. imported
 pretrained weights) holds ``model.safetensors`` alone: sampling, evaluation and
 fine-tuning start from it, resuming refuses it (no optimizer state).
@@ -38,10 +45,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..data.download import sha256_of as _sha256
+from ..runtime import sharded
 from .state_io import flatten, unflatten
 
 FORMAT_VERSION = 1
 MODEL_FILE, STATE_FILE, STATE_JSON, MANIFEST = "model.safetensors", "state.safetensors", "state.json", "manifest.json"
+SHARDS, SHARD_METADATA = "shards", ".metadata"      # a sharded checkpoint's DCP folder (runtime/sharded.py)
+SHARD_MODEL, SHARD_OPTIM = "model.", "optim."       # its key prefixes (runtime/sharded.py)
 
 
 class CheckpointError(Exception):
@@ -65,9 +75,15 @@ MANIFEST_SCHEMA = {
         "source": {"type": "string"},
         "files": {"type": "object", "minProperties": 1, "additionalProperties": _HASHED,
                   "propertyNames": {"pattern": NAME_PATTERN}},
+        "format": {"enum": ["full", "sharded"]},
+        "shards": {"type": "object", "required": [SHARD_METADATA], "additionalProperties": _HASHED,
+                   "propertyNames": {"pattern": r"^(\.metadata|__[0-9]+_[0-9]+\.distcp)$"}},
     },
+    "if": {"required": ["format"], "properties": {"format": {"const": "sharded"}}},
+    "then": {"required": ["shards"]},
 }
 FULL_FILES = (MODEL_FILE, STATE_FILE, STATE_JSON)
+SHARDED_FILES = (STATE_FILE, STATE_JSON)
 POINTERS = ("latest", "best")     # files in ckpt/ naming a checkpoint folder
 MAX_MANIFEST_BYTES = 1 << 20        # a manifest (or a latest/best pointer) larger than this is not one
 
@@ -117,7 +133,8 @@ def model_tensors(model: nn.Module, state_dict: dict[str, torch.Tensor] | None =
 
 
 def fingerprint(tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> str:
-    """Hash of names, shapes and dtypes: equal for the same architecture."""
+    """Hash of names, shapes and dtypes: equal for the same architecture (``tensors`` may be meta or DTensors:
+    only their global shapes and dtypes are read)."""
     desc = sorted((n, list(t.shape), str(t.dtype)) for n, t in tensors.items())
     return hashlib.sha256(json.dumps([desc, sorted(aliases.items())]).encode()).hexdigest()[:16]
 
@@ -141,16 +158,26 @@ def write_atomic_text(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
+def _fresh_tmp(path: Path) -> Path:
+    """An empty temporary folder beside ``path``, renamed to it once complete (see :func:`_seal`)."""
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
 def save_checkpoint(path: Path, model: nn.Module, state: dict[str, Any],
                     model_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a complete checkpoint folder at ``path`` atomically (see the module docstring);
     ``model_state``: the full weights when they are not ``model.state_dict()`` (FSDP)."""
     path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    tensors, aliases = model_tensors(model, model_state)
+    tmp = _fresh_tmp(path)
+    return _write_full(tmp, path, *model_tensors(model, model_state), state)
+
+
+def _write_full(tmp: Path, path: Path, tensors: dict[str, torch.Tensor], aliases: dict[str, str],
+                state: dict[str, Any]) -> Path:
     save_file(tensors, tmp / MODEL_FILE, metadata={"format": "nanodecoder", "aliases": json.dumps(aliases)})
     doc, state_tensors = flatten(state)
     save_file(state_tensors, tmp / STATE_FILE, metadata={"format": "nanodecoder"})
@@ -163,21 +190,27 @@ def save_weights_only(path: Path, tensors: dict[str, torch.Tensor], aliases: dic
     """Write a weights-only checkpoint (``tensors`` named as ``model_tensors`` names them, tied weights once)
     at ``path`` atomically; ``source``: where the weights come from (shown when resuming is refused)."""
     path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = _fresh_tmp(path)
     save_file(tensors, tmp / MODEL_FILE, metadata={"format": "nanodecoder", "aliases": json.dumps(aliases)})
     return _seal(tmp, path, (MODEL_FILE,), {"step": None, "model_fingerprint": fingerprint(tensors, aliases),
                                             "weights_only": True, "source": source})
 
 
+def _hashed(folder: Path, names) -> dict[str, dict]:
+    out = {}
+    for name in names:
+        _fsync(folder / name)
+        out[name] = {"sha256": _sha256(folder / name), "bytes": (folder / name).stat().st_size}
+    return out
+
+
 def _seal(tmp: Path, path: Path, names, fields: dict) -> Path:
     """Hash ``names`` in ``tmp``, write the manifest, fsync, and rename ``tmp`` to ``path``."""
-    files = {}
-    for name in names:
-        _fsync(tmp / name)
-        files[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+    files = _hashed(tmp, names)
+    if (tmp / SHARDS).is_dir():
+        fields = {**fields, "format": "sharded",
+                  "shards": _hashed(tmp / SHARDS, sorted(f.name for f in (tmp / SHARDS).iterdir()))}
+        _fsync(tmp / SHARDS)
     manifest = {"format_version": FORMAT_VERSION, "created": time.time(), **fields, "files": files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     _fsync(tmp / MANIFEST)
@@ -216,7 +249,7 @@ def read_manifest(path: Path) -> dict:
         where = "".join(f"[{p!r}]" for p in error.absolute_path) or "(top level)"
         raise CheckpointError(f"{mf} is not a valid checkpoint manifest: {where}: {error.message}; "
                               f"{_ANOTHER.format(parent=Path(path).parent)}")
-    required = (MODEL_FILE,) if manifest.get("weights_only") else FULL_FILES
+    required = (MODEL_FILE,) if manifest.get("weights_only") else SHARDED_FILES if is_sharded(manifest) else FULL_FILES
     missing = [n for n in required if n not in manifest["files"]]
     if missing:
         raise CheckpointError(f"{mf} does not list {', '.join(missing)}, so it cannot be verified; "
@@ -231,10 +264,13 @@ def _check_files(path: Path, manifest: dict) -> None:
     """The cheap part of the verification: no unlisted tensor file; every listed one inside the folder, present,
     of the size the manifest says (a file that is not is never hashed, nor read)."""
     unlisted = sorted(f.name for f in path.glob("*.safetensors") if f.name not in manifest["files"])
+    if (path / SHARDS).is_dir():
+        unlisted += sorted(f"{SHARDS}/{f.name}" for f in inside(path / SHARDS, path).iterdir()
+                           if f.name not in manifest.get("shards", {}))
     if unlisted:
         raise CheckpointError(f"checkpoint {path} holds {', '.join(unlisted)}, which its manifest does not list "
                               f"(so it cannot be verified); {_ANOTHER.format(parent=path.parent)}")
-    for name, info in manifest["files"].items():
+    for name, info in listed_files(manifest).items():
         f = inside(path / name, path)
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
@@ -244,13 +280,69 @@ def _check_files(path: Path, manifest: dict) -> None:
                                   f"{info['bytes']:,}; {_ANOTHER.format(parent=path.parent)}")
 
 
+def is_sharded(manifest: dict) -> bool:
+    return manifest.get("format") == "sharded"
+
+
+def listed_files(manifest: dict) -> dict[str, dict]:
+    """Every file the manifest hashes, by its path relative to the checkpoint folder."""
+    return {**manifest["files"], **{f"{SHARDS}/{n}": info for n, info in manifest.get("shards", {}).items()}}
+
+
+def shard_metadata(path: Path) -> dict:
+    """``{key: metadata}`` of a sharded checkpoint's tensors (global shapes, dtypes), from its index file."""
+    try:
+        return sharded.metadata(inside(Path(path) / SHARDS, path))
+    except Exception as e:      # a damaged index: say which file, not torch's unpickling traceback
+        raise CheckpointError(f"cannot read {Path(path) / SHARDS / SHARD_METADATA}: {str(e).splitlines()[0]}; "
+                              f"{_ANOTHER.format(parent=Path(path).parent)}") from None
+
+
+def read_shards(path: Path, targets: dict[str, torch.Tensor], *, local: bool = False) -> None:
+    """Fill ``targets`` (keys of the checkpoint, tensors or DTensors of this process's layout) in place from a
+    sharded checkpoint; ``local``: this process alone, also inside a distributed job."""
+    sharded.read(inside(Path(path) / SHARDS, path), targets, local=local)
+
+
+def read_full_shards(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The full tensors under ``prefix`` of a sharded checkpoint, in this process (named without the prefix)."""
+    out = sharded.empty_like_saved(shard_metadata(path), prefix)
+    read_shards(path, out, local=True)
+    return {k[len(prefix):]: t for k, t in out.items()}
+
+
+def consolidate(src: Path, out: Path) -> Path:
+    """Write the sharded checkpoint ``src`` as a full one at ``out`` (atomically, in this one process, which
+    holds the whole model and optimizer state for the time it takes): what a run of any layout resumes from and
+    what tools that take safetensors read."""
+    src, out = Path(src), Path(out)
+    manifest = verify_checkpoint(src)
+    if not is_sharded(manifest):
+        raise CheckpointError(f"{src} is already a full checkpoint (model.safetensors); nothing to consolidate")
+    if (out / MANIFEST).is_file() or (out.exists() and any(out.iterdir())):
+        raise CheckpointError(f"{out} exists and is not empty; name a new folder with --out DIR")
+    state = load_state(src)
+    optim = read_full_shards(src, SHARD_OPTIM)
+    names = state["optimizer_params"]
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in optim.items():
+        name, k = key.rsplit(".", 1)
+        per_param.setdefault(names.index(name), {})[k] = t
+    state["optimizer"] = {"state": dict(sorted(per_param.items())), "param_groups": state["optimizer"]["param_groups"]}
+    tensors = read_full_shards(src, SHARD_MODEL)
+    tmp = _fresh_tmp(out)
+    if out.exists():
+        out.rmdir()
+    return _write_full(tmp, out, tensors, {}, state)
+
+
 def verify_checkpoint(path: Path) -> dict:
     """Check every file against the manifest's size and sha256, and that no tensor file in the folder goes
     unlisted; return the manifest."""
     path = Path(path)
     manifest = read_manifest(path)
     _check_files(path, manifest)
-    for name, info in manifest["files"].items():
+    for name, info in listed_files(manifest).items():
         f = path / name
         digest = _sha256(f)
         if digest != info["sha256"]:
@@ -300,6 +392,15 @@ def load_model_weights(model: nn.Module, path: Path, *, verify: bool = True, loa
     manifest = read_manifest(path)
     if verify:
         _check_files(path, manifest)
+    if is_sharded(manifest):
+        if verify:
+            verify_checkpoint(path)
+        stored = {k[len(SHARD_MODEL):]: tuple(m.size) for k, m in shard_metadata(path).items()
+                  if k.startswith(SHARD_MODEL)}
+        _match(path, stored, {}, model, shapes)
+        full = read_full_shards(path, SHARD_MODEL)
+        (model.load_state_dict(full, strict=True) if load is None else load(full))
+        return manifest
     f = inside(path / MODEL_FILE, path)
     try:
         stored, meta = _header(f)
@@ -308,6 +409,21 @@ def load_model_weights(model: nn.Module, path: Path, *, verify: bool = True, loa
             verify_checkpoint(path)          # a damaged file: say so by its checksum
         raise
     aliases = _aliases(f, meta)
+    _match(path, stored, aliases, model, shapes)
+    if verify:
+        verify_checkpoint(path)
+    tensors = _load_safetensors(f)
+    full = dict(tensors)
+    full.update({alias: tensors[src] for alias, src in aliases.items() if src in tensors})
+    if load is None:
+        model.load_state_dict(full, strict=True)
+    else:
+        load(full)
+    return manifest
+
+
+def _match(path: Path, stored: dict, aliases: dict, model: nn.Module, shapes) -> None:
+    """Raise CheckpointError listing how the stored names and shapes differ from the model's."""
     shape_of = {**stored, **{alias: stored[src] for alias, src in aliases.items() if src in stored}}
     expected = shapes if shapes is not None else {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(shape_of))
@@ -323,16 +439,6 @@ def load_model_weights(model: nn.Module, path: Path, *, verify: bool = True, loa
                 lines.append(f"  {label}: {', '.join(items[:5])}{more}")
         lines.append("  (was the blueprint's model section changed since the run started?)")
         raise CheckpointError("\n".join(lines))
-    if verify:
-        verify_checkpoint(path)
-    tensors = _load_safetensors(f)
-    full = dict(tensors)
-    full.update({alias: tensors[src] for alias, src in aliases.items() if src in tensors})
-    if load is None:
-        model.load_state_dict(full, strict=True)
-    else:
-        load(full)
-    return manifest
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -450,6 +556,41 @@ class CheckpointManager:
             if path.exists():
                 shutil.rmtree(path)
             save_checkpoint(path, model, state, model_state)
+        write_atomic_text(self.root / "latest", path.name)
+        if best:
+            write_atomic_text(self.root / "best", path.name)
+        self.prune()
+        return path
+
+    def save_sharded(self, step: int, state: dict[str, Any], tensors: dict[str, torch.Tensor], *, main: bool,
+                     agree, fingerprint_of: str, best: bool = False) -> Path | None:
+        """A sharded checkpoint of ``step`` (every rank calls this, ``tensors`` being its own part; see
+        ``runtime/sharded.py``): rank 0 names the temporary folder (``agree(text)`` hands its text to every
+        rank), every rank writes its shards there, then rank 0 writes the training state, hashes it all, renames
+        the folder into place and moves the pointers.  Returns the folder on rank 0, None elsewhere."""
+        path = self.root / self.name(step)
+        name = ""
+        if main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            if not (path / MANIFEST).is_file():     # the same step of the same run holds the same state
+                if path.exists():
+                    shutil.rmtree(path)
+                tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+                (tmp / SHARDS).mkdir(parents=True)
+                name = tmp.name
+        name = agree(name)
+        if name:
+            sharded.write(tensors, self.root / name / SHARDS)
+            if main:
+                tmp = self.root / name
+                doc, state_tensors = flatten(state)
+                save_file(state_tensors, tmp / STATE_FILE, metadata={"format": "nanodecoder"})
+                (tmp / STATE_JSON).write_text(json.dumps(doc))
+                _seal(tmp, path, SHARDED_FILES, {"step": state.get("step"), "model_fingerprint": fingerprint_of})
+        if not main:
+            return None
         write_atomic_text(self.root / "latest", path.name)
         if best:
             write_atomic_text(self.root / "best", path.name)

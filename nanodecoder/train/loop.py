@@ -22,7 +22,10 @@ from tqdm.auto import tqdm
 
 from ..config.diff import ABSENT, differences
 from ..config.loader import dotted
-from .checkpoint import CheckpointError, load_model_weights, load_state
+from ..runtime.distributed import lost_peer
+from .optim import param_names
+from .checkpoint import (SHARD_MODEL, CheckpointError, fingerprint, is_sharded, load_model_weights, load_state,
+                         read_manifest, read_shards, shard_metadata, verify_checkpoint)
 from .metrics import MetricsLog, MoEMonitor
 from .rundir import RunDir
 from .schedule import build_schedule
@@ -30,7 +33,12 @@ from .summary import end_summary
 from .trainer import NonFiniteLoss, StepOutput, Trainer
 from .wandb_log import finish_wandb
 
-EXIT_OK, EXIT_NONFINITE = 0, 3
+EXIT_OK, EXIT_NONFINITE, EXIT_RANK_LOST = 0, 3, 5
+
+
+class RankLost(Exception):
+    """Another process of the job died or stopped answering during a collective: the job ends (the message, one
+    line, is already printed on stderr); ``--resume`` continues from the last complete checkpoint."""
 
 
 @dataclass
@@ -104,9 +112,26 @@ def resume_trainer(trainer: Trainer, run: RunDir, which: str = "latest") -> Path
     the trainer's model and state.  Checkpoints after it are moved to ``ckpt/superseded/`` (rank 0), since
     the run continues from this one."""
     path = run.checkpoints.resolve(which)
-    load_model_weights(trainer.raw_model, path, shapes=trainer.runtime.full_state_shapes(trainer.raw_model),
-                       load=lambda full: trainer.runtime.load_model_state(trainer.raw_model, full))
-    trainer.load_state_dict(load_state(path))
+    if is_sharded(read_manifest(path)):       # every rank reads its own part, whatever layout wrote it
+        verify_checkpoint(path)
+        state = load_state(path)
+        trainer.runtime.reshard(trainer.raw_model)
+        names = param_names(trainer.raw_model, trainer.optimizer)
+        if state.get("optimizer_params") != names:
+            trainer.load_state_dict(state)          # refuses, naming the difference
+        problems = trainer.runtime.load_sharded_state(
+            trainer.raw_model, trainer.optimizer, names, shard_metadata(path), lambda t: read_shards(path, t),
+            state["optimizer"]["param_groups"])
+        if problems:
+            raise CheckpointError("\n".join([f"checkpoint {path} does not match this model's architecture:",
+                                             *(f"  {p}" for p in problems[:8]),
+                                             "  (was the blueprint's model section changed since the run "
+                                             "started?)"]))
+        trainer.load_state_dict(state)
+    else:
+        load_model_weights(trainer.raw_model, path, shapes=trainer.runtime.full_state_shapes(trainer.raw_model),
+                           load=lambda full: trainer.runtime.load_model_state(trainer.raw_model, full))
+        trainer.load_state_dict(load_state(path))
     if trainer.runtime.is_main:
         moved = run.checkpoints.set_aside_after(path)
         if moved:
@@ -310,7 +335,17 @@ class TrainingLoop:
         """A checkpoint of the current step (every rank takes part: FSDP gathers the shards)."""
         trainer = self.trainer
         trainer.elapsed_s = self.elapsed()
-        model_state = trainer.runtime.model_state(trainer.raw_model)
+        runtime, fmt = trainer.runtime, trainer.spec.checkpoint_format
+        if fmt == "sharded" or (fmt == "auto" and runtime.shards_by_default):
+            runtime.reshard(trainer.raw_model)
+            names = param_names(trainer.raw_model, trainer.optimizer)
+            tensors, groups = runtime.sharded_state(trainer.raw_model, trainer.optimizer, names)
+            model_keys = {k: t for k, t in tensors.items() if k.startswith(SHARD_MODEL)}
+            return self.run.checkpoints.save_sharded(
+                trainer.step_count, trainer.state_dict(optimizer_groups=groups), tensors, main=self.main,
+                agree=runtime.broadcast_text if runtime.is_distributed else (lambda text: text),
+                fingerprint_of=fingerprint(model_keys, {}), best=best)
+        model_state = runtime.model_state(trainer.raw_model)
         state = trainer.state_dict()
         if not self.main:
             return None
@@ -357,6 +392,16 @@ class TrainingLoop:
         except NonFiniteLoss as e:
             self.status, self.code = "non-finite", EXIT_NONFINITE
             self.progress.echo(f"error: {e}")
+        except RuntimeError as e:     # printed here, while the signal handlers still hold torchrun's SIGTERM
+            lost = lost_peer(e, runtime.rank, runtime.world_size) if runtime.is_distributed else None
+            if lost is None:
+                raise
+            latest = self.run.checkpoints.latest()
+            since = latest.name if latest else "the start"
+            print(f"error: {lost} during a collective after step {trainer.step_count} (seen by rank "
+                  f"{runtime.rank}); the job ends; continue from {since} with: python -m nanodecoder.run "
+                  f"--resume {self.run}", file=sys.stderr, flush=True)
+            raise RankLost(lost) from None
         finally:
             self.progress.close()
             self.metrics.close()

@@ -48,6 +48,12 @@ class TrainSpec:
                                            "saves only after the last step.", minimum=0)
     keep_checkpoints: int = param(2, doc="How many of the most recent step checkpoints to keep (the best one is "
                                          "kept besides).", minimum=1)
+    checkpoint_format: Literal["auto", "full", "sharded"] = param(
+        "auto", doc="How checkpoints hold the model and optimizer: 'full' gathers every tensor into one set of "
+                    "safetensors files (rank 0 writes them), 'sharded' lets every process write and read only its "
+                    "own part (torch.distributed.checkpoint; it resumes on any number of processes, and "
+                    "`python -m nanodecoder.ckpt consolidate` makes a full one of it); 'auto' is sharded for FSDP "
+                    "and expert-parallel runs, full otherwise.")
     keep_best: bool = param(True, doc="Save a checkpoint whenever the validation loss improves and keep it as "
                                       "'best'.")
     seed: int = param(1337, doc="Seed of model initialisation, dropout and batch sampling.", minimum=0)

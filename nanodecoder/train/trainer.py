@@ -189,11 +189,14 @@ class Trainer:
         return {"val_loss": val_loss, "val_bpb": bpb}
 
     # ---- state -------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, optimizer_groups: list[dict] | None = None) -> dict[str, Any]:
+        """The whole training state; ``optimizer_groups``: a sharded checkpoint's, whose optimizer tensors are
+        written apart (only the param_groups are kept here), instead of the full optimizer state."""
+        optimizer = {"sharded": True, "param_groups": optimizer_groups} if optimizer_groups is not None else \
+            self.runtime.optimizer_state(self.raw_model, self.optimizer, param_names(self.raw_model, self.optimizer))
         return {"step": self.step_count, "tokens": self.tokens_seen, "skipped": self.skipped,
                 "best_val_loss": self.best_val_loss, "best_step": self.best_step, "elapsed_s": self.elapsed_s,
-                "optimizer": self.runtime.optimizer_state(self.raw_model, self.optimizer,   # full, also FSDP
-                                                          param_names(self.raw_model, self.optimizer)),
+                "optimizer": optimizer,                # full (also FSDP: gathered), or the sharded one's groups
                 "optimizer_params": param_names(self.raw_model, self.optimizer),
                 "schedule": {"kind": self.spec.schedule.kind, "step": self.step_count},
                 "total_steps": self.total_steps, "budget_fixed": self.budget_fixed,
@@ -206,7 +209,8 @@ class Trainer:
             raise StateMismatch("the checkpoint's optimizer state is for other parameters than this model's "
                                 f"({len(state['optimizer_params'])} saved, {len(names)} here)")
         try:
-            self.runtime.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"], names)
+            if not state["optimizer"].get("sharded"):   # a sharded checkpoint's was read with the weights
+                self.runtime.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"], names)
         except (ValueError, KeyError) as e:
             raise StateMismatch(f"cannot restore the optimizer state: {e} "
                                 "(was train.optimizer changed since the run started?)") from None

@@ -65,7 +65,7 @@ def test_fsdp_moe_matches_one_process_and_its_checkpoint_resumes_in_one_process(
     (run,) = run_dirs(workdir / "fsdp_moe")
     ref = losses(reference["moe"])
     assert_same_losses(losses(run), [r for r in ref if r[0] <= 5], REL)
-    # the sharded run's checkpoint holds full tensors: one process continues it exactly
+    # the FSDP run's checkpoint is sharded (the default for FSDP): one process continues it exactly
     from nanodecoder.cli.run import main
     assert main(["--resume", str(run), "--profile", "cpu", "--set", "train.steps=10"]) == 0
     assert_same_losses(losses(run), ref, REL)

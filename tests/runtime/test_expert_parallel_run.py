@@ -67,7 +67,8 @@ def ddp_run(ep_dir):
 
 def test_expert_parallel_trains_as_ddp(ep_dir, ddp_run):
     ddp, _ = ddp_run
-    ep, res = _launch(ep_dir, "ep", "--set", "runtime.expert_parallel=2", "--set", "train.steps=8")
+    ep, res = _launch(ep_dir, "ep", "--set", "runtime.expert_parallel=2", "--set", "train.steps=8",
+                      "--set", "train.checkpoint_format=full")       # the full files, compared with DDP's
     assert "experts split: ep 2 x dp 1" in res.stdout
     assert_same_losses(_numbers(ep), _numbers(ddp), REL)          # train and eval rows, steps 1..8
     assert len(_numbers(ep)) == 8 + 2 + 2
@@ -92,7 +93,7 @@ def test_expert_parallel_resumes_a_ddp_checkpoint(ep_dir, ddp_run):
     shutil.copytree(ddp, resumed / "copy" / ddp.name)
     run = resumed / "copy" / ddp.name
     res = torchrun(ep_dir, "-m", "nanodecoder.run", "--resume", str(run), "--checkpoint", "step_000004",
-                   "--set", "runtime.expert_parallel=2")
+                   "--set", "runtime.expert_parallel=2", "train.checkpoint_format=full")
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same_losses(_numbers(run), want, REL)           # steps 5..8 continue from the sliced weights and moments
     _assert_same_tensors(load_file(str(run / "ckpt" / "step_000008" / "model.safetensors")),
