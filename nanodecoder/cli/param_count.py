@@ -8,7 +8,8 @@
 Nothing is built and no data is prepared: every number is arithmetic on the blueprint's spec (see
 ``nanodecoder/model/plan.py`` for the conventions), so a 671B-parameter blueprint plans in well under a second.
 Defaults come from the blueprint: the context is its context_length, the precision its runtime profile's, the
-optimizer its train.optimizer; the batch is one sequence per device.
+optimizer its train.optimizer; the batch is one sequence per device.  With ``--world-size N`` the figures are per
+device of N (``--set runtime.expert_parallel=E`` splits the routed experts over E of them).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import json
 
 from ..model.cluster import (Cluster, ClusterError, LayoutPlan, base_plan, cluster_plans, frontier, parse_cluster,
                              smallest_cluster)
-from ..model.plan import Plan, Setting, human_bytes, human_count, human_flops, plan
+from ..model.plan import Plan, Setting, expert_counts, human_bytes, human_count, human_flops, plan
 from ..runtime import AUTO, available_profiles, planned_precision, resolve_profile
 from ..runtime.profiles import PRECISIONS
 from ..config import BlueprintError
@@ -56,7 +57,9 @@ def parse_args(argv):
     ap.add_argument("--profile", choices=[AUTO, *available_profiles()], metavar="NAME",
                     help="runtime profile (precision, device kernels, data_parallel): " + ", ".join(available_profiles()))
     ap.add_argument("--world-size", type=int, default=1, metavar="N",
-                    help="devices of the job (data parallel as the profile says: ddp replicates, fsdp shards)")
+                    help="devices of the job (data parallel as the profile says: ddp replicates, fsdp shards; "
+                         "runtime.expert_parallel splits the routed experts; a MoE model's report adds the "
+                         "per-device memory of every expert-parallel degree)")
     ap.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                     help="override blueprint values, e.g. --set model.n_layers=2 runtime.data_parallel=fsdp")
     ap.add_argument("--cluster", metavar="SPEC",
@@ -111,8 +114,41 @@ def plan_blueprint(path: str, args) -> tuple[str, Plan]:
     setting = Setting(context=context, batch=args.batch, precision=planned_precision(profile.precision, device),
                       optimizer_states=spec.train.optimizer.states_per_param, optimizer=spec.train.optimizer.kind,
                       world_size=args.world_size, sharded=profile.data_parallel == "fsdp" and args.world_size > 1,
-                      checkpointing=profile.activation_checkpointing, device=device)
-    return bp.name, plan(model, setting)
+                      expert_parallel=profile.expert_parallel, checkpointing=profile.activation_checkpointing,
+                      device=device)
+    try:
+        return bp.name, plan(model, setting)
+    except ValueError as e:        # runtime.expert_parallel does not divide the processes or the experts
+        raise BlueprintError([bp.problem(("runtime", "expert_parallel"), str(e).removeprefix(
+            "runtime.expert_parallel: ") + f" (--world-size {args.world_size})")]) \
+            from None
+
+
+def expert_parallel_plans(p: Plan) -> list[Plan]:
+    """``p`` under every expert-parallel degree its processes and every MoE layer's experts allow (1 first); empty
+    for a dense model or one process."""
+    st, counts = p.setting, expert_counts(p.spec)
+    if not counts or st.world_size == 1:
+        return []
+    degrees = [n for n in range(1, st.world_size + 1) if st.world_size % n == 0 and all(e % n == 0 for e in counts)]
+    return [dataclasses.replace(p, setting=dataclasses.replace(st, expert_parallel=n)) for n in degrees]
+
+
+def expert_parallel_table(p: Plan) -> list[str]:
+    """Per-device memory of each expert-parallel layout of ``p``'s processes (the run's marked)."""
+    plans = expert_parallel_plans(p)
+    if len(plans) < 2:
+        return []
+    lines = [f"per device by runtime.expert_parallel on {p.setting.world_size} processes (routed experts split, "
+             f"the rest {'sharded' if p.setting.sharded else 'replicated'})",
+             f"  {'expert_parallel':<18} {'parameters':>11} {'weights+grads+opt.':>19} {'total':>11} "
+             f"{'total, ckpt':>11}"]
+    for q in plans:
+        n = q.setting.expert_parallel
+        lines.append(f"  {str(n) + (' (this run)' if n == p.setting.expert_parallel else ''):<18} "
+                     f"{human_count(q.params_per_device):>11} {human_bytes(q.memory(False).model_state):>19} "
+                     f"{human_bytes(q.memory(False).total):>11} {human_bytes(q.memory(True).total):>11}")
+    return lines + [""]
 
 
 def report(name: str, path: str, p: Plan) -> str:
@@ -137,7 +173,7 @@ def report(name: str, path: str, p: Plan) -> str:
               f"  {'per micro-batch':<24} {human_flops(f.training * tokens * st.world_size):>12}   training, "
               f"{tokens * st.world_size:,} tokens", "",
               f"training memory per device: {st.describe()}", p.memory_table(),
-              f"  assumptions: {ASSUMPTIONS}", "",
+              f"  assumptions: {ASSUMPTIONS}", "", *expert_parallel_table(p),
               f"sampling: weights {human_bytes(pr.total * p.compute_bytes)} in {p.compute_dtype}; KV cache "
               f"{human_bytes(p.kv_cache_per_token)} per token, {human_bytes(p.kv_cache_per_sequence)} per sequence "
               f"of {st.context:,} tokens (windowed layers hold at most their window)", ""]
@@ -184,8 +220,13 @@ def compare_table(names: list[str], plans: list[Plan]) -> str:
 def as_json(p: Plan) -> dict:
     """Everything of one plan, the parameter figures at the top (and what each counts)."""
     out = p.as_dict()
+    layouts = [{"expert_parallel": q.setting.expert_parallel, "params_per_device": q.params_per_device,
+                "memory_bytes": {"no_checkpointing": q.memory(False).as_dict(),
+                                 "activation_checkpointing": q.memory(True).as_dict()}}
+               for q in expert_parallel_plans(p)]
     return {**out["params"], "vocab_size": p.spec.vocab_size, "flops_per_token": p.flops.training,
-            "meanings": MEANINGS, "assumptions": ASSUMPTIONS, **{k: v for k, v in out.items() if k != "params"}}
+            "meanings": MEANINGS, "assumptions": ASSUMPTIONS, **{k: v for k, v in out.items() if k != "params"},
+            "params_per_device": p.params_per_device, **({"expert_parallel_layouts": layouts} if layouts else {})}
 
 
 def cluster_report(name: str, p: Plan, cluster: Cluster) -> tuple[str, dict]:

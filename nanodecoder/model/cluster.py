@@ -29,7 +29,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from .plan import DTYPE_BYTES, FP32, Memory, Plan, Setting, human_bytes, plan
+from .plan import DTYPE_BYTES, FP32, Memory, Plan, Setting, expert_counts, human_bytes, plan, routed_params
 from .spec import ModelSpec
 
 #: peak dense bf16 FLOP/s and memory of the GPUs named most (vendor data sheets; H800 = H100 SXM compute)
@@ -140,11 +140,6 @@ def _divisors(n: int) -> list[int]:
     return sorted({*small, *(n // d for d in small)})
 
 
-def expert_counts(spec: ModelSpec) -> set[int]:
-    """The expert counts of the model's MoE layers (empty for a dense model)."""
-    return {b.mlp.n_experts for b, _ in spec.layer_groups if b.mlp.expert_params}
-
-
 def layouts(spec: ModelSpec, world: int) -> list[Layout]:
     """Every layout of ``spec`` on ``world`` GPUs."""
     counts = expert_counts(spec)
@@ -163,7 +158,7 @@ def plan_layout(base: Plan, cluster: Cluster, layout: Layout) -> LayoutPlan:
     p = dataclasses.replace(base, setting=dataclasses.replace(st, world_size=f, sharded=f > 1, expert_parallel=e))
     memory = p.memory(layout.checkpointing)
     groups = spec.layer_groups
-    blocks = sum(n * (b.attention.n_params + b.mlp.n_params - b.mlp.expert_params * (1 - 1 / e)) for b, n in groups)
+    blocks = sum(n * (b.attention.n_params + b.mlp.n_params - routed_params(b.mlp) * (1 - 1 / e)) for b, n in groups)
     root = base.params.total - sum(n * (b.attention.n_params + b.mlp.n_params) for b, n in groups)
     share = (f - 1) / f
     all_gather = FP32 * share * (2 * blocks + root)
@@ -207,4 +202,4 @@ def smallest_cluster(base: Plan, cluster: Cluster, max_nodes: int = 2 ** 16) -> 
 
 def base_plan(spec: ModelSpec, setting: Setting) -> Plan:
     """The single-GPU plan the layouts start from (CUDA kernels)."""
-    return plan(spec, dataclasses.replace(setting, world_size=1, sharded=False, device="cuda"))
+    return plan(spec, dataclasses.replace(setting, world_size=1, sharded=False, expert_parallel=1, device="cuda"))

@@ -19,7 +19,9 @@ FLOPs per token: model FLOPs, the convention of MFU
     more: ``recompute`` (hardware FLOPs, not counted in MFU).  Not counted: norms,
     activation functions, softmax, bias additions (well under 1%).
 
-Memory (bytes; per device: FSDP shards the model state over ``world_size``)
+Memory (bytes; per device: FSDP shards the model state over ``world_size``; expert parallelism splits the
+routed experts of every MoE layer over ``expert_parallel`` devices, the rest replicated under DDP or sharded
+under FSDP: :meth:`Plan.params_per_device`)
     weights and gradients in fp32 (the runtime keeps fp32 master weights under every
     precision); optimizer state = its fp32 states per parameter (AdamW: 2); under
     bf16/fp16 autocast a 2-byte copy of every matmul weight, made by the casts and kept
@@ -251,33 +253,60 @@ class Plan:
         return sum(n * b.attention.cache_width * b.attention.cache_positions(T)
                    for b, n in self.spec.layer_groups) * self.compute_bytes
 
+    @property
+    def shards(self) -> int:
+        """Devices the model state is split over (FSDP: world_size; DDP: 1, a replica each)."""
+        return self.setting.world_size if self.setting.sharded else 1
+
+    @property
+    def expert_split(self) -> int:
+        """Devices each routed expert's state is split over: its layer's experts over ``expert_parallel`` devices,
+        or FSDP's shards where those are more (the experts of a rank sharded over the other ``fsdp / ep``)."""
+        return max(self.shards, self.setting.expert_parallel)
+
+    def local(self, params: float, routed: float) -> float:
+        """What one device holds of ``params`` parameters of which ``routed`` are routed experts."""
+        return (params - routed) / self.shards + routed / self.expert_split
+
+    @property
+    def routed_params(self) -> float:
+        """Parameters of routed experts, every layer (what expert parallelism splits)."""
+        return sum(n * routed_params(b.mlp) for b, n in self.spec.layer_groups)
+
+    @property
+    def params_per_device(self) -> float:
+        """Parameters one device holds (each has its gradient and optimizer state): the routed experts over
+        :attr:`expert_split` devices, the rest over :attr:`shards`."""
+        return self.local(self.params.total, self.routed_params)
+
     def memory(self, checkpointing: bool | None = None) -> Memory:
         """Per-device bytes of a training step (``checkpointing``: default the setting's)."""
         st, spec = self.setting, self.spec
         checkpointing = st.checkpointing if checkpointing is None else checkpointing
-        P = self.params.total
-        shards = st.world_size if st.sharded else 1
+        P, held = self.params.total, self.params_per_device
         head = spec.vocab_size * spec.d_model
         groups = spec.layer_groups
         blocks = [(b.attention.n_params + b.mlp.n_params, n) for b, n in groups]      # (one block's, layers)
-        # what FSDP gathers of one block: its experts split over expert_parallel devices
-        gathered_block = max(w - b.mlp.expert_params * (1 - 1 / st.expert_parallel) for (w, _), (b, _)
+        # what FSDP gathers of one block: its routed experts split over expert_parallel devices
+        gathered_block = max(w - routed_params(b.mlp) * (1 - 1 / st.expert_parallel) for (w, _), (b, _)
                              in zip(blocks, groups))
         matmul = sum(n * (b.attention.n_params + b.mlp.n_params - b.mlp.router_params) for b, n in groups) + head
-        experts = [(b.mlp.expert_params, n) for b, n in groups]
         copies = 0.0
         if DTYPE_BYTES[st.precision] < FP32:
-            all_experts = sum(e * n for e, n in experts)
-            held = matmul - all_experts + max(e for e, _ in experts) if checkpointing else matmul   # one block's
-            copies = DTYPE_BYTES[st.precision] * held / shards
+            if checkpointing:        # the experts' casts are not cached: one block's at a time
+                all_experts = sum(n * b.mlp.expert_params for b, n in groups)
+                one_block = max(self.local(b.mlp.expert_params, routed_params(b.mlp)) for b, _ in groups)
+                cast = (matmul - all_experts) / self.shards + one_block
+            else:
+                cast = self.local(matmul, self.routed_params)
+            copies = DTYPE_BYTES[st.precision] * cast
         gathered = 0.0
         if st.sharded and st.world_size > 1:
             root = P - sum(w * n for w, n in blocks) - sum(n * len(NORMS[spec.norm_placement]) * b.norm.n_params
                                                          for b, n in groups)
             gathered = FP32 * (root + 3 * gathered_block)
-        return Memory(weights=FP32 * P / shards, gradients=FP32 * P / shards,
-                      optimizer=FP32 * st.optimizer_states * P / shards, weight_copies=copies, gathered=gathered,
-                      activations=self.acts.total(checkpointing))
+        return Memory(weights=FP32 * held, gradients=FP32 * held, optimizer=FP32 * st.optimizer_states * held,
+                      weight_copies=copies, gathered=gathered, activations=self.acts.total(checkpointing))
 
     def as_dict(self) -> dict:
         st = self.setting
@@ -309,13 +338,27 @@ class Plan:
         return "\n".join(lines)
 
 
+def routed_params(mlp) -> float:
+    """Parameters of an MLP's routed experts (a MoE's ``routed_params``; none for a dense kind or shared experts)."""
+    return getattr(mlp, "routed_params", 0) if mlp.expert_params else 0
+
+
 def plan(spec: ModelSpec, setting: Setting | None = None) -> Plan:
     """The plan of ``spec`` for ``setting`` (default: one sequence of its context_length, fp32, AdamW)."""
     setting = setting or Setting(context=spec.context_length)
     if setting.precision not in DTYPE_BYTES:
         raise ValueError(f"unknown precision '{setting.precision}' (choose from {', '.join(DTYPE_BYTES)})")
+    ep = setting.expert_parallel
+    if ep > 1 and (setting.world_size % ep or any(n % ep for n in expert_counts(spec))):
+        raise ValueError(f"runtime.expert_parallel: {ep} must divide the number of processes ({setting.world_size}) "
+                         f"and every MoE layer's n_experts ({', '.join(map(str, sorted(expert_counts(spec))))})")
     return Plan(spec=spec, setting=setting, params=param_report(spec), flops=flops(spec, setting.context),
                 acts=activations(spec, setting.context, setting.batch, setting.precision, setting.device))
+
+
+def expert_counts(spec: ModelSpec) -> set[int]:
+    """The expert counts of the model's MoE layers (empty for a dense model)."""
+    return {b.mlp.n_experts for b, _ in spec.layer_groups if b.mlp.expert_params}
 
 
 def human_bytes(n: float) -> str:

@@ -1,7 +1,9 @@
 """A training run's memory plan, checked against what the process may allocate -- before anything is built.
 
 The plan (``model.plan``) is per process: its micro-batch is ``train.batch_size / world_size`` sequences of
-``context_length`` tokens; FSDP shards weights, gradients and optimizer state over the processes.
+``context_length`` tokens; FSDP shards weights, gradients and optimizer state over the processes;
+``runtime.expert_parallel: N`` splits every MoE layer's routed experts (and their gradients and optimizer state)
+over N processes.
 ``--dry-run`` prints it (:meth:`MemoryCheck.report`); training refuses with :class:`WontFit` when it does not
 fit, unless ``runtime.check_memory`` is false.
 """
@@ -13,7 +15,7 @@ from typing import Mapping
 
 from ..model.plan import Plan, Setting, human_bytes, plan
 from ..model.spec import ModelSpec
-from ..runtime import MemoryBudget, Runtime, RuntimeSpec, available_memory, resolve_target
+from ..runtime import MemoryBudget, Runtime, RuntimeSetupError, RuntimeSpec, available_memory, resolve_target
 from .spec import TrainSpec
 
 OVERRIDE = "--set runtime.check_memory=false"
@@ -25,12 +27,19 @@ class WontFit(RuntimeError):
 
 
 def run_setting(model: ModelSpec, train: TrainSpec, *, precision: str, device: str, world_size: int = 1,
-                data_parallel: str | None = None, checkpointing: bool = False) -> Setting:
+                data_parallel: str | None = None, checkpointing: bool = False, expert_parallel: int = 1) -> Setting:
     """The plan's setting of a training run: this process's micro-batch at the model's context length."""
     return Setting(context=model.context_length, batch=max(1, train.batch_size // world_size), precision=precision,
                    optimizer_states=train.optimizer.states_per_param, optimizer=train.optimizer.kind,
                    world_size=world_size, sharded=data_parallel == "fsdp" and world_size > 1,
-                   checkpointing=checkpointing, device=device)
+                   expert_parallel=expert_parallel, checkpointing=checkpointing, device=device)
+
+
+def _plan(model: ModelSpec, setting: Setting) -> Plan:
+    try:
+        return plan(model, setting)
+    except ValueError as e:         # an expert-parallel degree the model's experts cannot split by
+        raise RuntimeSetupError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -89,7 +98,7 @@ class MemoryCheck:
     def fsdp_plan(self, devices: int) -> Plan:
         """This plan under FSDP over ``devices`` with activation checkpointing (the same per-device batch)."""
         return plan(self.plan.spec, dataclasses.replace(self.plan.setting, world_size=devices, sharded=True,
-                                                        checkpointing=True))
+                                                        expert_parallel=1, checkpointing=True))
 
     def fsdp_devices(self) -> int | None:
         """The fewest devices of this size (up to 4096) over which :meth:`fsdp_plan` fits."""
@@ -109,10 +118,11 @@ def planned_check(model: ModelSpec, train: TrainSpec, runtime: RuntimeSpec | Non
         ("cpu" if profile.device == "cpu" else "cuda")
     setting = run_setting(model, train, precision=target.precision, device=device,
                           world_size=target.launch.world_size, data_parallel=target.data_parallel,
-                          checkpointing=profile.activation_checkpointing)
+                          checkpointing=profile.activation_checkpointing,
+                          expert_parallel=profile.expert_parallel if target.problem is None else 1)
     budget = (MemoryBudget(None, target.problem) if target.device is None
               else available_memory(target.device, target.launch, env))
-    return MemoryCheck(plan(model, setting), budget)
+    return MemoryCheck(_plan(model, setting), budget)
 
 
 def runtime_check(model: ModelSpec, train: TrainSpec, runtime: Runtime,
@@ -120,8 +130,9 @@ def runtime_check(model: ModelSpec, train: TrainSpec, runtime: Runtime,
     """The memory check of a run on the runtime that was set up (before the model is built)."""
     setting = run_setting(model, train, precision=runtime.precision, device=runtime.device.type,
                           world_size=runtime.world_size, data_parallel=runtime.data_parallel,
-                          checkpointing=runtime.activation_checkpointing)
-    return MemoryCheck(plan(model, setting), runtime.memory_budget(env))
+                          checkpointing=runtime.activation_checkpointing,
+                          expert_parallel=runtime.expert_parallel.size if runtime.expert_parallel else 1)
+    return MemoryCheck(_plan(model, setting), runtime.memory_budget(env))
 
 
 def refuse_if_too_big(model: ModelSpec, train: TrainSpec, runtime: Runtime,
