@@ -19,7 +19,7 @@ import json
 
 from ..model.cluster import (Cluster, ClusterError, LayoutPlan, base_plan, cluster_plans, frontier, parse_cluster,
                              smallest_cluster)
-from ..model.plan import Plan, Setting, expert_counts, human_bytes, human_count, human_flops, plan
+from ..model.plan import Plan, Setting, expert_parallel_degrees, human_bytes, human_count, human_flops, plan
 from ..runtime import AUTO, available_profiles, planned_precision, resolve_profile
 from ..runtime.profiles import PRECISIONS
 from ..config import BlueprintError
@@ -127,17 +127,17 @@ def plan_blueprint(path: str, args) -> tuple[str, Plan]:
 def expert_parallel_plans(p: Plan) -> list[Plan]:
     """``p`` under every expert-parallel degree its processes and every MoE layer's experts allow (1 first); empty
     for a dense model or one process."""
-    st, counts = p.setting, expert_counts(p.spec)
-    if not counts or st.world_size == 1:
+    st = p.setting
+    degrees = expert_parallel_degrees(p.spec, st.world_size)
+    if len(degrees) < 2:
         return []
-    degrees = [n for n in range(1, st.world_size + 1) if st.world_size % n == 0 and all(e % n == 0 for e in counts)]
     return [dataclasses.replace(p, setting=dataclasses.replace(st, expert_parallel=n)) for n in degrees]
 
 
 def expert_parallel_table(p: Plan) -> list[str]:
     """Per-device memory of each expert-parallel layout of ``p``'s processes (the run's marked)."""
     plans = expert_parallel_plans(p)
-    if len(plans) < 2:
+    if not plans:
         return []
     lines = [f"per device by runtime.expert_parallel on {p.setting.world_size} processes (routed experts split, "
              f"the rest {'sharded' if p.setting.sharded else 'replicated'})",

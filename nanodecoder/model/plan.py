@@ -361,6 +361,13 @@ def expert_counts(spec: ModelSpec) -> set[int]:
     return {b.mlp.n_experts for b, _ in spec.layer_groups if b.mlp.expert_params}
 
 
+def expert_parallel_degrees(spec: ModelSpec, world_size: int) -> list[int]:
+    """The expert-parallel degrees ``world_size`` processes and every MoE layer's experts allow (``[1]``: dense)."""
+    counts = expert_counts(spec)
+    return [n for n in range(1, world_size + 1) if world_size % n == 0 and all(e % n == 0 for e in counts)
+            and (counts or n == 1)]
+
+
 def human_bytes(n: float) -> str:
     """``1.50 GiB`` (binary units)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
 
-from ..model.plan import Plan, Setting, human_bytes, plan
+from ..model.plan import Plan, Setting, expert_parallel_degrees, human_bytes, plan
 from ..model.spec import ModelSpec
 from ..runtime import MemoryBudget, Runtime, RuntimeSetupError, RuntimeSpec, available_memory, resolve_target
 from .spec import TrainSpec
@@ -84,6 +84,11 @@ class MemoryCheck:
                      "train.grad_accum to keep the tokens per step)")
         else:
             said += "; lower train.batch_size (raise train.grad_accum to keep the tokens per step)"
+        split = self.expert_parallel_degree()
+        if split is not None:
+            needs = self.expert_parallel_plan(split).memory().total
+            said += (f"; splitting the experts over {split} of the {st.world_size} processes would fit "
+                     f"(--set runtime.expert_parallel={split}: {human_bytes(needs)} per process)")
         ranks = self.fsdp_devices()
         if ranks is not None and ranks > st.world_size:
             said += (f"; FSDP with activation checkpointing over {ranks} devices of this size would fit "
@@ -94,6 +99,18 @@ class MemoryCheck:
                      f"{human_bytes(widest.gathered)} of unsharded buffers (the root's and two blocks' weights, one "
                      f"block's gradients) and {human_bytes(widest.activations)} of activations with checkpointing")
         return said
+
+    def expert_parallel_plan(self, degree: int) -> Plan:
+        """This plan with every MoE layer's routed experts split over ``degree`` of its processes."""
+        return plan(self.plan.spec, dataclasses.replace(self.plan.setting, expert_parallel=degree))
+
+    def expert_parallel_degree(self) -> int | None:
+        """The smallest expert-parallel degree above the run's (of its processes, dividing the experts) that fits."""
+        st = self.plan.setting
+        if st.sharded:                   # expert parallelism runs under DDP only
+            return None
+        return next((n for n in expert_parallel_degrees(self.plan.spec, st.world_size) if n > st.expert_parallel
+                     and self.expert_parallel_plan(n).memory().total <= self.budget.bytes), None)
 
     def fsdp_plan(self, devices: int) -> Plan:
         """This plan under FSDP over ``devices`` with activation checkpointing (the same per-device batch)."""
