@@ -29,6 +29,7 @@ from ..eval import PeriodicEval, build_periodic_evals, load_items
 from ..eval.hellaswag import SOURCE as HELLASWAG_SOURCE
 from ..eval.text import read_text
 from ..model.generate import encode_prompt
+from ..model.plan import expert_counts, expert_parallel_degrees
 from ..runtime import RuntimeSetupError, resolve_target
 from ..train.rundir import RunDir
 from ..train.wandb_log import WandbError
@@ -75,6 +76,7 @@ def preflight(spec, base_dir: Path, *, name: str, inputs, resume: RunDir | None 
             return None
 
     attempt(_runtime, spec.runtime, env)
+    attempt(_expert_layout, spec, env)
     attempt(wandb_preflight, spec.logging.wandb)
     if resume is None:
         runs, before = Path(spec.logging.runs_dir), len(out.problems)
@@ -147,6 +149,21 @@ def _runtime(spec, env) -> None:
     problem = resolve_target(spec, env).problem
     if problem is not None:
         raise RuntimeSetupError(problem)
+
+
+def _expert_layout(spec, env) -> None:
+    """``runtime.expert_parallel`` must divide every MoE layer's ``n_experts`` (the process count is the
+    runtime check's)."""
+    try:
+        target = resolve_target(spec.runtime, env)
+    except RuntimeSetupError:            # the runtime check names it
+        return
+    n = target.profile.expert_parallel
+    counts = sorted(expert_counts(spec.model))
+    if target.problem is None and n > 1 and any(e % n for e in counts):
+        raise RuntimeSetupError(f"runtime.expert_parallel: {n} must divide every MoE layer's n_experts "
+                                f"({', '.join(map(str, counts))}); choose one of "
+                                f"{expert_parallel_degrees(spec.model, target.launch.world_size)}")
 
 
 def _encodes(tokenizer, text: str, path: Path) -> None:

@@ -115,3 +115,15 @@ def test_param_count_shows_every_expert_parallel_layout_of_the_processes(tmp_pat
     assert got["params_per_device"] == by_ep[2]
     assert param_count.main([path, "--world-size", "3"]) == 2
     assert "runtime.expert_parallel" in capsys.readouterr().err
+
+
+def test_a_degree_that_divides_the_processes_but_not_the_experts_exits_2_before_training(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """6 processes, EP 3, 8 experts: the dry run (and a real run, before building anything) exit 2 naming the
+    key and the degrees that work."""
+    for key, value in {**TORCHRUN_RANK0, "WORLD_SIZE": "6", "LOCAL_WORLD_SIZE": "6"}.items():
+        monkeypatch.setenv(key, value)
+    assert run_cli.main([blueprint(tmp_path, 3), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "runtime.expert_parallel: 3 must divide every MoE layer's n_experts (8); choose one of [1, 2]" in err
+    assert "Traceback" not in err
