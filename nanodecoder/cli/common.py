@@ -2,7 +2,8 @@
 
 Exit codes: 0 done; 2 bad input (blueprint, data, checkpoint, a profile this machine cannot run); 3 training
 stopped at a non-finite loss (``train.loop.EXIT_NONFINITE``); 4 the run does not fit in memory
-(``--dry-run``'s memory plan, and training's refusal before anything is built); 128 + N a signal N
+(``--dry-run``'s memory plan, and training's refusal before anything is built); 5 under torchrun, another rank
+was lost during a collective (``train.loop.EXIT_RANK_LOST``); 128 + N a signal N
 (checkpoint saved); 130 Ctrl-C during set-up.
 """
 from __future__ import annotations
