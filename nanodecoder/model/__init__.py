@@ -1,6 +1,6 @@
 """Model assembly: spec -> nn.Module."""
-from .builder import build_model, materialize, unwrap
+from .builder import build_model, clean_name, materialize, unwrap
 from .decoder import Decoder, ModelOutput
 from .spec import ModelSpec, build_model_spec
 
-__all__ = ["build_model", "materialize", "Decoder", "ModelOutput", "ModelSpec", "build_model_spec", "unwrap"]
+__all__ = ["build_model", "clean_name", "materialize", "Decoder", "ModelOutput", "ModelSpec", "build_model_spec", "unwrap"]

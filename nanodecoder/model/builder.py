@@ -18,6 +18,12 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def clean_name(name: str) -> str:
+    """A parameter name without torch.compile (``_orig_mod.``) and DDP (``module.``) prefixes, wherever they occur:
+    the name :func:`unwrap`'s module gives it."""
+    return ".".join(p for p in name.split(".") if p not in ("_orig_mod", "module"))
+
+
 def build_model(spec: ModelSpec, device: str | torch.device = "cpu", *, seed: int | None = None) -> Decoder:
     """Construct the decoder directly on ``device`` and initialise it (skipped on meta)."""
     device = torch.device(device)

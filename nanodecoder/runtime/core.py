@@ -325,8 +325,8 @@ class Runtime:
         return sharded_.sharded_state(unwrap(model), optimizer, names, self.expert_parallel)
 
     def load_sharded_state(self, model: nn.Module, optimizer, names: list[str], metadata, read,
-                           param_groups: list | None) -> list[str]:
-        return sharded_.load_sharded_state(unwrap(model), optimizer, names, self.expert_parallel, metadata, read,
+                           param_groups: list | None) -> None:
+        sharded_.load_sharded_state(unwrap(model), optimizer, names, self.expert_parallel, metadata, read,
                                            param_groups)
 
     def state_dict(self) -> dict[str, Any]:

@@ -23,13 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..model import clean_name
 from . import expert_parallel as ep_
 
 MODEL, OPTIM = "model.", "optim."
-
-
-def _clean(name: str) -> str:
-    return ".".join(p for p in name.split(".") if p not in ("_orig_mod", "module"))
 
 
 def _expert_view(t: torch.Tensor, groups: ep_.ExpertParallelGroups) -> torch.Tensor:
@@ -43,7 +40,7 @@ def _views(model: nn.Module, groups: ep_.ExpertParallelGroups | None) -> tuple[d
     by_data = {p.data_ptr(): p for p in model.parameters() if id(p) in split}
     out = {}
     for name, t in model.state_dict().items():
-        key = MODEL + _clean(name)
+        key = MODEL + clean_name(name)
         if key in out:
             continue
         is_split = groups is not None and t.data_ptr() in by_data and t.shape == by_data[t.data_ptr()].shape
@@ -68,18 +65,11 @@ def sharded_state(model: nn.Module, optimizer, names: list[str],
 
 
 def load_sharded_state(model: nn.Module, optimizer, names: list[str], groups: ep_.ExpertParallelGroups | None,
-                       metadata, read, param_groups: list[dict] | None) -> list[str]:
+                       metadata, read, param_groups: list[dict] | None) -> None:
     """Read a sharded checkpoint into this rank's part of ``model`` (and ``optimizer`` when not None), whatever
-    layout wrote it.  ``metadata``: DCP's ``state_dict_metadata``; ``read(targets)``: DCP's load into them.
-    Returns the mismatches between the checkpoint and the model (nothing is read then)."""
+    layout wrote it (the caller has checked that its names and shapes are the model's).  ``metadata``: DCP's
+    ``state_dict_metadata``; ``read(targets)``: DCP's load into them."""
     targets, split = _views(model, groups)
-    saved = {k: m for k, m in metadata.items() if k.startswith(MODEL)}
-    problems = [f"missing in checkpoint: {k[len(MODEL):]}" for k in targets if k not in saved]
-    problems += [f"not in model: {k[len(MODEL):]}" for k in saved if k not in targets]
-    problems += [f"shape mismatch: {k[len(MODEL):]}: checkpoint {tuple(saved[k].size)} vs model {tuple(t.shape)}"
-                 for k, t in targets.items() if k in saved and tuple(saved[k].size) != tuple(t.shape)]
-    if problems:
-        return problems
     state: dict[int, dict[str, torch.Tensor]] = {}
     if optimizer is not None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -88,8 +78,6 @@ def load_sharded_state(model: nn.Module, optimizer, names: list[str], groups: ep
             if not key.startswith(OPTIM):
                 continue
             name, k = key[len(OPTIM):].rsplit(".", 1)
-            if name not in index:
-                return [f"optimizer state for {name}, which this model's optimizer does not train"]
             p = params[index[name]]
             dtype = m.properties.dtype
             shape = (p.shape[0] * groups.size, *p.shape[1:]) if id(p) in split else tuple(p.shape)   # global
@@ -103,7 +91,6 @@ def load_sharded_state(model: nn.Module, optimizer, names: list[str], groups: ep
     read(targets)        # in place: into the parameters' own storage and the new optimizer state
     if optimizer is not None:
         optimizer.load_state_dict({"state": state, "param_groups": param_groups})
-    return []
 
 
 # ---- the files (torch.distributed.checkpoint's own format, in one folder) ----------------------------------------

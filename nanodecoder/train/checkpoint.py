@@ -45,13 +45,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..data.download import sha256_of as _sha256
+from ..model import clean_name
 from ..runtime import sharded
 from .state_io import flatten, unflatten
 
 FORMAT_VERSION = 1
 MODEL_FILE, STATE_FILE, STATE_JSON, MANIFEST = "model.safetensors", "state.safetensors", "state.json", "manifest.json"
 SHARDS, SHARD_METADATA = "shards", ".metadata"      # a sharded checkpoint's DCP folder (runtime/sharded.py)
-SHARD_MODEL, SHARD_OPTIM = "model.", "optim."       # its key prefixes (runtime/sharded.py)
+SHARD_MODEL, SHARD_OPTIM = sharded.MODEL, sharded.OPTIM    # its key prefixes
 
 
 class CheckpointError(Exception):
@@ -86,12 +87,6 @@ FULL_FILES = (MODEL_FILE, STATE_FILE, STATE_JSON)
 SHARDED_FILES = (STATE_FILE, STATE_JSON)
 POINTERS = ("latest", "best")     # files in ckpt/ naming a checkpoint folder
 MAX_MANIFEST_BYTES = 1 << 20        # a manifest (or a latest/best pointer) larger than this is not one
-
-
-def clean_name(name: str) -> str:
-    """Strip torch.compile (``_orig_mod.``) and DDP (``module.``) prefixes, wherever they occur."""
-    parts = [p for p in name.split(".") if p not in ("_orig_mod", "module")]
-    return ".".join(parts)
 
 
 def tied_names(model: nn.Module) -> dict[str, str]:
@@ -179,11 +174,16 @@ def save_checkpoint(path: Path, model: nn.Module, state: dict[str, Any],
 def _write_full(tmp: Path, path: Path, tensors: dict[str, torch.Tensor], aliases: dict[str, str],
                 state: dict[str, Any]) -> Path:
     save_file(tensors, tmp / MODEL_FILE, metadata={"format": "nanodecoder", "aliases": json.dumps(aliases)})
+    _write_state(tmp, state)
+    return _seal(tmp, path, FULL_FILES, {"step": state.get("step"),
+                                         "model_fingerprint": fingerprint(tensors, aliases)})
+
+
+def _write_state(tmp: Path, state: dict[str, Any]) -> None:
+    """The training state beside the weights: its tensors in safetensors, the rest in JSON."""
     doc, state_tensors = flatten(state)
     save_file(state_tensors, tmp / STATE_FILE, metadata={"format": "nanodecoder"})
     (tmp / STATE_JSON).write_text(json.dumps(doc))
-    return _seal(tmp, path, FULL_FILES, {"step": state.get("step"),
-                                         "model_fingerprint": fingerprint(tensors, aliases)})
 
 
 def save_weights_only(path: Path, tensors: dict[str, torch.Tensor], aliases: dict[str, str], source: str) -> Path:
@@ -298,6 +298,11 @@ def shard_metadata(path: Path) -> dict:
                               f"{_ANOTHER.format(parent=Path(path).parent)}") from None
 
 
+def shard_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The names and global shapes of a sharded checkpoint's model tensors."""
+    return {k[len(SHARD_MODEL):]: tuple(m.size) for k, m in shard_metadata(path).items() if k.startswith(SHARD_MODEL)}
+
+
 def read_shards(path: Path, targets: dict[str, torch.Tensor], *, local: bool = False) -> None:
     """Fill ``targets`` (keys of the checkpoint, tensors or DTensors of this process's layout) in place from a
     sharded checkpoint; ``local``: this process alone, also inside a distributed job."""
@@ -395,9 +400,7 @@ def load_model_weights(model: nn.Module, path: Path, *, verify: bool = True, loa
     if is_sharded(manifest):
         if verify:
             verify_checkpoint(path)
-        stored = {k[len(SHARD_MODEL):]: tuple(m.size) for k, m in shard_metadata(path).items()
-                  if k.startswith(SHARD_MODEL)}
-        _match(path, stored, {}, model, shapes)
+        check_architecture(path, shard_shapes(path), {}, model, shapes)
         full = read_full_shards(path, SHARD_MODEL)
         (model.load_state_dict(full, strict=True) if load is None else load(full))
         return manifest
@@ -409,7 +412,7 @@ def load_model_weights(model: nn.Module, path: Path, *, verify: bool = True, loa
             verify_checkpoint(path)          # a damaged file: say so by its checksum
         raise
     aliases = _aliases(f, meta)
-    _match(path, stored, aliases, model, shapes)
+    check_architecture(path, stored, aliases, model, shapes)
     if verify:
         verify_checkpoint(path)
     tensors = _load_safetensors(f)
@@ -422,8 +425,9 @@ def load_model_weights(model: nn.Module, path: Path, *, verify: bool = True, loa
     return manifest
 
 
-def _match(path: Path, stored: dict, aliases: dict, model: nn.Module, shapes) -> None:
-    """Raise CheckpointError listing how the stored names and shapes differ from the model's."""
+def check_architecture(path: Path, stored: dict, aliases: dict, model: nn.Module, shapes=None) -> None:
+    """Raise CheckpointError listing how the checkpoint's ``stored`` names and shapes (``aliases``: names stored
+    once for several) differ from the model's (``shapes``: its full state's, when not ``model.state_dict()``'s)."""
     shape_of = {**stored, **{alias: stored[src] for alias, src in aliases.items() if src in stored}}
     expected = shapes if shapes is not None else {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(shape_of))
@@ -548,14 +552,27 @@ class CheckpointManager:
 
     def save(self, step: int, model: nn.Module, state: dict[str, Any], *, best: bool = False,
              model_state: dict[str, torch.Tensor] | None = None) -> Path:
+        path = self._to_write(step)
+        if path is not None:
+            save_checkpoint(path, model, state, model_state)
+        return self._point(step, best)
+
+    def _to_write(self, step: int) -> Path | None:
+        """Before saving ``step``: stale temporary folders removed; the folder to write, or None when a complete
+        checkpoint of that step is there (the same step of the same run holds the same state)."""
         self.root.mkdir(parents=True, exist_ok=True)
         for stale in self.root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         path = self.root / self.name(step)
-        if not (path / MANIFEST).is_file():  # the same step of the same run holds the same state
-            if path.exists():
-                shutil.rmtree(path)
-            save_checkpoint(path, model, state, model_state)
+        if (path / MANIFEST).is_file():
+            return None
+        if path.exists():
+            shutil.rmtree(path)
+        return path
+
+    def _point(self, step: int, best: bool) -> Path:
+        """After saving ``step``: ``latest`` (and ``best``) name it, old checkpoints are pruned."""
+        path = self.root / self.name(step)
         write_atomic_text(self.root / "latest", path.name)
         if best:
             write_atomic_text(self.root / "best", path.name)
@@ -563,39 +580,25 @@ class CheckpointManager:
         return path
 
     def save_sharded(self, step: int, state: dict[str, Any], tensors: dict[str, torch.Tensor], *, main: bool,
-                     agree, fingerprint_of: str, best: bool = False) -> Path | None:
+                     agree, best: bool = False) -> Path | None:
         """A sharded checkpoint of ``step`` (every rank calls this, ``tensors`` being its own part; see
         ``runtime/sharded.py``): rank 0 names the temporary folder (``agree(text)`` hands its text to every
         rank), every rank writes its shards there, then rank 0 writes the training state, hashes it all, renames
         the folder into place and moves the pointers.  Returns the folder on rank 0, None elsewhere."""
-        path = self.root / self.name(step)
         name = ""
-        if main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".tmp-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            if not (path / MANIFEST).is_file():     # the same step of the same run holds the same state
-                if path.exists():
-                    shutil.rmtree(path)
-                tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-                (tmp / SHARDS).mkdir(parents=True)
-                name = tmp.name
+        if main and (path := self._to_write(step)) is not None:
+            tmp = _fresh_tmp(path)
+            (tmp / SHARDS).mkdir()
+            name = tmp.name
         name = agree(name)
         if name:
             sharded.write(tensors, self.root / name / SHARDS)
             if main:
-                tmp = self.root / name
-                doc, state_tensors = flatten(state)
-                save_file(state_tensors, tmp / STATE_FILE, metadata={"format": "nanodecoder"})
-                (tmp / STATE_JSON).write_text(json.dumps(doc))
-                _seal(tmp, path, SHARDED_FILES, {"step": state.get("step"), "model_fingerprint": fingerprint_of})
-        if not main:
-            return None
-        write_atomic_text(self.root / "latest", path.name)
-        if best:
-            write_atomic_text(self.root / "best", path.name)
-        self.prune()
-        return path
+                _write_state(self.root / name, state)
+                model = {k: t for k, t in tensors.items() if k.startswith(SHARD_MODEL)}
+                _seal(self.root / name, path, SHARDED_FILES,
+                      {"step": state.get("step"), "model_fingerprint": fingerprint(model, {})})
+        return self._point(step, best) if main else None
 
     def set_aside_after(self, path: Path) -> list[str]:
         """Resuming from ``path`` when later checkpoints exist: move those into ``superseded/`` (kept, never

@@ -24,8 +24,8 @@ from ..config.diff import ABSENT, differences
 from ..config.loader import dotted
 from ..runtime.distributed import lost_peer
 from .optim import param_names
-from .checkpoint import (SHARD_MODEL, CheckpointError, fingerprint, is_sharded, load_model_weights, load_state,
-                         read_manifest, read_shards, shard_metadata, verify_checkpoint)
+from .checkpoint import (CheckpointError, check_architecture, is_sharded, load_model_weights, load_state,
+                         read_manifest, read_shards, shard_metadata, shard_shapes, verify_checkpoint)
 from .metrics import MetricsLog, MoEMonitor
 from .rundir import RunDir
 from .schedule import build_schedule
@@ -116,17 +116,11 @@ def resume_trainer(trainer: Trainer, run: RunDir, which: str = "latest") -> Path
         verify_checkpoint(path)
         state = load_state(path)
         trainer.runtime.reshard(trainer.raw_model)
-        names = param_names(trainer.raw_model, trainer.optimizer)
-        if state.get("optimizer_params") != names:
-            trainer.load_state_dict(state)          # refuses, naming the difference
-        problems = trainer.runtime.load_sharded_state(
-            trainer.raw_model, trainer.optimizer, names, shard_metadata(path), lambda t: read_shards(path, t),
-            state["optimizer"]["param_groups"])
-        if problems:
-            raise CheckpointError("\n".join([f"checkpoint {path} does not match this model's architecture:",
-                                             *(f"  {p}" for p in problems[:8]),
-                                             "  (was the blueprint's model section changed since the run "
-                                             "started?)"]))
+        check_architecture(path, shard_shapes(path), {}, trainer.raw_model,
+                           trainer.runtime.full_state_shapes(trainer.raw_model))
+        names = trainer.check_optimizer_params(state)
+        trainer.runtime.load_sharded_state(trainer.raw_model, trainer.optimizer, names, shard_metadata(path),
+                                           lambda t: read_shards(path, t), state["optimizer"]["param_groups"])
         trainer.load_state_dict(state)
     else:
         load_model_weights(trainer.raw_model, path, shapes=trainer.runtime.full_state_shapes(trainer.raw_model),
@@ -340,11 +334,8 @@ class TrainingLoop:
             runtime.reshard(trainer.raw_model)
             names = param_names(trainer.raw_model, trainer.optimizer)
             tensors, groups = runtime.sharded_state(trainer.raw_model, trainer.optimizer, names)
-            model_keys = {k: t for k, t in tensors.items() if k.startswith(SHARD_MODEL)}
-            return self.run.checkpoints.save_sharded(
-                trainer.step_count, trainer.state_dict(optimizer_groups=groups), tensors, main=self.main,
-                agree=runtime.broadcast_text if runtime.is_distributed else (lambda text: text),
-                fingerprint_of=fingerprint(model_keys, {}), best=best)
+            return self.run.checkpoints.save_sharded(trainer.step_count, trainer.state_dict(optimizer_groups=groups),
+                                                     tensors, main=self.main, agree=runtime.broadcast_text, best=best)
         model_state = runtime.model_state(trainer.raw_model)
         state = trainer.state_dict()
         if not self.main:

@@ -203,11 +203,16 @@ class Trainer:
                 "budget_replanned": self.budget_replanned, "train_time_s": self.train_time_s,
                 "sampler": self.sampler.state_dict(), "rng": rng_state(), "runtime": self.runtime.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_optimizer_params(self, state: dict[str, Any]) -> list[str]:
+        """The optimizer's parameter names, refused (StateMismatch) unless they are the saved state's."""
         names = param_names(self.raw_model, self.optimizer)
         if state["optimizer_params"] != names:
             raise StateMismatch("the checkpoint's optimizer state is for other parameters than this model's "
                                 f"({len(state['optimizer_params'])} saved, {len(names)} here)")
+        return names
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        names = self.check_optimizer_params(state)
         try:
             if not state["optimizer"].get("sharded"):   # a sharded checkpoint's was read with the weights
                 self.runtime.load_optimizer_state(self.raw_model, self.optimizer, state["optimizer"], names)
