@@ -166,6 +166,8 @@ class Runtime:
         if self.data_parallel == "ddp":
             model = dist_.wrap_ddp(model, self.device)
         elif self.data_parallel == "fsdp":
+            if self.expert_parallel is not None:   # the experts on their own mesh first, then the blocks and root
+                ep_.shard_experts(model, self.expert_parallel)
             model = dist_.wrap_fsdp(model, self.device, transformer_blocks(model))
         return model
 
@@ -224,7 +226,11 @@ class Runtime:
     def finish_grads(self, model: nn.Module) -> None:
         """After the last micro-step of an optimizer step (every rank): expert-parallel gradients averaged over
         all ranks, as DDP averages the others (``model``: the unwrapped module)."""
-        if self.expert_parallel is not None:
+        if self.expert_parallel is None:
+            return
+        if self.data_parallel == "fsdp":    # FSDP2's reduce-scatter averaged them over dp
+            ep_.finish_sharded_expert_grads(model, self.expert_parallel)
+        else:
             ep_.sync_expert_grads(model, self.world_size, self.expert_parallel.expert_dp)
 
     def clip_grad_norm(self, optimizer, params, max_norm: float, model: nn.Module | None = None) -> torch.Tensor:
@@ -281,14 +287,22 @@ class Runtime:
             dist_.teardown()
 
     # ---- full state for checkpoints ----------------------------------------------------------
+    @property
+    def _experts_sharded(self) -> bool:
+        """Split experts, themselves sharded by FSDP2 over the ranks holding the same ones."""
+        return self.expert_parallel is not None and self.data_parallel == "fsdp"
+
     def model_state(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """Unsharded weights on the main rank, None elsewhere (every rank must call it)."""
-        if self.expert_parallel is not None:
-            return ep_.gather_full_experts_state(unwrap(model))
+        if self.expert_parallel is not None:   # with FSDP2: gathered over its shards first, then over the experts
+            local = dist_.full_model_state(model, self.is_main, everywhere=True) if self._experts_sharded else None
+            return ep_.gather_full_experts_state(unwrap(model), local)
         return dist_.full_model_state(model, self.is_main)
 
     def load_model_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        if self.expert_parallel is not None:
+        if self._experts_sharded:
+            dist_.load_full_model_state(model, ep_.local_experts_state(unwrap(model), state))
+        elif self.expert_parallel is not None:
             ep_.load_local_experts(unwrap(model), state)
         else:
             dist_.load_full_model_state(model, state)
@@ -301,11 +315,16 @@ class Runtime:
 
     def optimizer_state(self, model: nn.Module, optimizer, names: list[str]) -> dict[str, Any] | None:
         if self.expert_parallel is not None:
-            return ep_.gather_full_optimizer_state(unwrap(model), optimizer)
+            local = (dist_.full_optimizer_state(model, optimizer, names, self.is_main, everywhere=True)
+                     if self._experts_sharded else None)
+            return ep_.gather_full_optimizer_state(unwrap(model), optimizer, local)
         return dist_.full_optimizer_state(model, optimizer, names, self.is_main)
 
     def load_optimizer_state(self, model: nn.Module, optimizer, state: dict[str, Any], names: list[str]) -> None:
-        if self.expert_parallel is not None:
+        if self._experts_sharded:
+            dist_.load_full_optimizer_state(model, optimizer, ep_.local_optimizer_state(unwrap(model), optimizer, state),
+                                            names)
+        elif self.expert_parallel is not None:
             ep_.load_local_optimizer_state(unwrap(model), optimizer, state)
         else:
             dist_.load_full_optimizer_state(model, optimizer, state, names)

@@ -154,13 +154,14 @@ def _options(**kw):
     return StateDictOptions(full_state_dict=True, **kw)
 
 
-def full_model_state(model: nn.Module, is_main: bool) -> dict[str, torch.Tensor] | None:
-    """The unsharded model state dict on the main rank (None elsewhere); collective under FSDP."""
+def full_model_state(model: nn.Module, is_main: bool, everywhere: bool = False) -> dict[str, torch.Tensor] | None:
+    """The unsharded model state dict on the main rank (None elsewhere; ``everywhere``: on every rank, on the
+    device); collective under FSDP."""
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
-        state = get_model_state_dict(model, options=_options(cpu_offload=True))
-        return state if is_main else None
-    return model.state_dict() if is_main else None
+        state = get_model_state_dict(model, options=_options(cpu_offload=not everywhere))
+        return state if is_main or everywhere else None
+    return model.state_dict() if is_main or everywhere else None
 
 
 def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -171,14 +172,16 @@ def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> N
         model.load_state_dict(state, strict=True)
 
 
-def full_optimizer_state(model: nn.Module, optimizer, names: list[str], is_main: bool) -> dict[str, Any] | None:
+def full_optimizer_state(model: nn.Module, optimizer, names: list[str], is_main: bool,
+                         everywhere: bool = False) -> dict[str, Any] | None:
     """``optimizer.state_dict()`` format (integer keys in ``names`` order) with full tensors, on the
-    main rank; so a checkpoint is the same whether the run was sharded or not."""
+    main rank (``everywhere``: on every rank, on the device); so a checkpoint is the same whether the run was
+    sharded or not."""
     if not is_fsdp(model):
-        return optimizer.state_dict() if is_main else None
+        return optimizer.state_dict() if is_main or everywhere else None
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    by_name = get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
-    if not is_main:
+    by_name = get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=not everywhere))
+    if not (is_main or everywhere):
         return None
     index = {n: i for i, n in enumerate(names)}
     return {"state": {index[n]: s for n, s in by_name["state"].items()},

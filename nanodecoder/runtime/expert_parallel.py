@@ -19,6 +19,14 @@ its EP group's ranks' gradients, and :func:`sync_expert_grads` sums it over ``ex
 divides by W, which gives the gradient of the mean of all ranks' losses -- the single process's
 on the concatenated batch.  :func:`grad_norm` / :func:`clip_grad_norm` give the global norm.
 
+With FSDP2 (``runtime.data_parallel: fsdp``, :func:`shard_experts`): each layer's local experts are
+``fully_shard``-ed on the ``dp`` dimension of the mesh (the ranks holding the same experts), every other
+parameter on all W ranks, as torchtitan lays them out; FSDP2's reduce-scatter (a mean over ``dp``) then does
+what :func:`sync_expert_grads` does under DDP, but for a factor 1 / N (:func:`finish_sharded_expert_grads`; a
+divide factor of W in FSDP2 itself would need ReduceOp.PREMUL_SUM, which gloo lacks), and the gradient norm is the
+all-reduce over all ranks of each rank's local squares (every piece of every parameter lives on exactly
+one rank).
+
 Checkpoints: :func:`gather_full_experts_state` returns the single-process state dict on rank 0;
 :func:`load_local_experts` loads one into an expert-parallel model (each rank takes its slices).
 """
@@ -47,6 +55,9 @@ class ExpertParallelGroups:
     expert_dp: dist.ProcessGroup     # the W / N ranks holding the same experts
     world_size: int
     mesh: DeviceMesh | None = None   # the 2-D ``(dp, ep)`` DeviceMesh the two groups come from
+    # the same ranks as ``(ep, dp)``: an expert tensor [E, ...] split first over ep, then (FSDP2) over dp, is a
+    # DTensor (Shard(0), Shard(0)) on it, so a sharded checkpoint stores single-process names and shapes
+    ep_major: DeviceMesh | None = None
 
     @property
     def size(self) -> int:
@@ -66,7 +77,8 @@ def expert_parallel_groups(n: int, device_type: str = "cpu") -> ExpertParallelGr
     world = dist.get_world_size()
     check_degree(n, world)
     mesh = init_device_mesh(device_type, (world // n, n), mesh_dim_names=("dp", "ep"))
-    return ExpertParallelGroups(mesh.get_group("ep"), mesh.get_group("dp"), world, mesh)
+    ep_major = DeviceMesh(device_type, mesh.mesh.t().contiguous(), mesh_dim_names=("ep", "dp"))
+    return ExpertParallelGroups(mesh.get_group("ep"), mesh.get_group("dp"), world, mesh, ep_major)
 
 
 class _Permute(torch.autograd.Function):
@@ -197,6 +209,26 @@ def apply_expert_parallel(model: nn.Module, ep_group: dist.ProcessGroup,
     return ExpertParallelGroups(ep_group, dp_group_of_experts, world)
 
 
+def shard_experts(model: nn.Module, groups: ExpertParallelGroups) -> None:
+    """FSDP2 on the split experts (call before ``fully_shard`` of the blocks, which then leave them out): each
+    :class:`ExpertParallelExperts` sharded over the ``dp`` ranks holding the same experts, its ``forward_sorted``
+    (what the MoE layer calls) gathering them, and its gradients reduce-scattered as their mean over ``dp``."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    dp = groups.mesh["dp"]
+    for _, m in expert_parallel_modules(model):
+        fully_shard(m, mesh=dp)
+        register_fsdp_forward_method(m, "forward_sorted")
+
+
+@torch.no_grad()
+def finish_sharded_expert_grads(model: nn.Module, groups: ExpertParallelGroups) -> None:
+    """Under FSDP2, after the reduce-scatter: each expert gradient shard (the mean over ``dp`` of sums over the
+    expert-parallel group) divided by N, which gives the global-mean gradient."""
+    grads = [_local(p.grad) for p in expert_parallel_params(model) if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, 1.0 / groups.size)
+
+
 def _grads(params: list[nn.Parameter]) -> list[torch.Tensor]:
     for p in params:
         if p.grad is None:               # keeps every rank's collectives the same
@@ -225,9 +257,16 @@ def grad_norm(model: nn.Module, groups: ExpertParallelGroups, norm_type: float =
     expert ones summed over the expert-parallel group); the same on every rank (collective)."""
     if norm_type != 2.0:
         raise ValueError(f"grad_norm: only the 2-norm is supported under {KEY} (got {norm_type})")
+    device = next(model.parameters()).device
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if any(_is_dtensor(g) for g in grads):   # FSDP2: each piece of each gradient on one rank, experts included
+        squares = torch.zeros((), device=device)
+        for g in grads:
+            squares += _local(g).float().square().sum()
+        dist.all_reduce(squares)
+        return squares.sqrt()
     expert = [p.grad for p in expert_parallel_params(model) if p.grad is not None]
     rest = [p.grad for p in replicated_params(model) if p.grad is not None]
-    device = next(model.parameters()).device
     zero = torch.zeros((), device=device)
     e2 = torch.nn.utils.get_total_norm(expert).to(device).square() if expert else zero.clone()
     dist.all_reduce(e2, group=groups.ep)
@@ -239,8 +278,23 @@ def grad_norm(model: nn.Module, groups: ExpertParallelGroups, norm_type: float =
 def clip_grad_norm(model: nn.Module, groups: ExpertParallelGroups, max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` with the global norm of :func:`grad_norm`; returns that norm."""
     total = grad_norm(model, groups)
-    torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm, total)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if any(_is_dtensor(g) for g in grads):   # DTensors of two meshes: scaled shard by shard
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_([_local(g) for g in grads], coef)
+    else:
+        torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm, total)
     return total
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t`` (a DTensor's local shard, in place; a plain tensor itself)."""
+    return t._local_tensor if _is_dtensor(t) else t
 
 
 # ---- full state (checkpoints, HF export) ------------------------------------------------------
@@ -250,12 +304,14 @@ def _expert_keys(model: nn.Module) -> dict[str, ExpertParallelExperts]:
 
 
 @torch.no_grad()
-def gather_full_experts_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
+def gather_full_experts_state(model: nn.Module, state: dict[str, torch.Tensor] | None = None
+                              ) -> dict[str, torch.Tensor] | None:
     """The single-process state dict (names and shapes) on global rank 0, None elsewhere: each expert
-    tensor gathered from its expert-parallel group (collective: every rank calls it)."""
+    tensor gathered from its expert-parallel group (collective: every rank calls it).  ``state``: this rank's
+    state dict with its expert slices whole (FSDP2's gathered over ``dp``), by default ``model.state_dict()``."""
     owners = _expert_keys(model)
     main = dist.get_rank() == 0
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     for key, m in owners.items():
         if 0 not in dist.get_process_group_ranks(m.group):
             continue                     # only the expert-parallel group of rank 0 takes part
@@ -271,6 +327,11 @@ def gather_full_experts_state(model: nn.Module) -> dict[str, torch.Tensor] | Non
 def load_local_experts(model: nn.Module, full_state: dict[str, torch.Tensor]) -> None:
     """Load a single-process (full) state dict into an expert-parallel model: every tensor as it is,
     each expert tensor as this rank's slice (strict: names and shapes must match)."""
+    model.load_state_dict(local_experts_state(model, full_state), strict=True)
+
+
+def local_experts_state(model: nn.Module, full_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``full_state`` with each expert tensor cut to this rank's slice (what :func:`load_local_experts` loads)."""
     local = dict(full_state)
     for key, m in _expert_keys(model).items():
         full = full_state.get(key)
@@ -280,7 +341,7 @@ def load_local_experts(model: nn.Module, full_state: dict[str, torch.Tensor]) ->
             raise ValueError(f"{key}: the state holds {full.shape[0]} experts, the model {m.n_experts}; "
                              "load a checkpoint of this model")
         local[key] = full[m.local_experts]
-    model.load_state_dict(local, strict=True)
+    return local
 
 
 def full_state_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -298,12 +359,13 @@ def _indexed_expert_params(model: nn.Module, optimizer) -> dict[int, tuple[nn.Pa
 
 
 @torch.no_grad()
-def gather_full_optimizer_state(model: nn.Module, optimizer) -> dict | None:
+def gather_full_optimizer_state(model: nn.Module, optimizer, state: dict | None = None) -> dict | None:
     """``optimizer.state_dict()`` with every expert parameter's per-parameter tensors (those shaped like the
     local slice: AdamW's moments, momentum buffers) gathered along the expert dimension, as one process would
-    hold them, on global rank 0; None elsewhere (collective: every rank calls it)."""
+    hold them, on global rank 0; None elsewhere (collective: every rank calls it).  ``state``: this rank's
+    optimizer state dict in that format with its expert slices whole, by default ``optimizer.state_dict()``."""
     main = dist.get_rank() == 0
-    state = optimizer.state_dict()
+    state = optimizer.state_dict() if state is None else state
     state = {"state": dict(state["state"]), "param_groups": state["param_groups"]}
     for i, (p, m) in sorted(_indexed_expert_params(model, optimizer).items()):
         if 0 not in dist.get_process_group_ranks(m.group) or i not in state["state"]:
@@ -325,6 +387,12 @@ def gather_full_optimizer_state(model: nn.Module, optimizer) -> dict | None:
 def load_local_optimizer_state(model: nn.Module, optimizer, full_state: dict) -> None:
     """Load a single-process (full) optimizer state into the optimizer of an expert-parallel model: each
     expert parameter's full-size tensors as this rank's slice."""
+    optimizer.load_state_dict(local_optimizer_state(model, optimizer, full_state))
+
+
+def local_optimizer_state(model: nn.Module, optimizer, full_state: dict) -> dict:
+    """``full_state`` (``optimizer.state_dict()`` format) with each expert parameter's full-size tensors cut to
+    this rank's slice (what :func:`load_local_optimizer_state` loads)."""
     state = {"state": dict(full_state["state"]), "param_groups": full_state["param_groups"]}
     for i, (p, m) in _indexed_expert_params(model, optimizer).items():
         key = i if i in state["state"] else str(i)
@@ -338,10 +406,12 @@ def load_local_optimizer_state(model: nn.Module, optimizer, full_state: dict) ->
                                      f"experts, the model {m.n_experts}")
                 entry[name] = full[m.local_experts]
         state["state"][key] = entry
-    optimizer.load_state_dict(state)
+    return state
 
 
-__all__ = ["ExpertParallelExperts", "ExpertParallelGroups", "apply_expert_parallel", "check_degree", "clip_grad_norm",
-           "expert_parallel_groups", "expert_parallel_modules", "expert_parallel_params", "full_state_shapes",
-           "gather_full_experts_state", "gather_full_optimizer_state", "load_local_optimizer_state",
-           "grad_norm", "load_local_experts", "replicated_params", "source_to_expert_order", "sync_expert_grads"]
+__all__ = ["ExpertParallelExperts", "ExpertParallelGroups", "apply_expert_parallel", "check_degree",
+           "clip_grad_norm", "expert_parallel_groups", "expert_parallel_modules", "expert_parallel_params",
+           "finish_sharded_expert_grads", "full_state_shapes", "gather_full_experts_state",
+           "gather_full_optimizer_state", "grad_norm", "load_local_experts", "load_local_optimizer_state",
+           "local_experts_state", "local_optimizer_state", "replicated_params", "shard_experts",
+           "source_to_expert_order", "sync_expert_grads"]

@@ -24,17 +24,15 @@ def _check(profile: Profile, launch: Launch) -> tuple[torch.device, str, str | N
                                 "shard's overflows); use --set runtime.precision=bf16 on a GPU with bf16, or "
                                 "--set runtime.precision=fp32, or --profile multi_gpu_compile (DDP)")
     if profile.expert_parallel > 1:
-        _check_expert_parallel(profile.expert_parallel, launch.world_size, data_parallel, precision)
+        _check_expert_parallel(profile.expert_parallel, launch.world_size, precision)
     return device, precision, data_parallel
 
 
-def _check_expert_parallel(n: int, world: int, data_parallel: str | None, precision: str) -> None:
+def _check_expert_parallel(n: int, world: int, precision: str) -> None:
     try:
         expert_parallel.check_degree(n, world)
     except ValueError as e:
         raise RuntimeSetupError(f"{e} (launch with torchrun --nproc_per_node=N)" if world == 1 else str(e)) from None
-    if data_parallel == "fsdp":
-        raise RuntimeSetupError(f"{expert_parallel.KEY} with data_parallel fsdp is not built yet; use ddp")
     if precision == "fp16":
         raise RuntimeSetupError(f"{expert_parallel.KEY} with fp16 loss scaling is not supported (each rank "
                                 "would see only its experts' overflows); use --set runtime.precision=bf16 or fp32")

@@ -8,7 +8,8 @@ shapes), each rank writing and reading only the pieces it holds:
 * an FSDP2 parameter, and the optimizer state FSDP2 builds for it, is already a DTensor;
 * an expert-parallel slice ``[E / N, ...]`` is viewed as a DTensor on the run's ``(dp, ep)`` mesh,
   replicated over ``dp`` and sharded over ``ep`` on dim 0, so its global shape is the
-  single-process ``[E, ...]``.
+  single-process ``[E, ...]``; with FSDP2 the slice is itself sharded over ``dp``, and its local
+  shard is viewed on the ``(ep, dp)`` mesh as (Shard(0), Shard(0)): split over ep first, then dp.
 
 Loading builds the same views on the *current* layout (any number of processes, any EP degree)
 and DCP reads into them in place, which is what makes a checkpoint reshard.  Optimizer state is
@@ -30,21 +31,25 @@ MODEL, OPTIM = "model.", "optim."
 
 
 def _expert_view(t: torch.Tensor, groups: ep_.ExpertParallelGroups) -> torch.Tensor:
+    """This rank's part of an expert tensor (its slice ``[E / N, ...]``, or FSDP2's DTensor of that slice on ``dp``)
+    as a DTensor of the single-process ``[E, ...]``, sharing its storage."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
-    return DTensor.from_local(t, groups.mesh, [Replicate(), Shard(0)], run_check=False)
+    if not isinstance(t, DTensor):
+        return DTensor.from_local(t, groups.mesh, [Replicate(), Shard(0)], run_check=False)
+    shape = torch.Size((t.shape[0] * groups.size, *t.shape[1:]))
+    return DTensor.from_local(t._local_tensor, groups.ep_major, [Shard(0), Shard(0)], run_check=False,
+                              shape=shape, stride=torch.empty(shape, device="meta").stride())
 
 
 def _views(model: nn.Module, groups: ep_.ExpertParallelGroups | None) -> tuple[dict[str, torch.Tensor], set[int]]:
     """``model.*`` tensors as DCP should see them, and the ids of the split experts' parameters."""
     split = {id(p) for p in ep_.expert_parallel_params(model)} if groups is not None else set()
-    by_data = {p.data_ptr(): p for p in model.parameters() if id(p) in split}
+    split_names = {clean_name(n) for n, p in model.named_parameters() if id(p) in split}
     out = {}
     for name, t in model.state_dict().items():
         key = MODEL + clean_name(name)
-        if key in out:
-            continue
-        is_split = groups is not None and t.data_ptr() in by_data and t.shape == by_data[t.data_ptr()].shape
-        out[key] = _expert_view(t, groups) if is_split else t
+        if key not in out:
+            out[key] = _expert_view(t, groups) if clean_name(name) in split_names else t
     return out, split
 
 

@@ -95,10 +95,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(tmp: Path, *args: str, nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
+def torchrun(tmp: Path, *args: str, nproc: int = 2, timeout: int = 240,
+             env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --nproc_per_node=N ARGS`` in ``tmp`` (CPU, gloo)."""
     env = subprocess_env(tmp)
-    env.update(private_env(tmp))
+    env.update(private_env(tmp), **(env_extra or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", *args]
     return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)

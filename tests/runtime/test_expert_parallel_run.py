@@ -118,13 +118,15 @@ def test_refuses_a_degree_that_does_not_divide_the_processes(ep_dir, capsys):
     assert not (ep_dir / "refused").exists()
 
 
-def test_refuses_fsdp(ep_dir, monkeypatch):
+def test_composes_with_fsdp_and_ddp_but_checks_the_degree(ep_dir, monkeypatch):
+    """Both data-parallel wraps take split experts (test_fsdp_expert_parallel.py trains EP 2 x FSDP 2)."""
     from nanodecoder.runtime import RuntimeSpec
     from nanodecoder.runtime.setup import resolve_target
     env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
-    target = resolve_target(RuntimeSpec(profile="cpu", data_parallel="fsdp", expert_parallel=2), env)
-    assert target.problem == "runtime.expert_parallel with data_parallel fsdp is not built yet; use ddp"
+    assert resolve_target(RuntimeSpec(profile="cpu", data_parallel="fsdp", expert_parallel=2), env).problem is None
     assert resolve_target(RuntimeSpec(profile="cpu", expert_parallel=2), env).problem is None
+    target = resolve_target(RuntimeSpec(profile="cpu", data_parallel="fsdp", expert_parallel=4), env)
+    assert target.problem.startswith("runtime.expert_parallel: 4 must divide the number of processes (2)")
 
 
 @pytest.mark.parametrize("change, parts", [
