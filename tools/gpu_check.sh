@@ -11,6 +11,8 @@
 #   3. dense_gpt / moe_gpt on the profiles gpu (fp32 + TF32), gpu_mixed (bf16) and compiled,
 #      300 steps each: final val losses and tokens/s side by side
 #   4. the test suite with a GPU present (without the CPU-only torchrun / inductor tests)
+#   5. with 2+ GPUs (NCCL): moe_gpt, 20 fp32 steps, under expert parallelism (EP 2 on 2 GPUs; with 4+ GPUs
+#      also EP 2 x FSDP 2), its losses against one GPU's, and the sharded checkpoint resumed on one GPU
 #
 # GPU_CHECK_TEXT=FILE trains step 3 on a text file instead of the blueprints' corpus
 # (whose tokenizer is trained first: a minute more).
@@ -79,4 +81,34 @@ section "4. the test suite with a GPU present (less the CPU-only torchrun and in
 # suite's time there: CI runs them; here they would not fit in the limit.
 step 150 python -m pytest -q -p no:cacheprovider -m "not distributed and not compile" \
     --ignore=tests/runtime/test_cuda.py tests
+ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "$ngpu" -ge 2 ]; then
+    section "5. expert parallelism over NCCL ($ngpu GPUs): moe_gpt, 20 fp32 steps, against one GPU"
+    ep=(--profile gpu --set train.steps=20 train.eval_every=10 train.checkpoint_every=10 train.log_every=1
+        sample.enabled=false logging.progress=false runtime.precision=fp32 runtime.tf32=false)
+    step 150 python -m nanodecoder.run blueprints/moe_gpt.yaml "${ep[@]}" "logging.runs_dir=$work/ep/one"
+    step 150 python -m torch.distributed.run --nproc_per_node=2 -m nanodecoder.run blueprints/moe_gpt.yaml "${ep[@]}" \
+        runtime.expert_parallel=2 "logging.runs_dir=$work/ep/ep2"
+    if [ "$ngpu" -ge 4 ]; then
+        step 150 python -m torch.distributed.run --nproc_per_node=4 -m nanodecoder.run blueprints/moe_gpt.yaml "${ep[@]}" \
+            runtime.expert_parallel=2 runtime.data_parallel=fsdp "logging.runs_dir=$work/ep/ep2xfsdp2"
+    fi
+    for run in "$work"/ep/ep2*/*/*/; do              # each sharded checkpoint resumed on one GPU, 5 steps more
+        step 120 python -m nanodecoder.run --resume "$run" --set train.steps=25 runtime.expert_parallel=1
+    done
+    python - "$work/ep" <<'EOF' 2>&1 | tee -a "$log"
+import json, sys
+from pathlib import Path
+def rows(name):
+    (m,) = Path(sys.argv[1], name).glob("*/*/metrics.jsonl")
+    return [(r["step"], k, r[k]) for r in map(json.loads, m.read_text().splitlines())
+            for k in ("loss", "val_loss", "grad_norm") if k in r and r["step"] <= 20]
+one = rows("one")
+for name in ("ep2", "ep2xfsdp2"):
+    if Path(sys.argv[1], name).exists():
+        got = rows(name)
+        worst = max(abs(a[2] - b[2]) / abs(b[2]) for a, b in zip(got, one))
+        print(f"{name}: {len(got)} rows against one GPU's {len(one)}, max relative difference {worst:.2e}")
+EOF
+fi
 section "done"

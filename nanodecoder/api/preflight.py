@@ -77,6 +77,7 @@ def preflight(spec, base_dir: Path, *, name: str, inputs, resume: RunDir | None 
 
     attempt(_runtime, spec.runtime, env)
     attempt(_expert_layout, spec, env)
+    attempt(_background_checkpoints, spec)
     attempt(wandb_preflight, spec.logging.wandb)
     if resume is None:
         runs, before = Path(spec.logging.runs_dir), len(out.problems)
@@ -149,6 +150,15 @@ def _runtime(spec, env) -> None:
     problem = resolve_target(spec, env).problem
     if problem is not None:
         raise RuntimeSetupError(problem)
+
+
+def _background_checkpoints(spec) -> None:
+    """``train.async_checkpoint`` writes sharded checkpoints in the background: refused with the full format
+    (``auto`` resolving to full, e.g. a sharded run resumed on one process, writes them as usual)."""
+    if spec.train.async_checkpoint and spec.train.checkpoint_format == "full":
+        raise RuntimeSetupError("train.async_checkpoint: true writes sharded checkpoints in the background, and "
+                                "train.checkpoint_format is full; set train.checkpoint_format: sharded (or auto), "
+                                "or train.async_checkpoint: false")
 
 
 def _expert_layout(spec, env) -> None:

@@ -101,6 +101,7 @@ class Runtime:
     expert_parallel: ep_.ExpertParallelGroups | None = None   # runtime.expert_parallel > 1: its process groups
     scaler: Any = field(default=None, repr=False)
     full_params: ParamReport | None = field(default=None, repr=False)   # counted before the experts were split
+    checkpoint_group: Any = field(default=None, repr=False)   # the background checkpoint writes' own gloo group
 
     def __post_init__(self):
         if self.precision == "fp16" and self.scaler is None:
@@ -322,8 +323,8 @@ class Runtime:
 
     def load_optimizer_state(self, model: nn.Module, optimizer, state: dict[str, Any], names: list[str]) -> None:
         if self._experts_sharded:
-            dist_.load_full_optimizer_state(model, optimizer, ep_.local_optimizer_state(unwrap(model), optimizer, state),
-                                            names)
+            local = ep_.local_optimizer_state(unwrap(model), optimizer, state)
+            dist_.load_full_optimizer_state(model, optimizer, local, names)
         elif self.expert_parallel is not None:
             ep_.load_local_optimizer_state(unwrap(model), optimizer, state)
         else:
@@ -347,6 +348,13 @@ class Runtime:
                            param_groups: list | None) -> None:
         sharded_.load_sharded_state(unwrap(model), optimizer, names, self.expert_parallel, metadata, read,
                                            param_groups)
+
+    def write_shards_in_background(self, tensors: dict[str, torch.Tensor], folder) -> Any:
+        """Start writing this rank's part of a sharded checkpoint (``train.async_checkpoint``); returns a wait()
+        (collective: every rank calls it; the writes use a process group of their own)."""
+        if self.is_distributed and self.checkpoint_group is None:
+            self.checkpoint_group = dist_.new_gloo_group()
+        return sharded_.write_in_background(tensors, folder, self.checkpoint_group)
 
     def state_dict(self) -> dict[str, Any]:
         return {"grad_scaler": self.scaler.state_dict()} if self.scaler is not None else {}

@@ -68,6 +68,11 @@ def lost_peer(error: BaseException, rank: int, world_size: int) -> str | None:
     return f"{who} was lost ({why})"
 
 
+def new_gloo_group() -> dist.ProcessGroup:
+    """A gloo group of every rank, beside the default one (collective: every rank calls it)."""
+    return dist.new_group(backend="gloo")
+
+
 def all_reduce_mean(values: list[torch.Tensor]) -> list[torch.Tensor]:
     """Means over ranks of same-device scalars, with one collective (SUM: gloo has no AVG)."""
     packed = torch.stack([v.detach().float().reshape(()) for v in values])

@@ -260,11 +260,10 @@ def grad_norm(model: nn.Module, groups: ExpertParallelGroups, norm_type: float =
     device = next(model.parameters()).device
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if any(_is_dtensor(g) for g in grads):   # FSDP2: each piece of each gradient on one rank, experts included
-        squares = torch.zeros((), device=device)
-        for g in grads:
-            squares += _local(g).float().square().sum()
+        norms = torch._foreach_norm([_local(g) for g in grads])      # as get_total_norm, shard by shard
+        squares = torch.stack(norms).double().square().sum()
         dist.all_reduce(squares)
-        return squares.sqrt()
+        return squares.sqrt().float()
     expert = [p.grad for p in expert_parallel_params(model) if p.grad is not None]
     rest = [p.grad for p in replicated_params(model) if p.grad is not None]
     zero = torch.zeros((), device=device)

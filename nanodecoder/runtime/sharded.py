@@ -105,6 +105,17 @@ def write(tensors: dict[str, torch.Tensor], folder: Path) -> None:
     dcp.save(tensors, checkpoint_id=str(folder))
 
 
+def write_in_background(tensors: dict[str, torch.Tensor], folder: Path, group=None):
+    """:func:`write`, asynchronously: once this returns the tensors are copied to host memory (they may change),
+    and the returned ``wait()`` returns when every rank's part is on disk (DCP's ``async_save``; ``group``: a
+    process group of its own, so that its collectives never interleave with training's)."""
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():     # one process: "torch.distributed is disabled ... single process"
+        warnings.filterwarnings("ignore", message=".*single process.*", category=UserWarning)
+        future = dcp.async_save(tensors, checkpoint_id=str(folder), process_group=group)
+    return future.result
+
+
 def read(folder: Path, targets: dict[str, torch.Tensor], *, local: bool = False) -> None:
     """Fill ``targets`` in place from ``folder``; ``local``: this process alone, also inside a distributed job."""
     import torch.distributed as dist

@@ -35,8 +35,9 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jsonschema
 import torch
@@ -461,6 +462,17 @@ def load_state(path: Path) -> dict[str, Any]:
     return unflatten(doc, tensors)
 
 
+@dataclass
+class PendingSave:
+    """A sharded checkpoint whose shards are being written in the background (``train.async_checkpoint``)."""
+    wait: Callable[[], Any]               # returns once this rank's shards (and, on rank 0, the index) are written
+    seal: Callable[[], Path | None]       # then: hashed, renamed into place, ``latest`` moved (rank 0)
+
+    def finish(self) -> Path | None:
+        self.wait()
+        return self.seal()
+
+
 class CheckpointManager:
     """Step checkpoints under one folder, with ``latest``/``best`` pointers and pruning."""
 
@@ -580,25 +592,39 @@ class CheckpointManager:
         return path
 
     def save_sharded(self, step: int, state: dict[str, Any], tensors: dict[str, torch.Tensor], *, main: bool,
-                     agree, best: bool = False) -> Path | None:
+                     agree, best: bool = False, background=None) -> "Path | None | PendingSave":
         """A sharded checkpoint of ``step`` (every rank calls this, ``tensors`` being its own part; see
         ``runtime/sharded.py``): rank 0 names the temporary folder (``agree(text)`` hands its text to every
         rank), every rank writes its shards there, then rank 0 writes the training state, hashes it all, renames
-        the folder into place and moves the pointers.  Returns the folder on rank 0, None elsewhere."""
+        the folder into place and moves the pointers.  Returns the folder on rank 0, None elsewhere.
+
+        ``background(tensors, folder)``: starts writing the shards (once it returns, the tensors may change) and
+        returns a wait(); the checkpoint is then a :class:`PendingSave` that hashes, renames and points once they
+        are written (``finish()``), so training goes on meanwhile and a crash before that leaves the previous
+        checkpoint as ``latest``."""
         name = ""
         if main and (path := self._to_write(step)) is not None:
             tmp = _fresh_tmp(path)
             (tmp / SHARDS).mkdir()
             name = tmp.name
         name = agree(name)
-        if name:
-            sharded.write(tensors, self.root / name / SHARDS)
-            if main:
-                _write_state(self.root / name, state)
-                model = {k: t for k, t in tensors.items() if k.startswith(SHARD_MODEL)}
-                _seal(self.root / name, path, SHARDED_FILES,
-                      {"step": state.get("step"), "model_fingerprint": fingerprint(model, {})})
-        return self._point(step, best) if main else None
+        if not name:
+            return self._point(step, best) if main else None
+        folder = self.root / name
+        if main:        # the state of this step, written now: training changes it from the next step on
+            _write_state(folder, state)
+        model = {k: t for k, t in tensors.items() if k.startswith(SHARD_MODEL)}
+        fields = {"step": state.get("step"), "model_fingerprint": fingerprint(model, {})}
+
+        def seal() -> Path | None:
+            if not main:
+                return None
+            _seal(folder, self.root / self.name(step), SHARDED_FILES, fields)
+            return self._point(step, best)
+        if background is None:
+            sharded.write(tensors, folder / SHARDS)
+            return seal()
+        return PendingSave(background(tensors, folder / SHARDS), seal)
 
     def set_aside_after(self, path: Path) -> list[str]:
         """Resuming from ``path`` when later checkpoints exist: move those into ``superseded/`` (kept, never

@@ -24,7 +24,7 @@ from ..config.diff import ABSENT, differences
 from ..config.loader import dotted
 from ..runtime.distributed import lost_peer
 from .optim import param_names
-from .checkpoint import (CheckpointError, check_architecture, is_sharded, load_model_weights, load_state,
+from .checkpoint import (CheckpointError, PendingSave, check_architecture, is_sharded, load_model_weights, load_state,
                          read_manifest, read_shards, shard_metadata, shard_shapes, verify_checkpoint)
 from .metrics import MetricsLog, MoEMonitor
 from .rundir import RunDir
@@ -317,6 +317,7 @@ class TrainingLoop:
         self.elapsed0 = trainer.elapsed_s
         self.t_start = self.t_log = time.perf_counter()
         self.steps_since_log = 0
+        self.pending_save: PendingSave | None = None      # train.async_checkpoint: the one being written
 
     def elapsed(self) -> float:
         """Wall time of the whole run, earlier sessions included."""
@@ -326,7 +327,10 @@ class TrainingLoop:
         self.t_log, self.steps_since_log = time.perf_counter(), 0
 
     def save(self, best: bool = False) -> Path | None:
-        """A checkpoint of the current step (every rank takes part: FSDP gathers the shards)."""
+        """A checkpoint of the current step (every rank takes part: FSDP gathers the shards).  With
+        ``train.async_checkpoint`` a sharded one is written in the background and sealed by :meth:`finish_save`
+        (at the next save or the end of the run); None until then."""
+        self.finish_save()
         trainer = self.trainer
         trainer.elapsed_s = self.elapsed()
         runtime, fmt = trainer.runtime, trainer.spec.checkpoint_format
@@ -334,14 +338,25 @@ class TrainingLoop:
             runtime.reshard(trainer.raw_model)
             names = param_names(trainer.raw_model, trainer.optimizer)
             tensors, groups = runtime.sharded_state(trainer.raw_model, trainer.optimizer, names)
-            return self.run.checkpoints.save_sharded(trainer.step_count, trainer.state_dict(optimizer_groups=groups),
-                                                     tensors, main=self.main, agree=runtime.broadcast_text, best=best)
+            background = runtime.write_shards_in_background if trainer.spec.async_checkpoint else None
+            saved = self.run.checkpoints.save_sharded(trainer.step_count, trainer.state_dict(optimizer_groups=groups),
+                                                      tensors, main=self.main, agree=runtime.broadcast_text, best=best,
+                                                      background=background)
+            if isinstance(saved, PendingSave):
+                self.pending_save = saved
+                return None
+            return saved
         model_state = runtime.model_state(trainer.raw_model)
         state = trainer.state_dict()
         if not self.main:
             return None
         return self.run.checkpoints.save(trainer.step_count, trainer.raw_model, state, best=best,
                                          model_state=model_state)
+
+    def finish_save(self) -> Path | None:
+        """Seal the checkpoint being written in the background, once it is written (no-op when none is)."""
+        pending, self.pending_save = self.pending_save, None
+        return pending.finish() if pending is not None else None
 
     def start(self, summary: str) -> None:
         trainer = self.trainer
@@ -399,6 +414,7 @@ class TrainingLoop:
 
     def finish(self) -> RunResult:
         trainer, run = self.trainer, self.run
+        self.finish_save()
         wall = self.elapsed()
         for hook in self.hooks:
             hook.end(self)

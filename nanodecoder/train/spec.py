@@ -54,6 +54,14 @@ class TrainSpec:
                     "own part (torch.distributed.checkpoint; it resumes on any number of processes, and "
                     "`python -m nanodecoder.ckpt consolidate` makes a full one of it); 'auto' is sharded for FSDP "
                     "and expert-parallel runs, full otherwise.")
+    async_checkpoint: bool = param(False, doc="Write sharded checkpoints in the background "
+                                              "(torch.distributed.checkpoint's async_save): training goes on once "
+                                              "the tensors are copied to host memory, and the checkpoint is sealed "
+                                              "(hashed, renamed into place, 'latest' moved) at the next save or the "
+                                              "end of the run; a crash before that leaves the previous one as "
+                                              "'latest'. Sharded checkpoints only: refused with checkpoint_format "
+                                              "full; where 'auto' resolves to full (one process, DDP) they are "
+                                              "written as usual.")
     keep_best: bool = param(True, doc="Save a checkpoint whenever the validation loss improves and keep it as "
                                       "'best'.")
     seed: int = param(1337, doc="Seed of model initialisation, dropout and batch sampling.", minimum=0)

@@ -25,7 +25,7 @@ from nanodecoder.train.checkpoint import read_full_shards, read_manifest, verify
 pytestmark = pytest.mark.distributed
 REL = 1e-5          # fp32; the reduction order differs between layouts, so not bit for bit
 LAYOUT = ("--set", "runtime.expert_parallel=2", "runtime.data_parallel=fsdp")
-WATCH = Path(__file__).with_name("gather_watch.py")
+WATCH = Path(__file__).with_name("instrumented_run.py")
 
 
 def _numbers(run) -> list[tuple[int, str, float]]:
@@ -71,7 +71,7 @@ def one(tmp):
 @pytest.fixture(scope="module")
 def fsdp_ep(tmp):
     """EP 2 x FSDP 2 on 4 processes (sharded checkpoints: the default), every rank's gathers during the saves
-    recorded by gather_watch.py."""
+    recorded by instrumented_run.py."""
     res = _ok(torchrun(tmp, str(WATCH), "moe.yaml", "--profile", "cpu", "--set", "logging.runs_dir=fsdp_ep",
                        *LAYOUT, nproc=4, env_extra={"GATHER_WATCH": str(tmp / "gathers")}))
     (run,) = run_dirs(tmp / "fsdp_ep")

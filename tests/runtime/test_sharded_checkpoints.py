@@ -146,3 +146,63 @@ def test_a_damaged_shard_is_refused_by_its_hash(tmp, ep_sharded):
     (ckpt / "shards" / "__9_0.distcp").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="which its manifest does not list"):
         verify_checkpoint(ckpt)
+
+
+def test_kill_9_during_a_sharded_save_leaves_the_previous_checkpoint_which_resumes(tmp, reference):
+    """Both ranks SIGKILLed while the step-8 checkpoint is half written (their shards on disk, the folder not yet
+    sealed): ``latest`` still names step 4, which verifies and resumes (on one process) with the uninterrupted
+    run's losses."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    from rthelpers import free_port
+    env = subprocess_env(tmp)
+    env.update(private_env(tmp), STALL_SHARDED_WRITE="2", STALL_MARK=str(tmp / "stalled"))
+    script = Path(__file__).with_name("instrumented_run.py")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={free_port()}", str(script), "moe.yaml", "--profile", "cpu", "--set",
+                             "logging.runs_dir=killed", "runtime.expert_parallel=2"],
+                            cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not all((tmp / f"stalled.{r}").exists() and (tmp / f"stalled.{r}").read_text() for r in range(2)):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its second save"
+            time.sleep(0.2)
+        for r in range(2):                             # both ranks (torchrun starts them in their own sessions)
+            os.kill(int((tmp / f"stalled.{r}").read_text()), signal.SIGKILL)     # no cleanup runs
+        proc.wait(timeout=120)                         # torchrun sees its workers die and exits
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for r in range(2):
+            mark = tmp / f"stalled.{r}"
+            if mark.exists() and mark.read_text():
+                try:
+                    os.kill(int(mark.read_text()), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    (run,) = run_dirs(tmp / "killed")
+    ckpt = run / "ckpt"
+    assert list(ckpt.glob(".tmp-step_000008-*")) and not (ckpt / "step_000008").exists()
+    assert (ckpt / "latest").read_text().strip() == "step_000004"
+    verify_checkpoint(ckpt / "step_000004")
+    _one_process(tmp, "-m", "nanodecoder.run", "--resume", str(run), "--profile", "cpu",
+                 "--set", "runtime.expert_parallel=1")
+    assert_same_losses(_numbers(run), _numbers(reference), REL)
+
+
+def test_background_checkpoints_keep_the_losses_and_resume(tmp, reference):
+    """``train.async_checkpoint``: 2 EP ranks write each sharded checkpoint in the background; the run's losses are
+    the uninterrupted one's, both checkpoints verify, and the one of step 4 resumes on one process exactly."""
+    run = _launch(tmp, "async", "--set", "runtime.expert_parallel=2", "train.async_checkpoint=true")
+    assert_same_losses(_numbers(run), _numbers(reference), REL)
+    for step in ("step_000004", "step_000008"):
+        assert verify_checkpoint(run / "ckpt" / step)["format"] == "sharded"
+    assert (run / "ckpt" / "latest").read_text().strip() == "step_000008"
+    resumed = _resume_copy(tmp, run, "async_one")
+    _one_process(tmp, "-m", "nanodecoder.run", "--resume", str(resumed), "--profile", "cpu",
+                 "--set", "runtime.expert_parallel=1")
+    assert_same_losses(_numbers(resumed), _numbers(reference), REL)

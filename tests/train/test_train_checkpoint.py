@@ -172,3 +172,37 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_p
     net = nn.Linear(64, 64)
     load_model_weights(net, mgr.resolve("latest"))
     assert load_state(mgr.resolve("latest"))["step"] == 1
+
+
+def test_a_background_save_is_sealed_only_once_its_shards_are_written(tmp_path):
+    """``train.async_checkpoint``: ``save_sharded`` returns while the shards are still being written, ``latest``
+    moves only when the pending save is finished, and the shards hold the tensors as they were at the save even
+    though training changed them meanwhile (DCP's async_save copies them first)."""
+    from nanodecoder.runtime import sharded
+    from nanodecoder.train.checkpoint import PendingSave, read_full_shards, verify_checkpoint
+    mgr = CheckpointManager(tmp_path / "ckpt", keep=3)
+    weight = torch.ones(8, 8)
+    waited = []
+
+    def background(tensors, folder):
+        wait = sharded.write_in_background(tensors, folder)
+        return lambda: waited.append(folder) or wait()
+    pending = mgr.save_sharded(1, {"step": 1}, {"model.w": weight}, main=True, agree=lambda s: s,
+                               background=background)
+    assert isinstance(pending, PendingSave) and mgr.latest() is None and not waited
+    weight.mul_(3.0)                                   # the next optimizer step
+    path = pending.finish()
+    assert waited and mgr.latest() == path and path.name == "step_000001"
+    verify_checkpoint(path)
+    assert torch.equal(read_full_shards(path, "model.")["w"], torch.ones(8, 8))
+
+
+def test_background_checkpoints_need_the_sharded_format(tmp_path, capsys):
+    from nanodecoder.cli.run import main
+    from trainhelpers import write_blueprint
+    bp = write_blueprint(tmp_path)
+    assert main([str(bp), "--dry-run", "--set", "train.async_checkpoint=true", "train.checkpoint_format=full"]) == 2
+    err = capsys.readouterr().err
+    assert ("train.async_checkpoint: true writes sharded checkpoints in the background, and "
+            "train.checkpoint_format is full; set train.checkpoint_format: sharded (or auto)") in err, err
+    assert main([str(bp), "--dry-run", "--set", "train.async_checkpoint=true"]) == 0   # auto: full ones, as usual

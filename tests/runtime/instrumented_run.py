@@ -1,9 +1,14 @@
-"""``python -m nanodecoder.run ARGS`` with every gather of a floating-point tensor recorded while a checkpoint is
-written: torch.distributed's gathers and DTensor's ``full_tensor`` / ``redistribute`` (what a full state dict
-uses).  Each rank writes ``{"saves": N, "gathers": [...]}`` to ``$GATHER_WATCH.<rank>`` at exit, so a test can
-check that writing a sharded checkpoint never materialises a whole tensor of a sharded parameter.
+"""``python -m nanodecoder.run ARGS`` with test instruments, each switched on by an environment variable:
 
-Launched by the tests as ``torchrun ... gather_watch.py BLUEPRINT ...``.
+* ``GATHER_WATCH=PATH``: every gather of a floating-point tensor recorded while a checkpoint is written
+  (torch.distributed's gathers and DTensor's ``full_tensor`` / ``redistribute``, what a full state dict uses);
+  each rank writes ``{"saves": N, "gathers": [...]}`` to ``PATH.<rank>`` at exit, so a test can check that
+  writing a sharded checkpoint never materialises a whole tensor of a sharded parameter.
+* ``STALL_SHARDED_WRITE=N`` and ``STALL_MARK=PATH``: the N-th sharded write, once this rank's shards are on
+  disk, writes this process's id to ``PATH.<rank>`` and waits there (for the test's ``kill -9``), before the
+  checkpoint is sealed.
+
+Launched by the tests as ``torchrun ... instrumented_run.py BLUEPRINT ...``.
 """
 from __future__ import annotations
 
@@ -54,10 +59,26 @@ def save(self, *args, **kwargs):
 
 
 TrainingLoop.save = save
+if "STALL_SHARDED_WRITE" in os.environ:
+    import time
+    from pathlib import Path
+
+    from nanodecoder.runtime import sharded
+    _write_shards, _writes = sharded.write, [0]
+
+    def stalling_write(tensors, folder):
+        _write_shards(tensors, folder)
+        _writes[0] += 1
+        if _writes[0] == int(os.environ["STALL_SHARDED_WRITE"]):
+            Path(f"{os.environ['STALL_MARK']}.{os.environ.get('RANK', '0')}").write_text(str(os.getpid()))
+            time.sleep(600)
+    sharded.write = stalling_write
 
 
 @atexit.register
 def _write() -> None:
+    if "GATHER_WATCH" not in os.environ:
+        return
     with open(f"{os.environ['GATHER_WATCH']}.{os.environ.get('RANK', '0')}", "w") as f:
         json.dump(record, f)
 
