@@ -46,14 +46,31 @@ def test_counted_exactly_two_ways(name):
     total, active_no_input = FIGURES[name]
     built = count_blueprint(spec)                       # summing the parameters of the meta-device module
     analytic = param_report(spec)                       # from the spec alone
-    assert built.total == analytic.total == total
+    # the published figures are the main model's: without the multi-token-prediction module (deepseek_v3's)
+    mtp = [r for r in analytic.rows if r.name.startswith("mtp ")]
+    main, main_active = analytic.total - sum(r.count for r in mtp), analytic.active - round(sum(r.active for r in mtp))
+    assert built.total == analytic.total and main == total
     assert built.active == analytic.active
     if active_no_input is not None:
-        assert analytic.active - spec.vocab_size * spec.d_model == active_no_input
+        assert main_active - spec.vocab_size * spec.d_model == active_no_input
     if name in ACTIVE_WITH_BOTH_EMBEDDINGS:
-        assert analytic.active == ACTIVE_WITH_BOTH_EMBEDDINGS[name]
+        assert main_active == ACTIVE_WITH_BOTH_EMBEDDINGS[name]
     if name == "mixtral_8x7b":
         assert round(analytic.active / 1e8) == 129      # "about 12.9B active"
+
+
+def test_deepseek_v3_with_its_mtp_module_counts_the_published_layout():
+    # README_WEIGHTS.md of deepseek-ai/DeepSeek-V3: main model 671B; MTP module "11.5B unique parameters, excluding
+    # the shared 0.9B Embedding and 0.9B output Head"; the Hugging Face card: 685B = 671B + 14B of MTP weights
+    # (the checkpoint stores the module's own copies of the embedding and the head)
+    _, spec = blueprint_model_spec("zoo/deepseek_v3")
+    assert spec.mtp.depth == 1 and spec.mtp_block == spec.blocks[-1]          # num_nextn_predict_layers: 1
+    analytic = param_report(spec)
+    assert count_blueprint(spec).total == analytic.total == 682_636_472_320
+    mtp = sum(r.count for r in analytic.rows if r.name.startswith("mtp "))
+    assert mtp == 11_610_067_968 and analytic.total - mtp == 671_026_404_352
+    copies = 2 * spec.vocab_size * spec.d_model                               # embed_tokens, shared_head.head
+    assert round((mtp + copies) / 1e9) == 13 and round((analytic.total + copies) / 1e8) == 6845
 
 
 def scaled_down(raw: dict) -> dict:

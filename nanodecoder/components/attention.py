@@ -136,6 +136,11 @@ class CausalSelfAttention(Component):
             return 2 * self.kv_heads * self.head_size
 
         @property
+        def value_width(self) -> int:
+            """Width of the values (every key/value head's) a value embedding adds to."""
+            return self.kv_heads * self.head_size
+
+        @property
         def n_params(self) -> int:
             E, H, K = self.head_size, self.n_heads, self.kv_heads
             qkv = (H + 2 * K) * E
@@ -256,9 +261,13 @@ class CausalSelfAttention(Component):
         for p in self.parameters(recurse=False):     # sinks and separate q/k/v biases start at zero
             nn.init.zeros_(p)
 
-    def forward(self, x_BTD: torch.Tensor, rotary=None, cache=None) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, rotary=None, cache=None, values=None) -> torch.Tensor:
+        """``values``: a function of the values [B, T, value_width] that gives those attended (a value embedding
+        mixed in: ``model.value_embeddings``), or None."""
         s = self.spec
         q, k, v = self.project(x_BTD)
+        if values is not None:
+            v = values(v)
         start = cache.pos if cache is not None else 0        # the position of this call's first token
         q, k, factor = self.transform(self.transforms[0], q, k, rotary, start)
         q_BHTE = rearrange(q, "b t (h e) -> b h t e", h=s.n_heads)

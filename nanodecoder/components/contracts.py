@@ -142,6 +142,9 @@ class AttentionKind(Contract):
     #: for RoPE: dimensions per head that are rotated, and ``(key to blame, how it comes about, the fix)``
     rotary_size: ClassVar[int | None] = None
     rotary_origin: ClassVar[tuple[str, str, str] | None] = None
+    #: numbers per position of the values a value embedding adds to (``model.value_embeddings``: its forward then
+    #: takes ``values``, a function of its [B, T, value_width] values); None: the kind takes none
+    value_width: ClassVar[int | None] = None
 
     @classmethod
     def missing(cls, spec_cls: type) -> list[str]:

@@ -428,7 +428,10 @@ def hf_family_for(spec: ModelSpec, hint: str | None = None) -> tuple[Family, dic
         except HFError as e:
             ranked.append((True, 1, pos, t, [str(e)]))
             continue
-        diffs = _differences(mine, comparable(back), t)
+        # MTP modules are a training objective: a config that records them (DeepSeek-V3's num_nextn_predict_layers,
+        # whose layers transformers' model drops) describes the model without them
+        recorded = spec.mtp is not None and config.get("num_nextn_predict_layers") == spec.mtp.depth
+        diffs = _differences({k: v for k, v in mine.items() if k != "mtp"} if recorded else mine, comparable(back), t)
         if not diffs:
             return fam, config
         ranked.append((False, len(diffs), pos, t, diffs))

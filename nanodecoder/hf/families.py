@@ -655,6 +655,12 @@ def _deepseek_model(config):
     return model
 
 
+def _mtp_layers(spec) -> int:
+    """DeepSeek-V3's num_nextn_predict_layers: the depth of MTP modules of the last layer's block (as DeepSeek's
+    are; transformers' model has none of them: their weights are not exported), else 0."""
+    return spec.mtp.depth if spec.mtp is not None and spec.mtp.block is None else 0
+
+
 def _deepseek_config(spec):
     a, m, norm = spec.block.attention, spec.block.mlp, spec.block.norm
     if a.kind != "mla" or norm.kind != "rmsnorm" or m.kind != "moe" or m.router.kind != "sigmoid":
@@ -672,7 +678,7 @@ def _deepseek_config(spec):
             "moe_intermediate_size": m.hidden, "n_routed_experts": m.n_experts, "num_experts_per_tok": m.top_k,
             "n_shared_experts": m.n_shared_experts, "routed_scaling_factor": r.routed_scaling_factor,
             "n_group": r.n_group, "topk_group": r.topk_group, "norm_topk_prob": True,
-            "first_k_dense_replace": dense, "num_nextn_predict_layers": 0, "hidden_act": "silu",
+            "first_k_dense_replace": dense, "num_nextn_predict_layers": _mtp_layers(spec), "hidden_act": "silu",
             "max_position_embeddings": spec.context_length, "rms_norm_eps": norm.eps,
             "tie_word_embeddings": spec.tie_embeddings, "attention_dropout": 0.0, "dtype": "float32",
             **rope_config(spec.positional, softmax_mscale=True)}

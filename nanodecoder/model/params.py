@@ -3,7 +3,8 @@
 * ``total``: every distinct parameter (a tied head counts once).
 * ``active``: parameters used per token: routed experts count k of n
   (each MoE module reports its ``inactive_params_per_token``).
-* ``embedding``: token embedding + learned positions (+ an untied output
+* ``embedding``: token embedding + learned positions + value embeddings (tables and their mixing scalars;
+  ``model.value_embeddings``) (+ an untied output
   head is listed as its own row and counted as non-embedding, as it is a
   real matmul per token).
 
@@ -88,17 +89,32 @@ def count_params(model: nn.Module) -> ParamReport:
 
     embedding = add("token embedding", model.wte)
     embedding += add(f"positional ({model.spec.positional.kind})", model.pos)
-    for block, bspec in zip(model.blocks, model.spec.blocks):
-        for norm in block.norms():
-            add(f"norm ({bspec.norm.kind})", norm)
-        add(f"attention ({bspec.attention.kind})", block.attn)
-        add(f"mlp ({bspec.mlp.kind})", block.mlp)
-    add(f"final norm ({model.spec.final.kind})", model.norm)
-    add("output head (untied)" if not model.spec.tie_embeddings else "output head (tied)", model.head)
+    spec = model.spec
+    for block, bspec in zip(model.blocks, spec.blocks):
+        add_block(add, block, bspec)
+        if hasattr(block, "value_embed"):
+            embedding += add("value embeddings", block.value_embed)
+    add(f"final norm ({spec.final.kind})", model.norm)
+    add("output head (untied)" if not spec.tie_embeddings else "output head (tied)", model.head)
+    if hasattr(model, "skips"):
+        add("skip weights (unet)", model.skips)
+    for module in getattr(model, "mtp", ()):
+        for norm in (module.hnorm, module.enorm, module.norm):
+            add(f"mtp norm ({spec.final.kind})", norm)
+        add("mtp projection", module.proj)
+        add_block(add, module.block, spec.mtp_block, "mtp ")
     rows = [Row(name, int(c), a) for name, (c, a) in groups.items() if c or name.startswith("output head")]
     total = sum(r.count for r in rows)
     active = int(round(sum(r.active for r in rows)))
     return ParamReport(total=total, active=active, embedding=embedding, rows=rows)
+
+
+def add_block(add, block: nn.Module, bspec, prefix: str = "") -> None:
+    """The rows of one block: its norms, attention and MLP (``prefix``: ``mtp `` for a module's block)."""
+    for norm in block.norms():
+        add(f"{prefix}norm ({bspec.norm.kind})", norm)
+    add(f"{prefix}attention ({bspec.attention.kind})", block.attn)
+    add(f"{prefix}mlp ({bspec.mlp.kind})", block.mlp)
 
 
 def count_blueprint(model_spec) -> ParamReport:

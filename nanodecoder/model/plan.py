@@ -17,7 +17,10 @@ FLOPs per token: model FLOPs, the convention of MFU
     averaged over a sequence of ``context`` tokens.  Training = 3 x forward (the backward
     is twice the forward).  Activation checkpointing runs each block's forward once
     more: ``recompute`` (hardware FLOPs, not counted in MFU).  Not counted: norms,
-    activation functions, softmax, bias additions (well under 1%).
+    activation functions, softmax, bias additions (well under 1%), value-embedding lookups
+    and U-Net skip additions.  Each MTP module k (``model.mtp``) runs on the first
+    context - k positions: its projection, block and the head, times (context - k) / context
+    (its projection counted with the blocks, so also in ``recompute``, a slight over-count).
 
 Memory (bytes; per device: FSDP shards the model state over ``world_size``; expert parallelism splits the
 routed experts of every MoE layer over ``expert_parallel`` devices, the rest replicated under DDP or sharded
@@ -62,16 +65,29 @@ def param_report(spec: ModelSpec) -> ParamReport:
         row[0] += count
         row[1] += count if active is None else active
 
+    def add_block(b, n: int, prefix: str = "") -> None:
+        add(f"{prefix}norm ({b.norm.kind})", n * len(NORMS[spec.norm_placement]) * b.norm.n_params)
+        add(f"{prefix}attention ({b.attention.kind})", n * b.attention.n_params)
+        add(f"{prefix}mlp ({b.mlp.kind})", n * b.mlp.n_params, n * b.mlp.n_active)
+
     embedding = spec.vocab_size * spec.d_model + spec.positional.n_params
     add("token embedding", spec.vocab_size * spec.d_model)
     add(f"positional ({spec.positional.kind})", spec.positional.n_params)
     for b, n in spec.layer_groups:
-        add(f"norm ({b.norm.kind})", n * len(NORMS[spec.norm_placement]) * b.norm.n_params)
-        add(f"attention ({b.attention.kind})", n * b.attention.n_params)
-        add(f"mlp ({b.mlp.kind})", n * b.mlp.n_params, n * b.mlp.n_active)
+        add_block(b, n)
+        if b.value_embedding:                     # a table and its two mixing scalars per layer
+            add("value embeddings", n * (spec.vocab_size * b.attention.value_width + 2))
+            embedding += n * (spec.vocab_size * b.attention.value_width + 2)
     add(f"final norm ({spec.final.kind})", spec.final.n_params)
     head = "output head (tied)" if spec.tie_embeddings else "output head (untied)"
     add(head, 0 if spec.tie_embeddings else spec.vocab_size * spec.d_model)
+    if spec.unet_skips is not None:
+        add("skip weights (unet)", len(spec.unet_skips.indices(spec.n_layers)))
+    if spec.mtp is not None:                      # each module; the embedding and the head are the model's
+        D = spec.mtp.depth
+        add(f"mtp norm ({spec.final.kind})", D * 3 * spec.final.n_params)
+        add("mtp projection", D * 2 * spec.d_model * spec.d_model)
+        add_block(spec.mtp_block, D, "mtp ")
     out = [Row(name, int(c), a) for name, (c, a) in rows.items() if c or name == head]
     return ParamReport(total=sum(r.count for r in out), active=int(round(sum(r.active for r in out))),
                        embedding=embedding, rows=out)
@@ -113,7 +129,15 @@ def flops(spec: ModelSpec, context: int | None = None) -> Flops:
     for b, n in spec.layer_groups:
         matmuls += 2 * n * (b.attention.matmul_params + b.mlp.n_active)
         attention += n * b.attention.score_flops(T)
-    return Flops(block_matmuls=matmuls, head=2.0 * spec.d_model * spec.vocab_size, attention=attention)
+    head = 2.0 * spec.d_model * spec.vocab_size
+    if spec.mtp is not None:        # module k runs on the first T - k positions: its projection, block and head
+        b, D = spec.mtp_block, spec.d_model
+        for k in range(1, min(spec.mtp.depth, T - 1) + 1):
+            share = (T - k) / T
+            matmuls += 2 * share * (2 * D * D + b.attention.matmul_params + b.mlp.n_active)
+            attention += share * b.attention.score_flops(T - k)
+            head += share * 2.0 * D * spec.vocab_size
+    return Flops(block_matmuls=matmuls, head=head, attention=attention)
 
 
 def flops_per_token(spec_or_model, context_length: int | None = None) -> float:
@@ -128,7 +152,9 @@ def block_bytes(spec: ModelSpec, b, T: int, c: int, device: str) -> tuple[float,
     its input), the attention and the MLP (each keeps its input: a norm's output, in the compute dtype)."""
     a = b.attention.saved_bytes(T, c, device, b.positional.rotates_heads)
     norms = len(NORMS[spec.norm_placement]) * b.norm.saved_bytes_per_token()
-    return (T * (norms + a.per_token + b.mlp.saved_bytes_per_token(c, device)) + a.per_sequence,
+    # a value embedding: the looked-up values and the mixed ones, in the values' dtype (fp32 on the CPU kernels)
+    values = 2 * b.attention.value_width * (FP32 if device == "cpu" else c) if b.value_embedding else 0
+    return (T * (norms + a.per_token + b.mlp.saved_bytes_per_token(c, device) + values) + a.per_sequence,
             a.per_batch + b.mlp.saved_bytes_per_batch(c, device))
 
 
@@ -141,15 +167,17 @@ class Activations:
     logits: float         # the logits the caller holds and the fp32 loss gradient at the start of the backward
     block_inputs: float   # with checkpointing: the input of every block, fp32
     largest_block: float  # with checkpointing: one block recomputed
+    skips: float = 0.0    # model.unet_skips: sent outputs that no block keeps as its input
+    mtp: float = 0.0      # model.mtp: every module's embeddings, projection input, block, norm, head and logits
 
     @property
     def saved(self) -> float:
         """What autograd saves without checkpointing (the saved_tensors_hooks measurement)."""
-        return self.embedding + self.blocks + self.head
+        return self.embedding + self.blocks + self.head + self.skips + self.mtp
 
     def total(self, checkpointing: bool) -> float:
         inner = self.block_inputs + self.largest_block if checkpointing else self.blocks
-        return self.embedding + inner + self.head + self.logits
+        return self.embedding + inner + self.head + self.logits + self.skips + self.mtp
 
 
 def activations(spec: ModelSpec, T: int, batch: int = 1, precision: str = "fp32",
@@ -163,11 +191,23 @@ def activations(spec: ModelSpec, T: int, batch: int = 1, precision: str = "fp32"
         per_block.append((batch * seq + once, n))
     D, V = spec.d_model, spec.vocab_size
     softcap = V * c if spec.logit_softcap is not None else 0
-    head = tokens * (spec.final.saved_bytes_per_token() + D * c + V * FP32 + softcap)
+    head_per_token = spec.final.saved_bytes_per_token() + D * c + V * FP32 + softcap
     dropped = D * dropout_mask(FP32, device) if spec.dropout else 0
-    return Activations(embedding=tokens * (INDEX + dropped), blocks=sum(b * n for b, n in per_block), head=head,
-                       logits=tokens * V * (c + FP32), block_inputs=tokens * D * FP32 * spec.n_layers,
-                       largest_block=max(b for b, _ in per_block))
+    skips = 0.0
+    if spec.unet_skips is not None:     # a sent output is kept by its skip; the next block's input unless it receives
+        sources = spec.unet_skips.indices(spec.n_layers)
+        skips = tokens * D * FP32 * sum(spec.n_layers - 2 - i in sources for i in sources)
+    mtp = 0.0
+    if spec.mtp is not None:    # module k on T - k positions: its two norms (of copies), projection input, block,
+        for k in range(1, min(spec.mtp.depth, T - 1) + 1):         # head and targets (a copy: a slice)
+            seq, once = block_bytes(spec, spec.mtp_block, T - k, c, device)
+            # the two norms (as measured: a final norm's bytes each, less one fp32 row for the embeddings')
+            norms = 2 * spec.final.saved_bytes_per_token() - D * FP32
+            mtp += batch * (seq + (T - k) * (norms + 2 * D * c + head_per_token + INDEX)) + once
+    return Activations(embedding=tokens * (INDEX + dropped), blocks=sum(b * n for b, n in per_block),
+                       head=tokens * head_per_token, logits=tokens * V * (c + FP32),
+                       block_inputs=tokens * D * FP32 * spec.n_layers, largest_block=max(b for b, _ in per_block),
+                       skips=skips, mtp=mtp)
 
 
 # ---------------------------------------------------------------------------------------- the plan
@@ -291,6 +331,10 @@ class Plan:
         gathered_block = max(w - routed_params(b.mlp) * (1 - 1 / st.expert_parallel) for (w, _), (b, _)
                              in zip(blocks, groups))
         matmul = sum(n * (b.attention.n_params + b.mlp.n_params - b.mlp.router_params) for b, n in groups) + head
+        if spec.mtp is not None:          # each module's projection and block
+            m = spec.mtp_block
+            matmul += spec.mtp.depth * (2 * spec.d_model ** 2 + m.attention.n_params + m.mlp.n_params
+                                        - m.mlp.router_params)
         copies = 0.0
         if DTYPE_BYTES[st.precision] < FP32:
             if checkpointing:        # the experts' casts are not cached: one block's at a time

@@ -39,9 +39,56 @@ class BlockSpec:
     #: not a YAML key: the positional encoding this layer's attention uses, set in ``ModelSpec.blocks`` (the model's
     #: ``positional`` or an override's, its hand-downs taken from this block); null in ``model.block``
     positional: Kind | None = None
+    #: not a YAML key: whether this layer's attention mixes a value embedding into its values
+    #: (``model.value_embeddings``), set in ``ModelSpec.blocks``
+    value_embedding: bool = False
 
 
 PARTS = ("norm", "attention", "mlp", "positional")
+_LAYERS_DOC = "a list of indices ([0, 1]) or a range {start, stop, every} (every N-th layer from start, stop excluded)"
+
+
+@declared
+class ValueEmbeddingSpec:
+    """Value embeddings (modded-nanogpt): each chosen layer has its own table of one value vector per token, added
+    into its attention's values as ``v = a v + b ve[token]``, with two learned scalars a and b per layer (1 at the
+    start; the table starts as an embedding does under model.init). The tables are embeddings (a lookup, no
+    matmul): the AdamW part of Muon, counted in the embedding parameters."""
+    layers: tuple[int, ...] | LayerRange | None = param(
+        None, doc=f"Which layers have one: {_LAYERS_DOC}; null: every layer. Their attention kind must take value "
+                  "embeddings (causal does).", minimum=0, min_items=1)
+
+    def indices(self, n_layers: int) -> list[int]:
+        return _chosen(self.layers, n_layers)
+
+
+@declared
+class UNetSkipSpec:
+    """U-Net skips (modded-nanogpt): the output of each chosen early block i is added, times a learned scalar, to the
+    input of block n_layers - 1 - i."""
+    layers: tuple[int, ...] | LayerRange | None = param(
+        None, doc=f"Which early blocks send their output: {_LAYERS_DOC}, each below n_layers - 1 - itself; null: "
+                  "the first n_layers // 2.", minimum=0, min_items=1)
+    weight: float = param(1.0, doc="Starting value of every skip's learned scalar.")
+
+    def indices(self, n_layers: int) -> list[int]:
+        return _chosen(self.layers, n_layers, default=n_layers // 2)
+
+
+@declared
+class MTPSpec:
+    """Multi-token prediction (DeepSeek-V3, section 2.2): D sequential modules after the model; module k combines
+    norm(h_i of module k-1, the model's last block output for k = 1) and norm(Emb(t_{i+k})) by a projection
+    M_k [d_model, 2 d_model], runs them through one transformer block and predicts t_{i+k+1} through its own final
+    norm and the model's output head (the token embedding and the head are the model's, shared). The norms are the
+    model's final norm kind. Training adds loss_weight / depth x the sum of the modules' cross-entropies to the
+    loss (the reported loss stays the next-token one); generation does not use the modules."""
+    depth: int = param(1, doc="Number of modules D: module k predicts the token k + 1 positions ahead (DeepSeek-V3: "
+                              "1).", minimum=1)
+    loss_weight: float = param(0.3, doc="lambda, the weight of the modules' mean cross-entropy in the training "
+                                        "loss (DeepSeek-V3: 0.3, then 0.1 for its last 4.8T tokens).", minimum=0)
+    block: BlockSpec | None = param(None, doc="The block of every module (null: the model's last layer's, "
+                                              "overrides included, as DeepSeek-V3 has).")
 
 
 @declared
@@ -71,6 +118,16 @@ class OverrideSpec:
             yield ("positional",), (f"{kind} positions are added to the input once, before the first layer, so only "
                                     f"model.positional may be {kind}; give these layers rope or none, or make "
                                     f"model.positional {kind}")
+
+
+def _chosen(layers, n_layers: int, default: int | None = None) -> list[int]:
+    """The indices a ``layers`` value chooses (null: every layer, or the first ``default``), those past the last
+    layer left out (the model's check reports them)."""
+    if layers is None:
+        return list(range(n_layers if default is None else default))
+    if isinstance(layers, tuple):
+        return [i for i in layers if i < n_layers]
+    return layers.indices(n_layers)
 
 
 def layer_coverage(overrides: tuple[OverrideSpec, ...], n_layers: int) -> dict[tuple[int, ...], int]:
@@ -145,16 +202,28 @@ class ModelSpec:
     final_norm: Kind | None = choice("norm", default=None, doc="Norm before the output head (null: the block "
                                                                "norm).")
     init: Kind = choice("init", default="gpt2", doc="Weight initialisation scheme.")
+    value_embeddings: ValueEmbeddingSpec | None = param(
+        None, doc="Value embeddings in chosen layers (modded-nanogpt), e.g. {layers: [0, 1]}; {}: every layer; "
+                  "null: off.")
+    unet_skips: UNetSkipSpec | None = param(
+        None, doc="U-Net skips from early to late blocks (modded-nanogpt), e.g. {} (the first half into the "
+                  "second); null: off.")
+    mtp: MTPSpec | None = param(None, doc="Multi-token prediction modules (DeepSeek-V3), e.g. {depth: 1}; a "
+                                          "training objective only; null: off.")
 
     @functools.cached_property
     def blocks(self) -> tuple[BlockSpec, ...]:
         """The block of every layer, overrides applied in order (what the builder builds; the plan sums over
         :attr:`layer_groups` instead, which does not grow with n_layers)."""
-        layers = [{p: getattr(self.block, p) for p in PARTS} for _ in range(self.n_layers)]
+        layers = [{**{p: getattr(self.block, p) for p in PARTS}, "value_embedding": False}
+                  for _ in range(self.n_layers)]
         for ov in self.overrides:
             for i in ov.indices(self.n_layers):
                 if 0 <= i < self.n_layers:
                     layers[i].update(ov.parts())
+        if self.value_embeddings is not None:
+            for i in self.value_embeddings.indices(self.n_layers):
+                layers[i]["value_embedding"] = True
         made: dict[tuple, BlockSpec] = {}             # layers of the same parts share one BlockSpec
         for parts in layers:
             key = tuple(parts.values())
@@ -168,12 +237,34 @@ class ModelSpec:
         first layer: :attr:`blocks` counted without a per-layer list, so that planning 10**9 layers costs what
         planning 10 does."""
         groups = []
-        for covering, count in layer_coverage(self.overrides, self.n_layers).items():
-            parts = {p: getattr(self.block, p) for p in PARTS}
+        n = len(self.overrides)
+        # the value-embedding layers join as one more (partless) override: index n in a layer's covering
+        extra = () if self.value_embeddings is None else \
+            (OverrideSpec(layers=self.value_embeddings.layers or LayerRange()),)
+        for covering, count in layer_coverage(self.overrides + extra, self.n_layers).items():
+            parts = {**{p: getattr(self.block, p) for p in PARTS}, "value_embedding": n in covering}
             for j in covering:
-                parts.update(self.overrides[j].parts())
+                if j < n:
+                    parts.update(self.overrides[j].parts())
             groups.append((self._layer_block(parts), count))
         return tuple(groups)
+
+    @functools.cached_property
+    def mtp_block(self) -> BlockSpec | None:
+        """The block of every multi-token-prediction module (``mtp.block``, or the last layer's), or None."""
+        if self.mtp is None:
+            return None
+        if self.mtp.block is not None:
+            return self._layer_block({**{p: getattr(self.mtp.block, p) for p in PARTS}, "value_embedding": False})
+        last = self.n_layers - 1
+        parts = {**{p: getattr(self.block, p) for p in PARTS}, "value_embedding": False}
+        for ov in self.overrides:
+            chosen = ov.layers
+            if (last in chosen) if isinstance(chosen, tuple) else \
+                    (chosen.start <= last < (chosen.stop if chosen.stop is not None else last + 1)
+                     and (last - chosen.start) % chosen.every == 0):
+                parts.update(ov.parts())
+        return self._layer_block(parts)
 
     def _layer_block(self, parts: dict) -> BlockSpec:
         """One layer's block from its parts: its positional (the model's where no override gives one) with the
@@ -225,8 +316,38 @@ class ModelSpec:
                                        "(stop: null goes to the end)")
             elif stop is not None and stop <= start:
                 yield at + ("stop",), f"stop {stop} selects no layer; it must be greater than start ({start})"
+        yield from self._trick_checks()
         yield from self._rotary_checks()
         yield from self._size_checks()
+
+    def _trick_checks(self):
+        """value_embeddings, unet_skips and mtp: the layers they name exist and can take them."""
+        n = self.n_layers
+        for key in ("value_embeddings", "unet_skips"):
+            section = getattr(self, key)
+            if section is None or not isinstance(section.layers, tuple):
+                continue
+            for k, i in enumerate(section.layers):
+                if i >= n:
+                    yield (key, "layers", k), f"layer {i} does not exist; {_layers_word(n)}"
+        if self.value_embeddings is not None:
+            for b, _ in self.layer_groups:
+                if b.value_embedding and b.attention.value_width is None:
+                    yield ("value_embeddings", "layers"), (
+                        f"a layer it chooses has {b.attention.kind} attention, which takes no value embeddings; "
+                        f"choose only layers whose attention does (causal)")
+                    break
+        if self.unet_skips is not None:
+            late = [i for i in self.unet_skips.indices(n) if i >= n - 1 - i]
+            if late:
+                yield ("unet_skips", "layers"), (
+                    f"layer {late[0]}'s output would go into layer {n - 1 - late[0]}, which is not after it; "
+                    f"choose layers below {(n - 1) / 2:g} ({_layers_word(n)})")
+            elif not self.unet_skips.indices(n):
+                yield ("unet_skips", "layers"), f"no layer sends a skip; {_layers_word(n)}"
+        if self.mtp is not None and self.mtp.depth >= self.context_length:
+            yield ("mtp", "depth"), (f"depth {self.mtp.depth} leaves no position to predict from in "
+                                     f"context_length {self.context_length}; lower it")
 
     def _size_checks(self):
         """Sizes no machine can build, as blueprint errors (a run that is merely too big for this machine is the

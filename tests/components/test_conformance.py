@@ -314,6 +314,30 @@ def test_schema_entry_and_hugging_face_mapping_or_refusal(category, name, exampl
     check_hf(spec_for(category, name, example, host))
 
 
+#: the model options beside the kinds (the speedrun tricks), each in the tiny model through the same checks
+MODEL_OPTIONS = {
+    "value_embeddings": {"value_embeddings": {"layers": [1]}},
+    "unet_skips": {"n_layers": 4, "unet_skips": {}},
+    "mtp": {"mtp": {"depth": 2}},
+    "mtp with an moe block": {"mtp": {"depth": 1, "block": {"attention": {"kind": "causal", "n_heads": 4},
+                                                            "mlp": MOE_HOST}}},
+    "all, GQA": {"n_layers": 4, "block": {"attention": {"kind": "causal", "n_heads": 4, "n_kv_heads": 2},
+                                          "mlp": {"kind": "gelu"}},
+                 "value_embeddings": {}, "unet_skips": {"layers": [0]}, "mtp": {}},
+}
+
+
+@pytest.mark.parametrize("option", sorted(MODEL_OPTIONS))
+def test_model_options_meet_the_same_checks(option, tmp_path):
+    spec = build_model_spec({**BASE, **MODEL_OPTIONS[option]}, catalog=CATALOG)
+    check_forward_backward(spec)
+    check_meta_count(spec)
+    check_saved_bytes("model", spec)
+    check_kv_cache(spec)
+    check_init_and_round_trip(spec, tmp_path)
+    check_hf(spec)
+
+
 def test_every_category_with_a_contract_has_kinds_and_every_kind_is_exemplified():
     exemplified = {(c, n) for c, n, *_ in (p.values for p in CASES)}
     for category in CONTRACTS:
