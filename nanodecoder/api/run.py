@@ -300,13 +300,13 @@ class Run:
             held.enter_context(lock_for_training(run.path, runtime))
         planned = strategy.planned_model()        # the memory plan before the data is prepared, as --dry-run's
         checked = planned is not None and planned.vocab_size != "auto"
-        if checked:
-            refuse_if_too_big(planned, spec.train, runtime)
+        memory = refuse_if_too_big(planned, spec.train, runtime) if checked else None
         prep, spec = strategy.prepare(run)
         if strategy.checks_memory and not checked:
-            refuse_if_too_big(spec.model, spec.train, runtime)
+            memory = refuse_if_too_big(spec.model, spec.train, runtime)
         evals = data_checks(spec, prep.tokenizer, self.base_dir)   # the prompt and eval files against the tokenizer
         seed_everything(spec.train.seed)
+        runtime.note_memory_before_model()
         trainer = strategy.make_trainer(prep, spec, runtime)
         run, resumed_from = self._run_folder(run, spec, runtime, prep, trainer, held)
         meta = run.meta()
@@ -317,7 +317,8 @@ class Run:
             run.update_meta(wandb_id=wandb_run.id)
         hooks = standard_hooks(trainer, logging=spec.logging, sample=spec.sample, tokenizer=prep.tokenizer,
                                name=bp.name, evals=evals)
-        loop = TrainingLoop(trainer, run, hooks, logging=spec.logging, wandb_run=wandb_run)
+        loop = TrainingLoop(trainer, run, hooks, logging=spec.logging, wandb_run=wandb_run,
+                            planned_memory=memory.needed if memory is not None else None)
         result = loop(start_summary(name=bp.name, run_dir=run, params=runtime.count_params(trainer.raw_model),
                                     trainer=trainer, runtime=runtime, train_tokens=strategy.train_tokens(prep),
                                     resumed_from=str(resumed_from) if resumed_from else None))

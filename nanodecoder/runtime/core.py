@@ -102,6 +102,7 @@ class Runtime:
     scaler: Any = field(default=None, repr=False)
     full_params: ParamReport | None = field(default=None, repr=False)   # counted before the experts were split
     checkpoint_group: Any = field(default=None, repr=False)   # the background checkpoint writes' own gloo group
+    memory_before_model: int | None = None  # peak_memory_bytes() just before the model was built
 
     def __post_init__(self):
         if self.precision == "fp16" and self.scaler is None:
@@ -376,6 +377,16 @@ class Runtime:
             return int(torch.cuda.max_memory_allocated(self.device))
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(rss if sys.platform == "darwin" else rss * 1024)
+
+    def note_memory_before_model(self) -> None:
+        """Remember the peak so far (the interpreter, torch, the process group, the data): what the model adds is
+        measured from here (:meth:`memory_per_rank`)."""
+        self.memory_before_model = self.peak_memory_bytes()
+
+    def memory_per_rank(self) -> list[tuple[int, int]]:
+        """``(peak before the model was built, peak now)`` in bytes of every rank, in rank order (collective)."""
+        mine = (self.memory_before_model or 0, self.peak_memory_bytes())
+        return dist_.gather_ints(mine) if self.is_distributed else [mine]
 
     @property
     def memory_label(self) -> str:

@@ -80,6 +80,14 @@ def all_reduce_mean(values: list[torch.Tensor]) -> list[torch.Tensor]:
     return list((packed / dist.get_world_size()).unbind())
 
 
+def gather_ints(values: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Every rank's ``values`` (the same length on each), in rank order, on every rank (CPU tensor: gloo)."""
+    mine = torch.tensor(values, dtype=torch.int64)
+    out = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, mine)
+    return [tuple(int(v) for v in t.tolist()) for t in out]
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any (CPU tensor: gloo, no GPU sync)."""
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)

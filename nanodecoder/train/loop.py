@@ -304,8 +304,9 @@ class TrainingLoop:
     Only rank 0 writes metrics, plots, checkpoints and samples, and prints."""
 
     def __init__(self, trainer: Trainer, run: RunDir, hooks: Sequence[Hook], *, logging, wandb_run=None,
-                 out: Callable[[str], None] = print):
+                 out: Callable[[str], None] = print, planned_memory: float | None = None):
         self.trainer, self.run, self.hooks, self.wandb_run = trainer, run, list(hooks), wandb_run
+        self.planned_memory = planned_memory     # bytes per process, the memory plan's total (None: not planned)
         self.main = trainer.runtime.is_main
         self.out = out if self.main else _quiet
         self.logging = logging
@@ -357,6 +358,17 @@ class TrainingLoop:
         """Seal the checkpoint being written in the background, once it is written (no-op when none is)."""
         pending, self.pending_save = self.pending_save, None
         return pending.finish() if pending is not None else None
+
+    def memory_row(self) -> dict:
+        """Each rank's peak memory (``runtime.memory_label``) and what it added since before the model was built,
+        beside the plan's total per process (collective; ``run.json``'s ``memory``)."""
+        runtime = self.trainer.runtime
+        per_rank = runtime.memory_per_rank()
+        mib = 2 ** 20
+        return {"step": self.trainer.step_count, "measure": runtime.memory_label,
+                "peak_mib": [round(peak / mib, 1) for _, peak in per_rank],
+                "model_mib": [round((peak - before) / mib, 1) for before, peak in per_rank],
+                "planned_mib": round(self.planned_memory / mib, 1) if self.planned_memory is not None else None}
 
     def start(self, summary: str) -> None:
         trainer = self.trainer
@@ -420,11 +432,13 @@ class TrainingLoop:
             hook.end(self)
         files = [f for f in (RunDir.METRICS, RunDir.LOSS_PLOT, RunDir.LOAD_PLOT, RunDir.SAMPLES, "ckpt/")
                  if (run / f.rstrip("/")).exists()]
+        memory = self.memory_row() if self.status != "non-finite" else None   # every rank got here together
         self.out(end_summary(status=self.status, trainer=trainer, run_dir=run, wall_s=wall,
-                             last_eval=self.last_eval, files=files))
+                             last_eval=self.last_eval, files=files, memory=memory))
         if self.main:
             run.update_meta(status=self.status, step=trainer.step_count,
-                            best_val_loss=_finite(trainer.best_val_loss), best_step=trainer.best_step, wall_s=wall)
+                            best_val_loss=_finite(trainer.best_val_loss), best_step=trainer.best_step, wall_s=wall,
+                            **({"memory": memory} if memory is not None else {}))
         if self.wandb_run is not None:
             finish_wandb(self.wandb_run, {"best_val_loss": _finite(trainer.best_val_loss), "status": self.status},
                          self.code)

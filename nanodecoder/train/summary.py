@@ -64,8 +64,18 @@ def start_summary(*, name: str, run_dir, params, trainer, runtime, train_tokens:
     return "\n".join(lines)
 
 
+def memory_line(row: dict) -> str:
+    """``max RSS 812 MiB (the model's 402 MiB; planned 380 MiB)``, the widest rank's, from a ``memory`` row."""
+    peaks, added = row["peak_mib"], row["model_mib"]
+    i = max(range(len(peaks)), key=peaks.__getitem__)
+    who = f" on rank {i} of {len(peaks)}" if len(peaks) > 1 else ""
+    planned = f"; planned {row['planned_mib']:,.0f} MiB per process" if row.get("planned_mib") is not None else ""
+    return (f"{row['measure']} {peaks[i]:,.0f} MiB{who}, {added[i]:,.0f} MiB of it since before the model was "
+            f"built{planned}")
+
+
 def end_summary(*, status: str, trainer, run_dir, wall_s: float, last_eval: dict | None,
-                files: list[str]) -> str:
+                files: list[str], memory: dict | None = None) -> str:
     best = trainer.best_val_loss
     lines = [f"== {status} at step {trainer.step_count:,} of {trainer.total_steps:,} "
              f"({human(trainer.tokens_seen)} tokens, wall time {duration(wall_s)}) =="]
@@ -80,5 +90,7 @@ def end_summary(*, status: str, trainer, run_dir, wall_s: float, last_eval: dict
         lines.append(f"  last val loss  {last_eval['val_loss']:.4f}" + (f", {bpb:.4f} bits per byte" if bpb else ""))
     if trainer.skipped:
         lines.append(f"  skipped steps  {trainer.skipped} (non-finite loss)")
+    if memory is not None:
+        lines.append("  memory         " + memory_line(memory))
     lines.append(f"  files          {run_dir}/  " + ", ".join(files))
     return "\n".join(lines)

@@ -10,6 +10,7 @@ Marked ``distributed``: the runs launch ``python -m torch.distributed.run --npro
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -88,6 +89,11 @@ def _assert_close(got: dict, want: dict, what: str) -> None:
 def test_ep2_x_fsdp2_trains_as_one_process(tmp, fsdp_ep, one):
     run, res = fsdp_ep
     assert "fsdp rank 0/4, experts split: ep 2 x dp 2" in res.stdout
+    assert re.search(r"memory +max RSS [\d,]+ MiB on rank \d of 4, [\d,]+ MiB of it since before the model was "
+                     r"built; planned [\d,]+ MiB per process", res.stdout), res.stdout[-2000:]
+    memory = json.loads((run / "run.json").read_text())["memory"]       # every rank's figures
+    assert len(memory["peak_mib"]) == len(memory["model_mib"]) == 4 and memory["planned_mib"] > 0
+    assert all(0 < added < peak for added, peak in zip(memory["model_mib"], memory["peak_mib"]))
     assert_same_losses(_numbers(run), _numbers(one), REL)        # train loss, global grad norm, val loss
     assert len(_numbers(run)) == 8 * 2 + 2
     last = "step_000008"
