@@ -241,14 +241,33 @@ def sync_expert_grads(model: nn.Module, world_size: int, expert_dp_group: dist.P
     """Expert gradients (each the sum over its EP group's ranks after the backward) summed over the
     ranks holding the same experts and divided by ``world_size``: the global-mean gradient."""
     grads = _grads(expert_parallel_params(model))
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    if expert_dp_group.size() > 1:
-        dist.all_reduce(flat, group=expert_dp_group)
-    flat /= world_size
-    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(part.view_as(g))
+    if expert_dp_group.size() > 1:      # in buckets of ~BUCKET_BYTES: never a flat copy of all expert gradients
+        for bucket in _buckets(grads):
+            alone = len(bucket) == 1 and bucket[0].is_contiguous()
+            flat = bucket[0] if alone else torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat, group=expert_dp_group)
+            if flat is not bucket[0]:
+                for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                    g.copy_(part.view_as(g))
+    if grads:
+        torch._foreach_mul_(grads, 1.0 / world_size)
+
+
+BUCKET_BYTES = 25 * 2 ** 20     # as DDP's default bucket
+
+
+def _buckets(grads: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+    """``grads`` in order, grouped into runs of at most ~BUCKET_BYTES (a larger tensor alone, reduced in place)."""
+    bucket, size = [], 0
+    for g in grads:
+        nbytes = g.numel() * g.element_size()
+        if bucket and (size + nbytes > BUCKET_BYTES or g.dtype != bucket[0].dtype):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(g)
+        size += nbytes
+    if bucket:
+        yield bucket
 
 
 @torch.no_grad()
