@@ -296,12 +296,12 @@ def grad_norm(model: nn.Module, groups: ExpertParallelGroups, norm_type: float =
 def clip_grad_norm(model: nn.Module, groups: ExpertParallelGroups, max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` with the global norm of :func:`grad_norm`; returns that norm."""
     total = grad_norm(model, groups)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if any(_is_dtensor(g) for g in grads):   # DTensors of two meshes: scaled shard by shard
+    params = [p for p in model.parameters() if p.grad is not None]
+    if any(_is_dtensor(p.grad) for p in params):   # DTensors of two meshes: scaled shard by shard, as torch does
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_([_local(g) for g in grads], coef)
+        torch._foreach_mul_([_local(p.grad) for p in params], coef)
     else:
-        torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm, total)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
 
 

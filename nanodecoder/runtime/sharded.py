@@ -47,9 +47,9 @@ def _views(model: nn.Module, groups: ep_.ExpertParallelGroups | None) -> tuple[d
     split_names = {clean_name(n) for n, p in model.named_parameters() if id(p) in split}
     out = {}
     for name, t in model.state_dict().items():
-        key = MODEL + clean_name(name)
-        if key not in out:
-            out[key] = _expert_view(t, groups) if clean_name(name) in split_names else t
+        name = clean_name(name)
+        if MODEL + name not in out:
+            out[MODEL + name] = _expert_view(t, groups) if name in split_names else t
     return out, split
 
 

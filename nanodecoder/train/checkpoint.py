@@ -613,13 +613,13 @@ class CheckpointManager:
         folder = self.root / name
         if main:        # the state of this step, written now: training changes it from the next step on
             _write_state(folder, state)
-        model = {k: t for k, t in tensors.items() if k.startswith(SHARD_MODEL)}
-        fields = {"step": state.get("step"), "model_fingerprint": fingerprint(model, {})}
+            model = {k: t for k, t in tensors.items() if k.startswith(SHARD_MODEL)}
+            fields = {"step": state.get("step"), "model_fingerprint": fingerprint(model, {})}
 
         def seal() -> Path | None:
             if not main:
                 return None
-            _seal(folder, self.root / self.name(step), SHARDED_FILES, fields)
+            _seal(folder, path, SHARDED_FILES, fields)
             return self._point(step, best)
         if background is None:
             sharded.write(tensors, folder / SHARDS)

@@ -105,6 +105,25 @@ def torchrun(tmp: Path, *args: str, nproc: int = 2, timeout: int = 240,
     return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def one_process(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python ARGS`` in ``tmp`` with the tests' environment; asserts it exits 0."""
+    env = subprocess_env(tmp)
+    env.update(private_env(tmp))
+    res = subprocess.run([sys.executable, *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def resume_copy(tmp: Path, run: Path, name: str) -> Path:
+    """A copy of an 8-step run folder under ``tmp/name`` whose last checkpoint is step 4 (step 8 removed)."""
+    import shutil
+    dst = tmp / name / run.name
+    shutil.copytree(run, dst)
+    shutil.rmtree(dst / "ckpt" / "step_000008")
+    (dst / "ckpt" / "latest").write_text("step_000004")
+    return dst
+
+
 def trainer_for(tmp: Path, raw: dict, **runtime):
     """(Trainer, Runtime) of ``raw`` built the way ``nanodecoder.run`` builds them, with runtime overrides."""
     from nanodecoder.cli.catalog import catalog

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from rthelpers import assert_same_losses, moe_lb_raw, private_env, rows, run_dirs, subprocess_env, torchrun, write
+from rthelpers import assert_same_losses, moe_lb_raw, one_process, resume_copy, rows, run_dirs, torchrun, write
 from nanodecoder.train.checkpoint import read_full_shards, read_manifest, verify_checkpoint
 
 pytestmark = pytest.mark.distributed
@@ -46,15 +44,6 @@ def tmp(tmp_path_factory):
     return tmp
 
 
-def _one_process(tmp, *args: str) -> subprocess.CompletedProcess:
-    env = subprocess_env(tmp)
-    env.update(private_env(tmp))
-    res = subprocess.run([sys.executable, "-m", "nanodecoder.run", *args, "--profile", "cpu"], cwd=tmp, env=env,
-                         capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res
-
-
 def _ok(res) -> subprocess.CompletedProcess:
     errors = [line for line in res.stderr.splitlines() if "error" in line.lower()]
     assert res.returncode == 0, "\n".join(errors[:20]) or res.stderr[-3000:]
@@ -64,7 +53,7 @@ def _ok(res) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def one(tmp):
     """The reference: one process, every expert, full checkpoints."""
-    _one_process(tmp, "moe.yaml", "--set", "logging.runs_dir=one")
+    one_process(tmp, "-m", "nanodecoder.run", "moe.yaml", "--profile", "cpu", "--set", "logging.runs_dir=one")
     (run,) = run_dirs(tmp / "one")
     return run
 
@@ -102,10 +91,7 @@ def test_ep2_x_fsdp2_trains_as_one_process(tmp, fsdp_ep, one):
     want = load_file(str(one / "ckpt" / last / "model.safetensors"))
     _assert_close(weights, want, "weights after 8 steps")       # the expert gradients were the single process's
     out = tmp / "consolidated"
-    env = subprocess_env(tmp)
-    env.update(private_env(tmp))
-    subprocess.run([sys.executable, "-m", "nanodecoder.ckpt", "consolidate", str(run), "--out", str(out)],
-                   cwd=tmp, env=env, check=True, capture_output=True, timeout=240)
+    one_process(tmp, "-m", "nanodecoder.ckpt", "consolidate", str(run), "--out", str(out))
     state = load_file(str(out / "state.safetensors"))
     want_state = load_file(str(one / "ckpt" / last / "state.safetensors"))
     assert state.keys() == want_state.keys()
@@ -120,19 +106,12 @@ def test_writing_sharded_checkpoints_gathers_no_tensor(tmp, fsdp_ep):
     assert {f"__{r}_0.distcp" for r in range(4)} <= set(shards)        # every rank wrote its own part
 
 
-def _resume_copy(tmp, run, name: str) -> Path:
-    dst = tmp / name / run.name
-    shutil.copytree(run, dst)
-    shutil.rmtree(dst / "ckpt" / "step_000008")
-    (dst / "ckpt" / "latest").write_text("step_000004")
-    return dst
-
-
 @pytest.mark.parametrize("layout", ["ep2_fsdp", "ep2_ddp", "one"])
 def test_the_4_process_checkpoint_resumes_on_2_processes_and_on_1(tmp, fsdp_ep, one, layout):
-    run = _resume_copy(tmp, fsdp_ep[0], f"resume_{layout}")
+    run = resume_copy(tmp, fsdp_ep[0], f"resume_{layout}")
     if layout == "one":
-        _one_process(tmp, "--resume", str(run), "--set", "runtime.expert_parallel=1")
+        one_process(tmp, "-m", "nanodecoder.run", "--resume", str(run), "--profile", "cpu",
+                    "--set", "runtime.expert_parallel=1")
     else:
         fsdp = "fsdp" if layout == "ep2_fsdp" else "ddp"
         _ok(torchrun(tmp, "-m", "nanodecoder.run", "--resume", str(run), "--set", "runtime.expert_parallel=2",
@@ -141,7 +120,7 @@ def test_the_4_process_checkpoint_resumes_on_2_processes_and_on_1(tmp, fsdp_ep, 
 
 
 def test_a_full_checkpoint_resumes_under_ep_x_fsdp_which_writes_full_ones(tmp, one):
-    run = _resume_copy(tmp, one, "full_resume")
+    run = resume_copy(tmp, one, "full_resume")
     res = _ok(torchrun(tmp, "-m", "nanodecoder.run", "--resume", str(run), *LAYOUT,
                        "train.checkpoint_format=full", nproc=4))
     assert "experts split: ep 2 x dp 2" in res.stdout

@@ -15,7 +15,8 @@ import sys
 import pytest
 import torch
 
-from rthelpers import assert_same_losses, moe_lb_raw, private_env, rows, run_dirs, subprocess_env, torchrun, write
+from rthelpers import (assert_same_losses, moe_lb_raw, one_process, private_env, resume_copy, rows, run_dirs,
+                       subprocess_env, torchrun, write)
 from nanodecoder.train.checkpoint import CheckpointError, read_manifest, verify_checkpoint
 
 pytestmark = pytest.mark.distributed
@@ -49,14 +50,6 @@ def _launch(tmp, runs: str, *extra: str, nproc: int = 2):
     return run
 
 
-def _one_process(tmp, *args: str) -> subprocess.CompletedProcess:
-    env = subprocess_env(tmp)
-    env.update(private_env(tmp))
-    res = subprocess.run([sys.executable, *args], cwd=tmp, env=env, capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return res
-
-
 @pytest.fixture(scope="module")
 def reference(tmp):
     """The uninterrupted run: 2 DDP processes, every expert on each, full checkpoints."""
@@ -66,15 +59,6 @@ def reference(tmp):
 @pytest.fixture(scope="module")
 def ep_sharded(tmp):
     return _launch(tmp, "ep", "--set", "runtime.expert_parallel=2")     # auto: sharded
-
-
-def _resume_copy(tmp, run, name: str):
-    dst = tmp / name / run.name
-    shutil.copytree(run, dst)
-    for later in ("step_000008",):
-        shutil.rmtree(dst / "ckpt" / later)
-    (dst / "ckpt" / "latest").write_text("step_000004")
-    return dst
 
 
 def test_an_expert_parallel_run_writes_sharded_checkpoints_with_its_losses(ep_sharded, reference):
@@ -89,9 +73,9 @@ def test_an_expert_parallel_run_writes_sharded_checkpoints_with_its_losses(ep_sh
 
 @pytest.mark.parametrize("layout", ["ep2", "ddp2", "one"])
 def test_a_sharded_checkpoint_resumes_on_another_layout(tmp, ep_sharded, reference, layout):
-    run = _resume_copy(tmp, ep_sharded, f"resume_{layout}")
+    run = resume_copy(tmp, ep_sharded, f"resume_{layout}")
     if layout == "one":
-        _one_process(tmp, "-m", "nanodecoder.run", "--resume", str(run), "--profile", "cpu",
+        one_process(tmp, "-m", "nanodecoder.run", "--resume", str(run), "--profile", "cpu",
                      "--set", "runtime.expert_parallel=1")
     else:
         res = torchrun(tmp, "-m", "nanodecoder.run", "--resume", str(run), "--set",
@@ -108,10 +92,10 @@ def test_readers_take_a_sharded_checkpoint_directly_and_consolidate_makes_a_full
     want = load_file(str(reference / "ckpt" / "step_000008" / "model.safetensors"))
     for k, t in want.items():
         assert torch.allclose(full[k], t, rtol=REL, atol=REL), k
-    res = _one_process(tmp, "-m", "nanodecoder.sample", str(ep_sharded), "--max-new-tokens", "8")
+    res = one_process(tmp, "-m", "nanodecoder.sample", str(ep_sharded), "--max-new-tokens", "8")
     assert res.stdout.strip()
     out = tmp / "consolidated"
-    _one_process(tmp, "-m", "nanodecoder.ckpt", "consolidate", str(ep_sharded), "--out", str(out))
+    one_process(tmp, "-m", "nanodecoder.ckpt", "consolidate", str(ep_sharded), "--out", str(out))
     manifest = verify_checkpoint(out)
     assert manifest.get("format", "full") == "full"
     got = load_file(str(out / "model.safetensors"))
@@ -129,8 +113,8 @@ def test_fsdp_writes_sharded_checkpoints_that_one_process_resumes(tmp, reference
     run = _launch(tmp, "fsdp", "--set", "runtime.expert_parallel=1", "runtime.data_parallel=fsdp")
     assert_same_losses(_numbers(run), _numbers(reference), REL)
     assert read_manifest(run / "ckpt" / "step_000008")["format"] == "sharded"
-    resumed = _resume_copy(tmp, run, "fsdp_one")
-    _one_process(tmp, "-m", "nanodecoder.run", "--resume", str(resumed), "--profile", "cpu")
+    resumed = resume_copy(tmp, run, "fsdp_one")
+    one_process(tmp, "-m", "nanodecoder.run", "--resume", str(resumed), "--profile", "cpu")
     assert_same_losses(_numbers(resumed), _numbers(reference), REL)
 
 
@@ -171,25 +155,25 @@ def test_kill_9_during_a_sharded_save_leaves_the_previous_checkpoint_which_resum
         while not all((tmp / f"stalled.{r}").exists() and (tmp / f"stalled.{r}").read_text() for r in range(2)):
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its second save"
             time.sleep(0.2)
-        for r in range(2):                             # both ranks (torchrun starts them in their own sessions)
-            os.kill(int((tmp / f"stalled.{r}").read_text()), signal.SIGKILL)     # no cleanup runs
-        proc.wait(timeout=120)                         # torchrun sees its workers die and exits
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        for r in range(2):
+        for r in range(2):     # both ranks, SIGKILL: no cleanup runs (torchrun starts them in their own sessions)
             mark = tmp / f"stalled.{r}"
             if mark.exists() and mark.read_text():
                 try:
                     os.kill(int(mark.read_text()), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        try:
+            proc.wait(timeout=120)                     # torchrun sees its workers die and exits
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
     (run,) = run_dirs(tmp / "killed")
     ckpt = run / "ckpt"
     assert list(ckpt.glob(".tmp-step_000008-*")) and not (ckpt / "step_000008").exists()
     assert (ckpt / "latest").read_text().strip() == "step_000004"
     verify_checkpoint(ckpt / "step_000004")
-    _one_process(tmp, "-m", "nanodecoder.run", "--resume", str(run), "--profile", "cpu",
+    one_process(tmp, "-m", "nanodecoder.run", "--resume", str(run), "--profile", "cpu",
                  "--set", "runtime.expert_parallel=1")
     assert_same_losses(_numbers(run), _numbers(reference), REL)
 
@@ -202,7 +186,7 @@ def test_background_checkpoints_keep_the_losses_and_resume(tmp, reference):
     for step in ("step_000004", "step_000008"):
         assert verify_checkpoint(run / "ckpt" / step)["format"] == "sharded"
     assert (run / "ckpt" / "latest").read_text().strip() == "step_000008"
-    resumed = _resume_copy(tmp, run, "async_one")
-    _one_process(tmp, "-m", "nanodecoder.run", "--resume", str(resumed), "--profile", "cpu",
+    resumed = resume_copy(tmp, run, "async_one")
+    one_process(tmp, "-m", "nanodecoder.run", "--resume", str(resumed), "--profile", "cpu",
                  "--set", "runtime.expert_parallel=1")
     assert_same_losses(_numbers(resumed), _numbers(reference), REL)
