@@ -109,14 +109,16 @@ def _unknown_keys(err, files: dict) -> Iterator[tuple[tuple, str]]:
     for key in inst:
         if key in allowed:
             continue
-        hint = suggest(key, allowed)
+        # a key that exists, by its exact name, one level down is misindented,
+        # which says more than a spelling guess ('mlp' is not a typo of 'mtp')
+        homes = [p for p, sub in schema.get("properties", {}).items()
+                 if isinstance(key, str) and key in target(files, sub).get("properties", {})]
+        if homes:
+            hint = f"; '{key}' belongs inside {' or '.join(repr(h) for h in homes)}, check its indentation"
+        else:
+            hint = suggest(key, allowed)
         if isinstance(key, bool) or key is None:
             hint += f"; {BOOL_HINT.replace('the value', 'the key')}"
-        elif not hint:
-            homes = [p for p, sub in schema.get("properties", {}).items()
-                     if key in target(files, sub).get("properties", {})]
-            if homes:
-                hint = f"; '{key}' belongs inside {' or '.join(repr(h) for h in homes)}, check its indentation"
         name = key if isinstance(key, str) else show(key)
         yield path + (key,), (f"unknown key '{name}'{_component(schema)}{hint} "
                               f"(allowed here: {', '.join(allowed)})")
