@@ -44,6 +44,8 @@ from ..data import cache_root, check_fits, find_prepared, prepare_data
 from ..eval.text import evaluate_tokens
 from ..model.params import ParamReport
 from ..model.plan import flops_per_token, human_count, human_flops, param_report
+from ..model.throughput_model import Workload, calibrate, predict, workload
+from ..runtime import planned_precision, resolve_profile
 from ..train.checkpoint import CheckpointManager
 from ..train.metrics import read_rows
 from ..train.plots import _pyplot, _save
@@ -209,7 +211,8 @@ def identity(variants: list[Variant], match: str, budget_s: float | None) -> str
 
 
 def plan_dict(variants: list[Variant], match: str, steps: list[int], *, budget_s: float | None = None,
-              step_seconds: list[float] | None = None, calibration: dict | None = None) -> dict:
+              step_seconds: list[float] | None = None, calibration: dict | None = None,
+              predicted_seconds: list[float] | None = None) -> dict:
     """The comparison's plan (``plan.json``): what each variant trains, fixed once so that a rerun resumes
     the same runs (the calibration of ``--match time`` is not measured again)."""
     out = {"identity": identity(variants, match, budget_s), "match": match, "budget_s": budget_s,
@@ -221,8 +224,26 @@ def plan_dict(variants: list[Variant], match: str, steps: list[int], *, budget_s
             "overrides": list(v.overrides), "steps": n, "tokens_per_step": v.tokens_per_step,
             "tokens": n * v.tokens_per_step, "params_total": params.total, "params_active": params.active,
             "flops_per_token": v.flops_per_token, "flops": n * v.tokens_per_step * v.flops_per_token,
-            "step_s_measured": None if step_seconds is None else step_seconds[i]})
+            "step_s_measured": None if step_seconds is None else step_seconds[i],
+            "step_s_predicted": None if predicted_seconds is None else predicted_seconds[i]})
     return out
+
+
+def variant_workload(v: Variant) -> Workload:
+    """One training step of the variant for the throughput model (its batch, grad_accum and compute precision)."""
+    profile = resolve_profile(v.spec.runtime)
+    device = "cpu" if profile.device == "cpu" else "cuda"
+    train = v.spec.train
+    return workload(v.spec.model, train.batch_size, v.spec.model.context_length, train.grad_accum,
+                    planned_precision(profile.precision, device), train.optimizer.states_per_param)
+
+
+def predicted_step_seconds(variants: list[Variant]) -> list[float]:
+    """Each variant's seconds per step as the throughput model predicts them on this machine (one calibration of
+    every variant's shapes, alternating: ``model/throughput_model.py``)."""
+    works = [variant_workload(v) for v in variants]
+    machine = calibrate(works)
+    return [predict(w, machine).seconds for w in works]
 
 
 def read_plan(folder: Path) -> dict | None:
@@ -406,8 +427,9 @@ def markdown(summary: dict) -> str:
              f"Matched by {match}{budget}; {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), paired by seed."
              + (f" Every variant with --set {' '.join(common)}." if common else ""), "",
              "| variant | steps | tokens | params (total / active) | FLOPs/token | FLOPs | tokens/s "
-             "| val loss (whole split) | Δ vs A, 95% CI |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| predicted tokens/s | vs A: measured / predicted | val loss (whole split) | Δ vs A, 95% CI |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    first = summary["variants"][0]
     for v in summary["variants"]:
         own = [o for o in v["overrides"] if o not in common]
         what = v["label"] + " " + v["name"] + (f" ({' '.join(own)})" if own else "")
@@ -415,13 +437,18 @@ def markdown(summary: dict) -> str:
         lines.append(
             f"| {what} | {v['steps']:,} | {v['tokens']:,} | {human_count(v['params_total'])} / "
             f"{human_count(v['params_active'])} | {human_flops(v['flops_per_token'])} | {human_flops(v['flops'])} | "
-            f"{rate} | {_pm(v['val_loss'])} | {_difference(v['vs_first'])} |")
+            f"{rate} | {_predicted_rate(v)} | {_rate_ratios(v, first)} | {_pm(v['val_loss'])} | "
+            f"{_difference(v['vs_first'])} |")
     lines += ["", "val loss: mean ± standard deviation over the seeds of the loss per token over the whole "
                   "validation split, final checkpoint, non-overlapping windows of each model's context.",
               "Δ vs A: the variant's loss minus A's, seed by seed; the interval is Student's t, two-sided 95%, on "
               "those differences (negative: lower loss than A)."]
     if len(seeds) < 2:
         lines.append("One seed: the means are shown without an interval (an interval needs --seeds 2 or more).")
+    if any(v.get("step_s_predicted") for v in summary["variants"]):
+        lines.append("predicted tokens/s: the throughput model's (FLOPs and bytes moved at rates a micro-benchmark "
+                     "measured on this machine before training, model/throughput_model.py); vs A: each variant's "
+                     "tokens/s over A's, measured / predicted.")
     if summary.get("calibration"):
         c = summary["calibration"]
         lines.append(f"Step times measured in one process before training, alternating ({c['rounds']} rounds of "
@@ -429,6 +456,20 @@ def markdown(summary: dict) -> str:
                      + ", ".join(f"{v['label']} {1000 * v['step_s_measured']:.1f} ms"
                                  for v in summary["variants"]) + ".")
     return "\n".join(lines) + "\n"
+
+
+def _predicted_rate(v: dict) -> str:
+    s = v.get("step_s_predicted")
+    return f"{v['tokens_per_step'] / s:,.0f}" if s else "-"
+
+
+def _rate_ratios(v: dict, first: dict) -> str:
+    """``measured / predicted`` tokens/s of ``v`` over the first variant's (``-`` for what is missing)."""
+    m, m0 = (x["tokens_per_s"]["mean"] if x.get("tokens_per_s") else None for x in (v, first))
+    p, p0 = (x.get("step_s_predicted") for x in (v, first))
+    measured = f"{m / m0:.3f}" if m and m0 else "-"
+    predicted = f"{(v['tokens_per_step'] / p) / (first['tokens_per_step'] / p0):.3f}" if p and p0 else "-"
+    return f"{measured} / {predicted}"
 
 
 def plot(summary: dict, path: Path) -> Path | None:

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..api.compare import (MATCHES, CompareError, Variant, budget_seconds, check_comparable, check_plan, find_run,
-                           identity, load_variant, markdown, matched_steps, plan_dict, plot, read_plan, read_run,
-                           resolve_vocab, run_name, summarise, variant_label, whole_split_loss)
+                           identity, load_variant, markdown, matched_steps, plan_dict, plot, predicted_step_seconds,
+                           read_plan, read_run, resolve_vocab, run_name, summarise, variant_label, whole_split_loss)
 from ..api.throughput import alternate, build_timing_trainer
 from ..train.checkpoint import write_atomic_text
 from ..train.rundir import RunDir
@@ -230,9 +230,10 @@ def train_all(variants: list[Variant], steps: list[int], seeds: list[int], folde
 
 # ---------------------------------------------------------------------------------------- the command
 def compare(args, launch: Launch = launch_subprocess, calibrate_steps=calibrate,
-            say: Callable[[str], None] = print) -> int:
+            say: Callable[[str], None] = print, predict_steps=predicted_step_seconds) -> int:
     """The whole command (``main`` without the error handling); ``launch`` runs ``nanodecoder.run``,
-    ``calibrate_steps(variants, prep, rounds, steps, warmup)`` gives each variant's seconds per step."""
+    ``calibrate_steps(variants, prep, rounds, steps, warmup)`` gives each variant's seconds per step,
+    ``predict_steps(variants)`` the throughput model's."""
     check_args(args)
     variants = load_variants(args)
     check_comparable(variants)
@@ -276,12 +277,14 @@ def compare(args, launch: Launch = launch_subprocess, calibrate_steps=calibrate,
                            "warmup": args.calibration_warmup}
         steps = matched_steps(variants, args.match, step_seconds=step_seconds, budget_s=budget_s)
         plan = plan_dict(variants, args.match, steps, budget_s=budget_s, step_seconds=step_seconds,
-                         calibration=calibration)
+                         calibration=calibration, predicted_seconds=predict_steps(variants))
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic_text(folder / "plan.json", json.dumps(plan, indent=2) + "\n")
         say(f"comparison folder {folder}")
     for pv in plan["variants"]:
         measured = f", {1000 * pv['step_s_measured']:.1f} ms/step measured" if pv.get("step_s_measured") else ""
+        if pv.get("step_s_predicted"):
+            measured += f", {1000 * pv['step_s_predicted']:.1f} ms/step predicted"
         say(f"  {pv['label']} {pv['name']}: {pv['steps']:,} steps x {pv['tokens_per_step']:,} tokens, "
             f"{pv['flops']:.3g} training FLOPs{measured}")
     code, results = train_all(variants, [pv["steps"] for pv in plan["variants"]], seeds, folder, launch, say)
@@ -299,12 +302,13 @@ def compare(args, launch: Launch = launch_subprocess, calibrate_steps=calibrate,
     return 0
 
 
-def main(argv: list[str] | None = None, launch: Launch = launch_subprocess, calibrate_steps=calibrate) -> int:
-    """``launch`` and ``calibrate_steps``: see :func:`compare` (a test runs the trainings in its own process and
-    gives step times of its own)."""
+def main(argv: list[str] | None = None, launch: Launch = launch_subprocess, calibrate_steps=calibrate,
+         predict_steps=predicted_step_seconds) -> int:
+    """``launch``, ``calibrate_steps`` and ``predict_steps``: see :func:`compare` (a test runs the trainings in its
+    own process and gives step times of its own)."""
     args = parse_args(argv)
     try:
-        return compare(args, launch, calibrate_steps)
+        return compare(args, launch, calibrate_steps, predict_steps=predict_steps)
     except (*user_errors(), CompareError) as e:
         return fail(e, EXIT_USAGE)
     except WontFitVariant as e:

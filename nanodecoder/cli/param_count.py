@@ -4,6 +4,7 @@
         [--optimizer adamw] [--activation-checkpointing] [--profile NAME] [--world-size N] [--set KEY=VALUE] [--json]
         [--cluster "nodes=N,gpus_per_node=8,gpu_memory=80GiB"]
     python tools/param_count.py --compare A.yaml B.yaml [same options]
+    python tools/param_count.py BLUEPRINT [BLUEPRINT ...] --throughput [--against OTHER.yaml]
 
 Nothing is built and no data is prepared: every number is arithmetic on the blueprint's spec (see
 ``nanodecoder/model/plan.py`` for the conventions), so a 671B-parameter blueprint plans in well under a second.
@@ -23,7 +24,8 @@ from ..model.plan import Plan, Setting, expert_parallel_degrees, human_bytes, hu
 from ..runtime import AUTO, available_profiles, planned_precision, resolve_profile
 from ..runtime.profiles import PRECISIONS
 from ..config import BlueprintError
-from .blueprint import blueprint_model_spec, run_spec
+from ..model.throughput_model import Workload, calibrate, predict, workload
+from .blueprint import blueprint_model_spec, load_blueprint, run_spec
 from .common import fail, user_errors
 
 #: what each parameter figure counts, and which published numbers use it
@@ -67,10 +69,17 @@ def parse_args(argv):
                          "'nodes=4,gpus_per_node=8,gpu_memory=80GiB' (also gpu=h100|h800|h200|a100|b200, "
                          "gpu_flops=989e12, mfu=0.4): memory per GPU, bytes communicated per step, step time and "
                          "tokens/s at the stated MFU, and the smallest cluster that fits")
+    ap.add_argument("--throughput", action="store_true",
+                    help="predict training tokens/s on this machine (train.batch_size x grad_accum per step) from "
+                         "FLOPs and bytes moved, calibrated by a few seconds of micro-benchmarks of the model's "
+                         "shapes (model/throughput_model.py); with --against: the ratio of each to it")
+    ap.add_argument("--against", metavar="BLUEPRINT", help="with --throughput: the reference blueprint of the ratios")
     ap.add_argument("--json", action="store_true", help="print everything as one JSON object keyed by blueprint")
     args = ap.parse_args(argv)
     if not args.blueprints and not args.compare:
         ap.error("give one or more BLUEPRINTs, or --compare A B")
+    if args.against and not args.throughput:
+        ap.error("--against is the reference of --throughput's ratios; add --throughput")
     if len(args.compare) == 1:
         ap.error("--compare needs two or more blueprints")
     if args.cluster is not None:
@@ -265,9 +274,48 @@ def cluster_report(name: str, p: Plan, cluster: Cluster) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", out
 
 
+def throughput_work(path: str, args) -> tuple[str, Workload]:
+    """``(name, workload)``: one training step of the blueprint (its train.batch_size x grad_accum sequences)
+    under the command line's settings."""
+    name, p = plan_blueprint(path, args)
+    train = run_spec(load_blueprint(path, flag_overrides(args))).train
+    return name, workload(p.spec, train.batch_size, p.setting.context, train.grad_accum, p.setting.precision,
+                          p.setting.optimizer_states)
+
+
+def throughput_report(paths: list[str], args) -> int:
+    """Predicted tokens/s of every blueprint (``--against`` first, the reference of the ratios), one calibration
+    for all of them."""
+    order = list(dict.fromkeys([*([args.against] if args.against else []), *paths]))
+    try:
+        works = [(path, *throughput_work(path, args)) for path in order]
+    except user_errors() as e:
+        return fail(e)
+    machine = calibrate([w for _, _, w in works])
+    steps = [(path, name, predict(w, machine)) for path, name, w in works]
+    ref = steps[0][2]
+    if args.json:
+        print(json.dumps({"reference": steps[0][0], "machine": machine.as_dict(), "blueprints": {
+            path: {"name": name, "step_s": st.seconds, "tokens_per_step": st.tokens_per_step,
+                   "tokens_per_s": st.tokens_per_s, "ratio": st.tokens_per_s / ref.tokens_per_s,
+                   "parts_s": dict(st.parts)} for path, name, st in steps}}, indent=2))
+        return 0
+    print(f"predicted training throughput on this machine (FLOPs and bytes moved at rates measured just now; "
+          f"model/throughput_model.py), ratios to {steps[0][1]}")
+    width = max(len(name) for _, name, _ in steps)
+    for path, name, st in steps:
+        top = sorted(st.parts.items(), key=lambda kv: -kv[1])
+        print(f"  {name:<{width}}  {1000 * st.seconds:8.1f} ms/step  {st.tokens_per_s:>10,.0f} tokens/s  "
+              f"{st.tokens_per_s / ref.tokens_per_s:6.3f}x   "
+              + ", ".join(f"{part} {1000 * s:.1f}" for part, s in top) + " (ms)")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     paths = list(dict.fromkeys([*args.compare, *args.blueprints]))
+    if args.throughput:
+        return throughput_report(paths, args)
     try:
         planned = [(path, *plan_blueprint(path, args)) for path in paths]
     except user_errors() as e:
