@@ -29,7 +29,7 @@ from ..eval import PeriodicEval, build_periodic_evals, load_items
 from ..eval.hellaswag import SOURCE as HELLASWAG_SOURCE
 from ..eval.text import read_text
 from ..model.generate import encode_prompt
-from ..model.plan import expert_counts, expert_parallel_degrees
+from ..model.plan import expert_layout_problem
 from ..runtime import RuntimeSetupError, resolve_target
 from ..train.rundir import RunDir
 from ..train.wandb_log import WandbError
@@ -168,12 +168,9 @@ def _expert_layout(spec, env) -> None:
         target = resolve_target(spec.runtime, env)
     except RuntimeSetupError:            # the runtime check names it
         return
-    n = target.profile.expert_parallel
-    counts = sorted(expert_counts(spec.model))
-    if target.problem is None and n > 1 and any(e % n for e in counts):
-        raise RuntimeSetupError(f"runtime.expert_parallel: {n} must divide every MoE layer's n_experts "
-                                f"({', '.join(map(str, counts))}); choose one of "
-                                f"{expert_parallel_degrees(spec.model, target.launch.world_size)}")
+    problem = expert_layout_problem(spec.model, target.profile.expert_parallel, target.launch.world_size)
+    if target.problem is None and problem:
+        raise RuntimeSetupError(f"runtime.expert_parallel: {problem}")
 
 
 def _encodes(tokenizer, text: str, path: Path) -> None:

@@ -29,7 +29,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from .plan import DTYPE_BYTES, FP32, Memory, Plan, Setting, expert_counts, human_bytes, plan, routed_params
+from .plan import (DTYPE_BYTES, FP32, Memory, Plan, Setting, expert_counts, expert_layout_problem, human_bytes, plan,
+                   routed_params)
 from .spec import ModelSpec
 
 #: peak dense bf16 FLOP/s and memory of the GPUs named most (vendor data sheets; H800 = H100 SXM compute)
@@ -146,7 +147,7 @@ def layouts(spec: ModelSpec, world: int) -> list[Layout]:
     out = []
     for fsdp in _divisors(world):
         for ep in _divisors(fsdp) if counts else [1]:
-            if all(n % ep == 0 for n in counts):
+            if not expert_layout_problem(spec, ep, fsdp):       # experts split within each FSDP group
                 out += [Layout(fsdp, ep, False), Layout(fsdp, ep, True)]
     return out
 

@@ -392,10 +392,9 @@ def plan(spec: ModelSpec, setting: Setting | None = None) -> Plan:
     setting = setting or Setting(context=spec.context_length)
     if setting.precision not in DTYPE_BYTES:
         raise ValueError(f"unknown precision '{setting.precision}' (choose from {', '.join(DTYPE_BYTES)})")
-    ep = setting.expert_parallel
-    if ep > 1 and (setting.world_size % ep or any(n % ep for n in expert_counts(spec))):
-        raise ValueError(f"runtime.expert_parallel: {ep} must divide the number of processes ({setting.world_size}) "
-                         f"and every MoE layer's n_experts ({', '.join(map(str, sorted(expert_counts(spec))))})")
+    problem = expert_layout_problem(spec, setting.expert_parallel, setting.world_size)
+    if problem:
+        raise ValueError(f"runtime.expert_parallel: {problem}")
     return Plan(spec=spec, setting=setting, params=param_report(spec), flops=flops(spec, setting.context),
                 acts=activations(spec, setting.context, setting.batch, setting.precision, setting.device))
 
@@ -408,8 +407,22 @@ def expert_counts(spec: ModelSpec) -> set[int]:
 def expert_parallel_degrees(spec: ModelSpec, world_size: int) -> list[int]:
     """The expert-parallel degrees ``world_size`` processes and every MoE layer's experts allow (``[1]``: dense)."""
     counts = expert_counts(spec)
-    return [n for n in range(1, world_size + 1) if world_size % n == 0 and all(e % n == 0 for e in counts)
-            and (counts or n == 1)]
+    return [n for n in range(1, world_size + 1) if _splits(counts, n, world_size) and (counts or n == 1)]
+
+
+def _splits(counts: set[int], ep: int, world_size: int) -> bool:
+    return world_size % ep == 0 and all(n % ep == 0 for n in counts)
+
+
+def expert_layout_problem(spec: ModelSpec, ep: int, world_size: int) -> str | None:
+    """Why ``ep``-way expert parallelism over ``world_size`` processes does not fit ``spec`` (None: it does): the
+    one rule of the planner, the cluster planner and the run's preflight (``ExpertParallelExperts`` checks its
+    own layer again at build)."""
+    counts = expert_counts(spec)
+    if ep == 1 or _splits(counts, ep, world_size):
+        return None
+    return (f"{ep} must divide the number of processes ({world_size}) and every MoE layer's n_experts "
+            f"({', '.join(map(str, sorted(counts)))}); choose one of {expert_parallel_degrees(spec, world_size)}")
 
 
 def human_bytes(n: float) -> str:

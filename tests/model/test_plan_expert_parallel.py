@@ -125,5 +125,6 @@ def test_a_degree_that_divides_the_processes_but_not_the_experts_exits_2_before_
         monkeypatch.setenv(key, value)
     assert run_cli.main([blueprint(tmp_path, 3), "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert "runtime.expert_parallel: 3 must divide every MoE layer's n_experts (8); choose one of [1, 2]" in err
+    assert ("runtime.expert_parallel: 3 must divide the number of processes (6) and every MoE layer's n_experts (8); "
+            "choose one of [1, 2]") in err
     assert "Traceback" not in err
