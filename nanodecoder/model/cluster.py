@@ -29,8 +29,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from .plan import (DTYPE_BYTES, FP32, Memory, Plan, Setting, expert_counts, expert_layout_problem, human_bytes, plan,
-                   routed_params)
+from .plan import (DTYPE_BYTES, FP32, Memory, Plan, Setting, block_groups, expert_counts, expert_layout_problem,
+                   human_bytes, plan, routed_params)
 from .spec import ModelSpec
 
 #: peak dense bf16 FLOP/s and memory of the GPUs named most (vendor data sheets; H800 = H100 SXM compute)
@@ -158,7 +158,7 @@ def plan_layout(base: Plan, cluster: Cluster, layout: Layout) -> LayoutPlan:
     f, e = layout.fsdp, layout.ep
     p = dataclasses.replace(base, setting=dataclasses.replace(st, world_size=f, sharded=f > 1, expert_parallel=e))
     memory = p.memory(layout.checkpointing)
-    groups = spec.layer_groups
+    groups = block_groups(spec)
     blocks = sum(n * (b.attention.n_params + b.mlp.n_params - routed_params(b.mlp) * (1 - 1 / e)) for b, n in groups)
     root = base.params.total - sum(n * (b.attention.n_params + b.mlp.n_params) for b, n in groups)
     share = (f - 1) / f

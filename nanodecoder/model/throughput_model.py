@@ -143,8 +143,8 @@ def workload(spec: ModelSpec, batch: int, context: int | None = None, grad_accum
         qk = a.n_heads * a.score_dim + kv * a.score_dim
         rope = ROPE * qk if b.positional.rotates_heads else 0
         streams.append(("attention", n * N * c * (rope + HEAD_LAYOUT * (qk + kv * a.value_dim)), False))
-        streams.append(("norms and residual", n * N * D * (c * RESIDUAL * 2 + FP32 * NORM * len(NORMS[spec.norm_placement])),
-                        False))
+        norms = FP32 * NORM * len(NORMS[spec.norm_placement])
+        streams.append(("norms and residual", n * N * D * (c * RESIDUAL * 2 + norms), False))
         _mlp(b.mlp, n, N, D, c, mat, streams, gathers, ops)
     mat.append(("head", *_mm(N, D, V)))
     streams.append(("embedding and loss", N * (EMBEDDING * D * c + FP32 * NORM * D), False))

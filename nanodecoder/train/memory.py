@@ -96,8 +96,8 @@ class MemoryCheck:
         elif ranks is None:
             widest = self.fsdp_plan(FSDP_SIZES[-1]).memory()
             said += (f"; FSDP would not fit on any number of devices of this size: each keeps "
-                     f"{human_bytes(widest.gathered)} of unsharded buffers (the root's and two blocks' weights, one "
-                     f"block's gradients) and {human_bytes(widest.activations)} of activations with checkpointing")
+                     f"{human_bytes(widest.gathered)} of unsharded buffers (the root's and two blocks' weights, two "
+                     f"blocks' gradients) and {human_bytes(widest.activations)} of activations with checkpointing")
         return said
 
     def expert_parallel_plan(self, degree: int) -> Plan:

@@ -128,3 +128,21 @@ def test_a_degree_that_divides_the_processes_but_not_the_experts_exits_2_before_
     assert ("runtime.expert_parallel: 3 must divide the number of processes (6) and every MoE layer's n_experts (8); "
             "choose one of [1, 2]") in err
     assert "Traceback" not in err
+
+
+def test_an_mtp_module_is_planned_as_one_more_block_not_as_part_of_the_root():
+    """FSDP wraps the MTP module's block as a unit and expert parallelism splits its experts (the runtime finds
+    every ``Block``), so its routed experts are spread like the layers' and never gathered whole with the root:
+    the root only gains the module's projection and norms."""
+    routed, total = counted()
+    with_mtp = {**MODEL, "mtp": {"depth": 1}}
+    model = build_model(build_model_spec(with_mtp))
+    mtp_routed = sum(p.numel() for m in model.mtp.modules() if isinstance(m, MoE) for p in m.experts.parameters())
+    mtp_root = sum(p.numel() for n, p in model.mtp.named_parameters() if not n.startswith("0.block."))
+    assert mtp_routed == routed // 2 and mtp_root == 2 * 32 * 32 + 3 * 2 * 32  # one MoE layer of two; proj, 3 LayerNorms
+    setting = P.Setting(context=16, world_size=4, expert_parallel=2, sharded=True)
+    plain, mtp = (P.plan(build_model_spec(m), setting) for m in (MODEL, with_mtp))
+    assert mtp.routed_params == plain.routed_params + mtp_routed
+    assert mtp.params_per_device == pytest.approx(
+        (sum(p.numel() for p in model.parameters()) - routed - mtp_routed) / 4 + (routed + mtp_routed) / 4)
+    assert mtp.memory().gathered - plain.memory().gathered == pytest.approx(4 * mtp_root)
