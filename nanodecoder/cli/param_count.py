@@ -25,7 +25,7 @@ from ..runtime import AUTO, available_profiles, planned_precision, resolve_profi
 from ..runtime.profiles import PRECISIONS
 from ..config import BlueprintError
 from ..model.throughput_model import Workload, calibrate, predict, workload
-from .blueprint import blueprint_model_spec, load_blueprint, run_spec
+from .blueprint import blueprint_model_spec, run_spec
 from .common import fail, user_errors
 
 #: what each parameter figure counts, and which published numbers use it
@@ -111,6 +111,12 @@ def flag_overrides(args) -> list[str]:
 
 def plan_blueprint(path: str, args) -> tuple[str, Plan]:
     """``(name, plan)`` of one blueprint under the command line's settings."""
+    name, p, _ = plan_run(path, args)
+    return name, p
+
+
+def plan_run(path: str, args):
+    """``(name, plan, run spec)`` of one blueprint under the command line's settings (read once)."""
     bp, model = blueprint_model_spec(path, flag_overrides(args))
     spec = run_spec(bp)
     profile = resolve_profile(spec.runtime)
@@ -126,7 +132,7 @@ def plan_blueprint(path: str, args) -> tuple[str, Plan]:
                       expert_parallel=profile.expert_parallel, checkpointing=profile.activation_checkpointing,
                       device=device)
     try:
-        return bp.name, plan(model, setting)
+        return bp.name, plan(model, setting), spec
     except ValueError as e:        # runtime.expert_parallel does not divide the processes or the experts
         raise BlueprintError([bp.problem(("runtime", "expert_parallel"), str(e).removeprefix(
             "runtime.expert_parallel: ") + f" (--world-size {args.world_size})")]) \
@@ -277,8 +283,8 @@ def cluster_report(name: str, p: Plan, cluster: Cluster) -> tuple[str, dict]:
 def throughput_work(path: str, args) -> tuple[str, Workload]:
     """``(name, workload)``: one training step of the blueprint (its train.batch_size x grad_accum sequences)
     under the command line's settings."""
-    name, p = plan_blueprint(path, args)
-    train = run_spec(load_blueprint(path, flag_overrides(args))).train
+    name, p, spec = plan_run(path, args)
+    train = spec.train
     return name, workload(p.spec, train.batch_size, p.setting.context, train.grad_accum, p.setting.precision,
                           p.setting.optimizer_states)
 
