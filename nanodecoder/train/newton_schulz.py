@@ -21,13 +21,14 @@ import torch
 
 
 def newton_schulz_batched(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
-                          eps: float) -> torch.Tensor:
-    """Orthogonalise each matrix of ``g: [n, A, B]`` (torch.optim.Muon's quintic iteration, in bfloat16).
+                          eps: float, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Orthogonalise each matrix of ``g: [n, A, B]`` (torch.optim.Muon's quintic iteration, in bfloat16;
+    ``dtype`` only for tests that compare two layouts without bfloat16's rounding).
 
     Per matrix this is torch's ``_zeropower_via_newtonschulz``: tall matrices are transposed, the matrix is
     divided by its Frobenius norm (at least ``eps``), then ``X <- a X + (b G + c G G) X`` with ``G = X X^T``."""
     a, b, c = coefficients
-    x = g.bfloat16()
+    x = g.to(dtype)
     tall = g.size(-2) > g.size(-1)
     if tall:
         x = x.mT

@@ -7,6 +7,9 @@
 * ``STALL_SHARDED_WRITE=N`` and ``STALL_MARK=PATH``: the N-th sharded write, once this rank's shards are on
   disk, writes this process's id to ``PATH.<rank>`` and waits there (for the test's ``kill -9``), before the
   checkpoint is sealed.
+* ``NEWTON_SCHULZ_FP64=1``: Muon's Newton-Schulz iterations in float64 instead of bfloat16, so that two
+  layouts whose gradients differ in the last float32 bit (another reduction order) do not differ by flipped
+  bfloat16 roundings of the orthogonalised update (each one moves a weight by about lr x 2^-9).
 
 Launched by the tests as ``torchrun ... instrumented_run.py BLUEPRINT ...``.
 """
@@ -73,6 +76,12 @@ if "STALL_SHARDED_WRITE" in os.environ:
             Path(f"{os.environ['STALL_MARK']}.{os.environ.get('RANK', '0')}").write_text(str(os.getpid()))
             time.sleep(600)
     sharded.write = stalling_write
+
+
+if os.environ.get("NEWTON_SCHULZ_FP64") == "1":
+    from nanodecoder.train import newton_schulz
+    newton_schulz.newton_schulz_batched = functools.partial(newton_schulz.newton_schulz_batched,
+                                                            dtype=torch.float64)
 
 
 @atexit.register

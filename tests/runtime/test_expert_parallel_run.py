@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,6 +99,35 @@ def test_expert_parallel_resumes_a_ddp_checkpoint(ep_dir, ddp_run):
     assert_same_losses(_numbers(run), want, REL)           # steps 5..8 continue from the sliced weights and moments
     _assert_same_tensors(load_file(str(run / "ckpt" / "step_000008" / "model.safetensors")),
                          load_file(str(ddp / "ckpt" / "step_000008" / "model.safetensors")), "resumed weights")
+
+
+INSTRUMENTED = Path(__file__).with_name("instrumented_run.py")
+
+
+def test_muon_on_the_experts_updates_split_experts_as_whole_ones(ep_dir):
+    """Muon orthogonalises each expert's matrix on its own, so a rank holding half the experts gives them the
+    update DDP gives them. Newton-Schulz runs in float64 here (the instrument): in bfloat16 a gradient that
+    differs in its last float32 bit (the all-to-all's reduction order) flips roundings of the update, each
+    moving a weight by ~lr x 2^-9 (measured: 1.2e-3 after 4 steps), which would hide a real error of that
+    size; in float64 the two layouts agree to 1.2e-7."""
+    raw = copy.deepcopy(_ep_raw(ep_dir))
+    raw["train"].update({"steps": 4, "eval_every": 0, "checkpoint_every": 4, "grad_clip": 1.0})
+    raw["train"]["optimizer"] = {"kind": "muon", "newton_schulz": "batched",
+                                 "rules": [{"roles": ["expert"], "optimizer": "muon"}]}
+    raw.pop("eval")
+    write(ep_dir, raw, "ep_muon.yaml")
+    out = {}
+    for ep in (1, 2):
+        res = torchrun(ep_dir, str(INSTRUMENTED), "ep_muon.yaml", "--profile", "cpu",
+                       "--set", f"logging.runs_dir=muon_ep{ep}", f"runtime.expert_parallel={ep}",
+                       "train.checkpoint_format=full", env_extra={"NEWTON_SCHULZ_FP64": "1"})
+        assert res.returncode == 0, res.stderr[-3000:]
+        (run,) = run_dirs(ep_dir / f"muon_ep{ep}")
+        out[ep] = run
+    assert_same_losses(_numbers(out[2]), _numbers(out[1]), REL)
+    for name in ("model", "state"):      # the weights, and the experts' momentum buffers sliced and put back
+        _assert_same_tensors(load_file(str(out[2] / "ckpt" / "step_000004" / f"{name}.safetensors")),
+                             load_file(str(out[1] / "ckpt" / "step_000004" / f"{name}.safetensors")), name)
 
 
 def _one_line_refusal(res, *parts: str) -> None:
