@@ -141,19 +141,42 @@ def available_memory(device: torch.device, launch: Launch | None = None, env: Ma
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3      # mallopt parameters of glibc's <malloc.h>
 
 
-@functools.lru_cache(maxsize=1)
-def keep_freed_host_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse: blocks of any size below 1 GiB come from
-    the heap instead of their own ``mmap``, and the heap is never trimmed.  Otherwise each large
-    tensor a training step allocates is fresh memory from the kernel, zeroed page by page on
-    first touch (a page fault per 4 KiB).  False where the C library has no ``mallopt`` (not
-    glibc: macOS, musl) or refuses the settings.  Process-wide, once."""
+#: glibc's own environment settings of the same thresholds; where the user set one, it is left alone
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def _set_malloc(mmap_threshold: int, trim_threshold: int) -> bool:
+    """glibc ``mallopt`` of both thresholds (fixed: glibc's dynamic adjustment stops); False where the C
+    library has none (not glibc: macOS, musl), refuses them, or the environment already sets them."""
+    if any(name in os.environ for name in MALLOC_ENV):
+        return False
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+@functools.lru_cache(maxsize=1)
+def keep_freed_host_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse: blocks of any size below 1 GiB come from
+    the heap instead of their own ``mmap``, and the heap is never trimmed.  Otherwise each large
+    tensor a training step allocates is fresh memory from the kernel, zeroed page by page on
+    first touch (a page fault per 4 KiB).  False where it cannot (see ``_set_malloc``).
+    Process-wide, once."""
+    return _set_malloc(1 << 30, 2**31 - 1)
+
+
+@functools.lru_cache(maxsize=1)
+def return_freed_host_memory() -> bool:
+    """The opposite: blocks of 1 MiB and more get their own ``mmap`` and go back to the kernel when freed,
+    and the heap is trimmed once 16 MiB at its top are free, so the resident memory follows what the tensors
+    hold.  glibc's default instead raises its mmap threshold to the size of each large block freed (up to
+    32 MiB), after which a step's large tensors come from the heap and their freed space stays resident,
+    scattered between live blocks (4 gloo processes training a 218M-parameter MoE: 4-25% above the memory
+    plan, against -9% to +12% with these settings).  Process-wide, once."""
+    return _set_malloc(1 << 20, 16 << 20)
 
 
 def _no_cuda(profile: Profile) -> str:

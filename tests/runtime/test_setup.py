@@ -143,6 +143,35 @@ print(rt.host_memory_cached, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 """
 
 
+RETAINED = """
+import sys, torch
+from nanodecoder.runtime import RuntimeSpec, setup_runtime
+if sys.argv[1] != "untouched":
+    setup_runtime(RuntimeSpec(profile="cpu", threads=1, peak_flops=1e9, cache_host_memory=sys.argv[1] == "on"))
+def rss_mib():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+base = rss_mib()
+for _ in range(3):                                   # large blocks freed: glibc's own mmap threshold rises
+    big = torch.ones(4 << 20); del big               # 16 MiB
+parts = [torch.ones(2 << 20) for _ in range(8)]      # 8 x 8 MiB, then all freed but the last
+last = parts[-1]; del parts
+print(rss_mib() - base)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_uncached_host_memory_goes_back_to_the_system(tmp_path):
+    """cache_host_memory: false gives freed large blocks back (the resident memory follows the live tensors,
+    as the memory plan counts them); glibc left to itself keeps them (the control), caching keeps them on
+    purpose."""
+    def retained(setting: str) -> int:
+        return int(subprocess.run([sys.executable, "-c", RETAINED, setting], capture_output=True, text=True,
+                                  check=True, cwd=tmp_path, env=subprocess_env(tmp_path)).stdout)
+    assert retained("off") < 24                 # the 8 MiB still held, and little else
+    assert retained("untouched") > 40           # glibc's drifting threshold: the freed 56 MiB stay resident
+    assert retained("on") > 40
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_cached_host_memory_spares_the_page_faults_of_fresh_tensors(tmp_path):
     def faults(setting: str) -> tuple[str, int]:
