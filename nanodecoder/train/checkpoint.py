@@ -30,6 +30,7 @@ fine-tuning start from it, resuming refuses it (no optimizer state).
 from __future__ import annotations
 
 import hashlib
+import errno
 import json
 import os
 import re
@@ -161,6 +162,41 @@ def _fresh_tmp(path: Path) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
+
+
+#: free bytes below which a failed write is put down to a full disk (torch's writers do not always say ENOSPC)
+DISK_FULL_BYTES = 64 * 2 ** 20
+
+
+def _says_disk_full(error: BaseException) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_full_error(root: Path, step_name: str, error: BaseException, resume: str) -> CheckpointError | None:
+    """A clear error for a checkpoint write that failed because the disk is full (None for any other failure):
+    what failed, the space left, that the previous checkpoint is intact, and how to go on. Removes the failed
+    write's temporary folder (every rank may call it)."""
+    try:
+        free = shutil.disk_usage(root if root.exists() else root.parent).free
+    except OSError:
+        free = None
+    if not (_says_disk_full(error) or (free is not None and free < DISK_FULL_BYTES)):
+        return None
+    for partial in root.glob(f".tmp-{step_name}-*"):
+        shutil.rmtree(partial, ignore_errors=True)
+    left = f"{free / 2 ** 20:,.1f} MiB free" if free is not None else "free space unknown"
+    latest = root / "latest"
+    kept = latest.read_text().strip() if latest.is_file() else None
+    before = f"the previous checkpoint ({kept}) is intact" if kept else "no earlier checkpoint exists"
+    return CheckpointError(f"writing checkpoint {step_name} in {root} failed: the disk is full ({left}); the "
+                           f"partial write was removed and {before}; free some space (or set "
+                           f"train.keep_checkpoints lower), then continue with: {resume}")
 
 
 def save_checkpoint(path: Path, model: nn.Module, state: dict[str, Any],
@@ -467,6 +503,7 @@ class PendingSave:
     """A sharded checkpoint whose shards are being written in the background (``train.async_checkpoint``)."""
     wait: Callable[[], Any]               # returns once this rank's shards (and, on rank 0, the index) are written
     seal: Callable[[], Path | None]       # then: hashed, renamed into place, ``latest`` moved (rank 0)
+    step: int                             # the step it holds
 
     def finish(self) -> Path | None:
         self.wait()
@@ -624,7 +661,7 @@ class CheckpointManager:
         if background is None:
             sharded.write(tensors, folder / SHARDS)
             return seal()
-        return PendingSave(background(tensors, folder / SHARDS), seal)
+        return PendingSave(background(tensors, folder / SHARDS), seal, step)
 
     def set_aside_after(self, path: Path) -> list[str]:
         """Resuming from ``path`` when later checkpoints exist: move those into ``superseded/`` (kept, never

@@ -8,6 +8,7 @@ a resume are here too.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -24,7 +25,7 @@ from ..config.diff import ABSENT, differences
 from ..config.loader import dotted
 from ..runtime.distributed import lost_peer
 from .optim import param_names
-from .checkpoint import (CheckpointError, PendingSave, check_architecture, is_sharded, load_model_weights, load_state,
+from .checkpoint import (CheckpointError, PendingSave, disk_full_error, check_architecture, is_sharded, load_model_weights, load_state,
                          read_manifest, read_shards, shard_metadata, shard_shapes, verify_checkpoint)
 from .metrics import MetricsLog, MoEMonitor
 from .rundir import RunDir
@@ -330,8 +331,24 @@ class TrainingLoop:
     def save(self, best: bool = False) -> Path | None:
         """A checkpoint of the current step (every rank takes part: FSDP gathers the shards).  With
         ``train.async_checkpoint`` a sharded one is written in the background and sealed by :meth:`finish_save`
-        (at the next save or the end of the run); None until then."""
+        (at the next save or the end of the run); None until then.  A full disk is a CheckpointError that says
+        so (the partial write removed, the previous checkpoint intact)."""
         self.finish_save()
+        with self._disk_full_explained(self.trainer.step_count):
+            return self._save(best)
+
+    @contextlib.contextmanager
+    def _disk_full_explained(self, step: int):
+        try:
+            yield
+        except Exception as e:
+            clear = disk_full_error(self.run.checkpoints.root, self.run.checkpoints.name(step), e,
+                                    f"python -m nanodecoder.run --resume {self.run}")
+            if clear is None:
+                raise
+            raise clear from None
+
+    def _save(self, best: bool) -> Path | None:
         trainer = self.trainer
         trainer.elapsed_s = self.elapsed()
         runtime, fmt = trainer.runtime, trainer.spec.checkpoint_format
@@ -357,7 +374,10 @@ class TrainingLoop:
     def finish_save(self) -> Path | None:
         """Seal the checkpoint being written in the background, once it is written (no-op when none is)."""
         pending, self.pending_save = self.pending_save, None
-        return pending.finish() if pending is not None else None
+        if pending is None:
+            return None
+        with self._disk_full_explained(pending.step):
+            return pending.finish()
 
     def memory_row(self) -> dict:
         """Each rank's peak memory (``runtime.memory_label``) and what it added since before the model was built,
