@@ -45,7 +45,7 @@ from ..eval.text import evaluate_tokens
 from ..model.params import ParamReport
 from ..model.plan import flops_per_token, human_count, human_flops, param_report
 from ..model.throughput_model import Workload, calibrate, predict, workload
-from ..runtime import planned_precision, resolve_profile
+from ..runtime import profile_precision, resolve_profile
 from ..train.checkpoint import CheckpointManager
 from ..train.metrics import read_rows
 from ..train.plots import _pyplot, _save
@@ -231,11 +231,9 @@ def plan_dict(variants: list[Variant], match: str, steps: list[int], *, budget_s
 
 def variant_workload(v: Variant) -> Workload:
     """One training step of the variant for the throughput model (its batch, grad_accum and compute precision)."""
-    profile = resolve_profile(v.spec.runtime)
-    device = "cpu" if profile.device == "cpu" else "cuda"
     train = v.spec.train
     return workload(v.spec.model, train.batch_size, v.spec.model.context_length, train.grad_accum,
-                    planned_precision(profile.precision, device), train.optimizer.states_per_param)
+                    profile_precision(resolve_profile(v.spec.runtime)), train.optimizer.states_per_param)
 
 
 def predicted_step_seconds(variants: list[Variant]) -> list[float]:

@@ -21,7 +21,7 @@ import json
 from ..model.cluster import (Cluster, ClusterError, LayoutPlan, base_plan, cluster_plans, frontier, parse_cluster,
                              smallest_cluster)
 from ..model.plan import Plan, Setting, expert_parallel_degrees, human_bytes, human_count, human_flops, plan
-from ..runtime import AUTO, available_profiles, planned_precision, resolve_profile
+from ..runtime import AUTO, available_profiles, planned_device_type, profile_precision, resolve_profile
 from ..runtime.profiles import PRECISIONS
 from ..config import BlueprintError
 from ..model.throughput_model import Workload, calibrate, predict, workload
@@ -125,12 +125,11 @@ def plan_run(path: str, args):
         raise BlueprintError([bp.problem(("model", "context_length"), (
             f"--context {context} is longer than the model's context_length ({model.context_length}); "
             f"plan it with --set model.context_length={context}"))])
-    device = "cpu" if profile.device == "cpu" else "cuda"
-    setting = Setting(context=context, batch=args.batch, precision=planned_precision(profile.precision, device),
+    setting = Setting(context=context, batch=args.batch, precision=profile_precision(profile),
                       optimizer_states=spec.train.optimizer.states_per_param, optimizer=spec.train.optimizer.kind,
                       world_size=args.world_size, sharded=profile.data_parallel == "fsdp" and args.world_size > 1,
                       expert_parallel=profile.expert_parallel, checkpointing=profile.activation_checkpointing,
-                      device=device)
+                      device=planned_device_type(profile))
     try:
         return bp.name, plan(model, setting), spec
     except ValueError as e:        # runtime.expert_parallel does not divide the processes or the experts

@@ -29,7 +29,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from .plan import (DTYPE_BYTES, FP32, Memory, Plan, Setting, block_groups, expert_counts, expert_layout_problem,
+from .plan import (DTYPE_BYTES, FP32, Memory, Plan, Setting, block_groups, block_norm_params, expert_counts,
+                   expert_layout_problem,
                    human_bytes, plan, routed_params)
 from .spec import ModelSpec
 
@@ -160,7 +161,9 @@ def plan_layout(base: Plan, cluster: Cluster, layout: Layout) -> LayoutPlan:
     memory = p.memory(layout.checkpointing)
     groups = block_groups(spec)
     blocks = sum(n * (b.attention.n_params + b.mlp.n_params - routed_params(b.mlp) * (1 - 1 / e)) for b, n in groups)
-    root = base.params.total - sum(n * (b.attention.n_params + b.mlp.n_params) for b, n in groups)
+    norms = sum(n * block_norm_params(spec, b) for b, n in groups)     # gathered with their blocks
+    blocks += norms
+    root = base.params.total - sum(n * (b.attention.n_params + b.mlp.n_params) for b, n in groups) - norms
     share = (f - 1) / f
     all_gather = FP32 * share * (2 * blocks + root)
     reduce_scatter = FP32 * share * (blocks + root)

@@ -344,8 +344,7 @@ class Plan:
             copies = DTYPE_BYTES[st.precision] * cast
         gathered = 0.0
         if st.sharded and st.world_size > 1:
-            root = P - sum(w * n for w, n in blocks) - sum(n * len(NORMS[spec.norm_placement]) * b.norm.n_params
-                                                         for b, n in groups)
+            root = P - sum(w * n for w, n in blocks) - sum(n * block_norm_params(spec, b) for b, n in groups)
             # in the backward: two blocks' gathered weights (the current one and the prefetched next), the
             # current block's unsharded gradients, and the previous block's reduce-scatter input (a copy of its
             # gradients until the collective ends); measured by phase on 4 gloo processes, FSDP2, torch 2.13
@@ -381,6 +380,11 @@ class Plan:
         per_token = [human_bytes(self.acts.total(c) / tokens) for c in plans]
         lines.append(f"{indent}{'activations per token':<26} {per_token[0]:>{w}}   {per_token[1]:>{w}}")
         return "\n".join(lines)
+
+
+def block_norm_params(spec: ModelSpec, b) -> int:
+    """The parameters of one block's norms (with the block in FSDP's unit, not in the root)."""
+    return len(NORMS[spec.norm_placement]) * b.norm.n_params
 
 
 def routed_params(mlp) -> float:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from .compile import CompileFailed, graphs_compiled
 from .core import Runtime, rng_state, set_rng_state
 from .hardware import (GPU_PEAK_FLOPS, MEMORY_ENV, Launch, MemoryBudget, available_memory, calibrate_cpu,
-                       gpu_peak_flops, planned_precision)
+                       gpu_peak_flops, planned_device_type, planned_precision, profile_precision)
 from .profiles import (AUTO, Profile, RuntimeSetupError, RuntimeSpec, available_profiles, load_profile,
                        resolve_profile)
 from .setup import Target, describe_plan, resolve_target, setup_runtime
@@ -27,5 +27,5 @@ from .setup import Target, describe_plan, resolve_target, setup_runtime
 
 __all__ = ["AUTO", "CompileFailed", "GPU_PEAK_FLOPS", "Launch", "MEMORY_ENV", "MemoryBudget", "Profile", "Runtime",
            "RuntimeSetupError", "RuntimeSpec", "Target", "available_memory", "available_profiles", "calibrate_cpu",
-           "describe_plan", "gpu_peak_flops", "graphs_compiled", "load_profile", "planned_precision", "resolve_profile",
-           "resolve_target", "rng_state", "set_rng_state", "setup_runtime"]
+           "describe_plan", "gpu_peak_flops", "graphs_compiled", "load_profile", "planned_device_type",
+           "planned_precision", "profile_precision", "resolve_profile", "resolve_target", "rng_state", "set_rng_state", "setup_runtime"]

@@ -242,6 +242,18 @@ def planned_precision(precision: str, device_type: str) -> str:
     return auto_precision(device_type) if precision == "auto" else precision
 
 
+def planned_device_type(profile: Profile) -> str:
+    """The device type a plan made without set-up assumes for ``profile``: a cpu profile's CPU, any other a
+    CUDA GPU."""
+    return "cpu" if profile.device == "cpu" else "cuda"
+
+
+def profile_precision(profile: Profile) -> str:
+    """The precision a plan made without set-up assumes for ``profile`` ('auto' resolved for
+    :func:`planned_device_type`)."""
+    return planned_precision(profile.precision, planned_device_type(profile))
+
+
 def pick_precision(profile: Profile, device: torch.device) -> str:
     """fp32, bf16 or fp16 for this device ('mixed' and 'auto' resolved); refuses bf16 where it cannot run."""
     want = profile.precision

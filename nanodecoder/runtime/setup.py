@@ -9,7 +9,7 @@ import torch
 from . import expert_parallel
 from .core import Runtime
 from .distributed import init_process_group
-from .hardware import (Launch, keep_freed_host_memory, peak_flops, pick_device, pick_precision, planned_precision,
+from .hardware import (Launch, keep_freed_host_memory, peak_flops, pick_device, pick_precision, profile_precision,
                        return_freed_host_memory, set_tf32)
 from .profiles import Profile, RuntimeSetupError, RuntimeSpec, resolve_profile
 
@@ -88,8 +88,7 @@ def resolve_target(spec: RuntimeSpec | None = None, env: Mapping[str, str] | Non
         launch = Launch.from_env(env)
         device, precision, data_parallel = _check(profile, launch)
     except RuntimeSetupError as e:
-        planned = planned_precision(profile.precision, "cpu" if profile.device == "cpu" else "cuda")
-        return Target(profile, Launch(), None, planned, None, str(e))
+        return Target(profile, Launch(), None, profile_precision(profile), None, str(e))
     return Target(profile, launch, device, precision, data_parallel)
 
 

@@ -15,7 +15,8 @@ from typing import Mapping
 
 from ..model.plan import Plan, Setting, expert_parallel_degrees, human_bytes, plan
 from ..model.spec import ModelSpec
-from ..runtime import MemoryBudget, Runtime, RuntimeSetupError, RuntimeSpec, available_memory, resolve_target
+from ..runtime import (MemoryBudget, Runtime, RuntimeSetupError, RuntimeSpec, available_memory, planned_device_type,
+                       resolve_target)
 from .spec import TrainSpec
 
 OVERRIDE = "--set runtime.check_memory=false"
@@ -131,8 +132,7 @@ def planned_check(model: ModelSpec, train: TrainSpec, runtime: RuntimeSpec | Non
     """The memory check of a run as it would execute on this machine, with nothing set up (``--dry-run``)."""
     target = resolve_target(runtime, env)
     profile = target.profile
-    device = target.device.type if target.device is not None else \
-        ("cpu" if profile.device == "cpu" else "cuda")
+    device = target.device.type if target.device is not None else planned_device_type(profile)
     setting = run_setting(model, train, precision=target.precision, device=device,
                           world_size=target.launch.world_size, data_parallel=target.data_parallel,
                           checkpointing=profile.activation_checkpointing,

@@ -66,7 +66,9 @@ def test_one_layout_by_hand():
     layer = spec.blocks[1].attention.n_params + moe.n_params
     dense_layer = spec.blocks[0].attention.n_params + spec.blocks[0].mlp.n_params
     blocks = dense_layer + 3 * (layer - experts / 2)
-    root = total - dense_layer - 3 * layer
+    norms = len(spec.blocks) * 2 * spec.blocks[0].norm.n_params    # pre-norm: two per block
+    blocks += norms                          # each block's two norms are gathered with it, not with the root
+    root = total - dense_layer - 3 * layer - norms
     assert lp.all_gather == pytest.approx(4 * 3 / 4 * (2 * blocks + root))
     assert lp.reduce_scatter == pytest.approx(4 * 3 / 4 * (blocks + root))
     assert lp.all_reduce == pytest.approx(2 * 4 * total / 4 * 1 / 2)
