@@ -30,8 +30,7 @@ import re
 from dataclasses import dataclass
 
 from .plan import (DTYPE_BYTES, FP32, Memory, Plan, Setting, block_groups, block_norm_params, expert_counts,
-                   expert_layout_problem,
-                   human_bytes, plan, routed_params)
+                   expert_layout_problem, human_bytes, plan, routed_params)
 from .spec import ModelSpec
 
 #: peak dense bf16 FLOP/s and memory of the GPUs named most (vendor data sheets; H800 = H100 SXM compute)

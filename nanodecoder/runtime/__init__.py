@@ -28,4 +28,5 @@ from .setup import Target, describe_plan, resolve_target, setup_runtime
 __all__ = ["AUTO", "CompileFailed", "GPU_PEAK_FLOPS", "Launch", "MEMORY_ENV", "MemoryBudget", "Profile", "Runtime",
            "RuntimeSetupError", "RuntimeSpec", "Target", "available_memory", "available_profiles", "calibrate_cpu",
            "describe_plan", "gpu_peak_flops", "graphs_compiled", "load_profile", "planned_device_type",
-           "planned_precision", "profile_precision", "resolve_profile", "resolve_target", "rng_state", "set_rng_state", "setup_runtime"]
+           "planned_precision", "profile_precision", "resolve_profile", "resolve_target", "rng_state", "set_rng_state",
+           "setup_runtime"]

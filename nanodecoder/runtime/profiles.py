@@ -81,8 +81,9 @@ class Profile:
                    "per 4 KiB, which on small machines takes longer than the arithmetic on it (measured: exp over a "
                    "32 MiB tensor 10.2 -> 3.9 ms; dense_gpt steps ~7% faster on 2 cores). The process keeps its peak "
                    "memory until it exits; one process only (under torchrun the kept blocks piled up: FSDP 4 of a 218M "
-                   "MoE reached 6.5 GiB on a rank planned for 1.7), several behave as false. false: blocks of 1 MiB and more are given back when freed (fixed mallopt "
-                   "thresholds instead of glibc's drifting ones), so the resident memory follows the memory plan. "
+                   "MoE reached 6.5 GiB on a rank planned for 1.7), several behave as false. false: blocks of 1 MiB "
+                   "and more are given back when freed (fixed mallopt thresholds instead of glibc's drifting ones), "
+                   "so the resident memory follows the memory plan. "
                    "No effect on GPU devices, where the C library is not glibc, or where MALLOC_MMAP_THRESHOLD_ or "
                    "MALLOC_TRIM_THRESHOLD_ is set.")
     activation_checkpointing: bool = param(

@@ -29,8 +29,8 @@ fine-tuning start from it, resuming refuses it (no optimizer state).
 """
 from __future__ import annotations
 
-import hashlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -172,7 +172,7 @@ def _says_disk_full(error: BaseException) -> bool:
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error):
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left" in str(error):
             return True
         error = error.__cause__ or error.__context__
     return False

@@ -25,8 +25,9 @@ from ..config.diff import ABSENT, differences
 from ..config.loader import dotted
 from ..runtime.distributed import lost_peer
 from .optim import param_names
-from .checkpoint import (CheckpointError, PendingSave, disk_full_error, check_architecture, is_sharded, load_model_weights, load_state,
-                         read_manifest, read_shards, shard_metadata, shard_shapes, verify_checkpoint)
+from .checkpoint import (CheckpointError, PendingSave, check_architecture, disk_full_error, is_sharded,
+                         load_model_weights, load_state, read_manifest, read_shards, shard_metadata, shard_shapes,
+                         verify_checkpoint)
 from .metrics import MetricsLog, MoEMonitor
 from .rundir import RunDir
 from .schedule import build_schedule
